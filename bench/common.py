@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmark scripts: paths, timed CLI runs, tables, JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+EVAL_TEXT = DATA / "wikitext-2-raw" / "test.txt"
+CALIB_TEXT = DATA / "wikitext-2" / "valid.txt"
+sys.path.insert(0, str(REPO))
+
+from lowbit.cli.table import table  # noqa: E402
+
+
+def run_measured(argv: list[str]) -> tuple[float, int, subprocess.CompletedProcess]:
+    """Run a command; returns (wall seconds, peak RSS of the child in MiB, result)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{err[-2000:]}")
+    return wall, usage.ru_maxrss // 1024, done
+
+
+def lowbit_quantize(model: str, flags: list[str], out: Path) -> dict:
+    """`lowbit quantize` in a subprocess: its JSON summary plus wall time and peak RSS."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        summary = Path(f.name)
+    wall, rss, _ = run_measured([sys.executable, "-m", "lowbit", "-q", "quantize", model, *flags,
+                                 "--out", str(out), "--overwrite", "--json", str(summary)])
+    record = json.loads(summary.read_text())
+    summary.unlink()
+    record.update(wall_seconds=wall, peak_rss_mib=rss)
+    return record
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+
+
+__all__ = ["REPO", "DATA", "EVAL_TEXT", "CALIB_TEXT", "table", "run_measured", "lowbit_quantize", "machine",
+           "write_json"]

@@ -1,0 +1,80 @@
+"""Streaming statistics of a linear's input, accumulated batch by batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+STATS = ("hessian", "absmax", "mean_abs", "sq_mean", "moments")
+
+
+@dataclass
+class InputStats:
+    """Statistics of the inputs x [tokens, in] seen by one linear (or one group sharing an input).
+
+    hessian:  H = Σ xᵀx over all tokens, [in, in] (float64), when requested
+    absmax:   max |x_j| per input channel, [in]
+    mean_abs: Σ |x_j| / tokens per channel, [in]   (AWQ's activation salience)
+    sq_mean:  Σ x_j² / tokens per channel, [in]    (the imatrix)
+    moments:  Σ x_j, Σ x_j², Σ x_j³, Σ x_j⁴ per channel, [4, in] (for kurtosis)
+    tokens:   how many token vectors were accumulated
+    """
+
+    in_features: int
+    wanted: frozenset = field(default_factory=lambda: frozenset({"absmax", "mean_abs"}))
+    tokens: int = 0
+    hessian: Tensor | None = None
+    absmax: Tensor | None = None
+    abs_sum: Tensor | None = None
+    sq_sum: Tensor | None = None
+    power_sums: Tensor | None = None
+
+    def __post_init__(self):
+        unknown = set(self.wanted) - set(STATS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)} (known: {', '.join(STATS)})")
+        self.wanted = frozenset(self.wanted)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Add a batch of inputs x [..., in] (any leading shape)."""
+        x = x.detach().reshape(-1, self.in_features)       # [..., in] -> [tokens, in]
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("non-finite values (NaN/Inf) in the captured activations")
+        n = x.shape[0]
+        if "hessian" in self.wanted:
+            xd = x.double()
+            h = xd.T @ xd
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+        if "absmax" in self.wanted:
+            m = x.abs().amax(0).float()
+            self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        if "mean_abs" in self.wanted:
+            s = x.abs().double().sum(0)
+            self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
+        if "sq_mean" in self.wanted:
+            s = x.double().pow(2).sum(0)
+            self.sq_sum = s if self.sq_sum is None else self.sq_sum.add_(s)
+        if "moments" in self.wanted:
+            xd = x.double()
+            p = torch.stack([xd.sum(0), xd.pow(2).sum(0), xd.pow(3).sum(0), xd.pow(4).sum(0)])
+            self.power_sums = p if self.power_sums is None else self.power_sums.add_(p)
+        self.tokens += n
+
+    @property
+    def mean_abs(self) -> Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    @property
+    def sq_mean(self) -> Tensor:
+        return (self.sq_sum / max(self.tokens, 1)).float()
+
+    @property
+    def kurtosis(self) -> Tensor:
+        """Per-channel excess-free kurtosis E[(x-μ)⁴]/σ⁴ (3 for a Gaussian), [in]."""
+        n = max(self.tokens, 1)
+        s1, s2, s3, s4 = (self.power_sums / n)
+        var = (s2 - s1 ** 2).clamp_min(1e-30)
+        m4 = s4 - 4 * s1 * s3 + 6 * s1 ** 2 * s2 - 3 * s1 ** 4
+        return (m4 / var ** 2).float()

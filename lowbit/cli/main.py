@@ -1,0 +1,58 @@
+"""`lowbit` command line: one small module per verb; this file only dispatches and reports errors."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from .. import __version__
+from ..errors import LowbitError
+from ..log import logger
+from . import eval as eval_cmd
+from . import info as info_cmd
+from . import quantize as quantize_cmd
+
+VERBS = (quantize_cmd, eval_cmd, info_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit quantization of LLMs, organized around outliers.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        verb.add_parser(sub)
+    return parser
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lowbit: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    if not debug:                               # transformers' own chatter is not ours to print
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        import warnings
+        warnings.filterwarnings("ignore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug, args.quiet)
+    try:
+        return args.run(args) or 0
+    except LowbitError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

