@@ -19,10 +19,15 @@ sys.path.insert(0, str(REPO))
 from lowbit.cli.table import table  # noqa: E402
 
 
-def run_measured(argv: list[str]) -> tuple[float, int, subprocess.CompletedProcess]:
-    """Run a command; returns (wall seconds, peak RSS of the child in MiB, result)."""
+def run_measured(argv: list[str], threads: int | None = None) -> tuple[float, int, subprocess.CompletedProcess]:
+    """Run a command; returns (wall seconds, peak RSS of the child in MiB, result).
+
+    `threads` caps the child's OpenMP threads (torch reads OMP_NUM_THREADS at start): on a
+    shared 2-core machine one thread per process avoids oversubscription stalls.
+    """
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     out, err = proc.stdout.read(), proc.stderr.read()
@@ -33,15 +38,15 @@ def run_measured(argv: list[str]) -> tuple[float, int, subprocess.CompletedProce
     return wall, usage.ru_maxrss // 1024, done
 
 
-def lowbit_quantize(model: str, flags: list[str], out: Path) -> dict:
+def lowbit_quantize(model: str, flags: list[str], out: Path, threads: int | None = None) -> dict:
     """`lowbit quantize` in a subprocess: its JSON summary plus wall time and peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         summary = Path(f.name)
     wall, rss, _ = run_measured([sys.executable, "-m", "lowbit", "-q", "quantize", model, *flags,
-                                 "--out", str(out), "--overwrite", "--json", str(summary)])
+                                 "--out", str(out), "--overwrite", "--json", str(summary)], threads)
     record = json.loads(summary.read_text())
     summary.unlink()
-    record.update(wall_seconds=wall, peak_rss_mib=rss)
+    record.update(wall_seconds=wall, peak_rss_mib=rss, threads=threads, load_average=os.getloadavg()[0])
     return record
 
 
@@ -49,7 +54,8 @@ def machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-            platform.machine(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+            platform.machine(), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            "load_average_1min": os.getloadavg()[0]}
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -56,12 +56,15 @@ def bench_model(name: str, args) -> list[dict]:
              "peak_rss_mib": None, "dir": None}]
     try:
         for label, flags in SETTINGS:
+            if args.settings and label not in args.settings:
+                continue
             for clip in args.clips:
                 out = work / f"{len(rows)}"
-                q = lowbit_quantize(name, [*flags, "--clip", clip], out)
+                q = lowbit_quantize(name, [*flags, "--clip", clip], out, args.quantize_threads)
                 rows.append({"model": name, "setting": label, "clip": clip, "format": q["format"],
                              "bits_per_weight": q["bits_per_weight"], "quantize_seconds": q["seconds"],
-                             "wall_seconds": q["wall_seconds"], "peak_rss_mib": q["peak_rss_mib"], "dir": str(out)})
+                             "wall_seconds": q["wall_seconds"], "peak_rss_mib": q["peak_rss_mib"],
+                             "load_average": q["load_average"], "dir": str(out)})
                 print(f"[{name}] quantized {label} clip={clip}: {q['seconds']:.1f} s", flush=True)
         for start in range(0, len(rows), args.batch):
             batch = rows[start:start + args.batch]
@@ -96,8 +99,12 @@ def main() -> None:
     p.add_argument("--text", default=str(EVAL_TEXT))
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--settings", nargs="+", default=None, metavar="LABEL",
+                   help=f"only these settings (default: all of {', '.join(label for label, _ in SETTINGS)})")
     p.add_argument("--clips", nargs="+", default=["none", "mse"], choices=["none", "mse"])
     p.add_argument("--batch", type=int, default=7, help="models evaluated per pass of the reference")
+    p.add_argument("--quantize-threads", type=int, default=None,
+                   help="OMP threads of each quantize process (default: torch's default)")
     p.add_argument("--json", default="bench/results/rtn.json")
     args = p.parse_args()
     start = time.time()

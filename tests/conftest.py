@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import CALIB_TEXT, DATA, EVAL_TEXT, REPO  # noqa: F401  (re-exported for tests)
 
 
 @pytest.fixture(autouse=True, scope="session")

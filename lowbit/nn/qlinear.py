@@ -1,7 +1,6 @@
 """Weight-only quantized linear used at run time (simulated: dequantize once, float matmul)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
