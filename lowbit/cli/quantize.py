@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..methods.awq import AwqConfig
+from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
-from ..quantize import METHODS, QuantizeConfig, quantize
+from ..quantize import CALIBRATED, METHODS, SINK_WEIGHT, QuantizeConfig, quantize
 from .common import add_format_args, format_from_args
 from .table import table
 
@@ -15,12 +16,38 @@ from .table import table
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it",
                        description="Quantize the linears inside the decoder layers (embeddings and LM head stay "
-                                   "float unless --quantize-head) and save packed weights to --out.")
+                                   "float unless --quantize-head) and save packed weights to --out. Calibrated "
+                                   f"methods ({', '.join(CALIBRATED)}) run the --calib samples through the model "
+                                   "one decoder layer at a time; each layer sees the outputs of the already "
+                                   "quantized layers before it.")
     p.add_argument("model", help="smollm2-135m, gemma3-270m, a .gguf file, an HF directory")
-    p.add_argument("--method", default="rtn", help=f"quantization method (default: rtn; known: {', '.join(METHODS)})")
+    p.add_argument("--method", default="rtn",
+                   help=f"quantization method (default: rtn; known: {', '.join(METHODS)}); awq+gptq = AWQ "
+                        "scales folded in, then GPTQ")
     add_format_args(p)
     p.add_argument("--clip", default="none", choices=("none", "mse"),
-                   help="clip search: per group, the shrink factor minimising the weight error (default: none)")
+                   help="clip search (default: none). mse: rtn and gptq pick each group's shrink factor "
+                        "minimising the weight error; awq searches clip factors minimising the output "
+                        "error on the calibration inputs")
+    c = p.add_argument_group("calibration (gptq, awq, awq+gptq)")
+    c.add_argument("--calib", default=None, metavar="PATH",
+                   help="calibration text file (required for calibrated methods; the evaluation text is refused)")
+    c.add_argument("--samples", type=int, default=128, help="calibration windows (default: 128)")
+    c.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window (default: 2048)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the window positions (default: 0)")
+    c.add_argument("--offload", default=None, metavar="DIR",
+                   help="keep the calibration activations in files under DIR instead of memory (default: memory)")
+    c.add_argument("--allow-eval-text", action="store_true", help="allow calibrating on the evaluation text")
+    c.add_argument("--sink-weight", type=float, default=SINK_WEIGHT,
+                   help="count each sample's first token (the attention sink) this many times in the Hessians "
+                        f"(default: {SINK_WEIGHT:g}; 1 = plain sum of xᵀx)")
+    g = p.add_argument_group("gptq")
+    g.add_argument("--act-order", action="store_true",
+                   help="quantize columns by descending Hessian diagonal (groups stay static; default: off)")
+    g.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of mean(diag H) (default: 0.01)")
+    g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block (default: 128)")
+    p.add_argument("--save-plan", default=None, metavar="DIR",
+                   help="awq: also write the AWQ plan (plan.json + plan.safetensors) to DIR")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (untied from the embedding)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="keep linears matching this glob in float (e.g. 'model.layers.0.*'); repeatable")
@@ -30,34 +57,68 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..eval.size import size_report
-    from ..export.lowbit_dir import check_out, save_quantized
-    from ..models.load import load
+def _config(args: argparse.Namespace) -> QuantizeConfig:
+    from ..data.calibration import CalibConfig
 
     fmt = format_from_args(args)
     try:
-        config = QuantizeConfig(fmt=fmt, method=args.method, rtn=RtnConfig(clip=args.clip),
-                                quantize_head=args.quantize_head, skip=tuple(args.skip))
+        return QuantizeConfig(
+            fmt=fmt, method=args.method, rtn=RtnConfig(clip=args.clip),
+            gptq=GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order, clip=args.clip),
+            awq=AwqConfig(clip=args.clip == "mse"),
+            calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                              allow_eval_text=args.allow_eval_text),
+            sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip))
     except ValueError as e:
         raise LowbitError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.text import read_text
+    from ..export.lowbit_dir import check_out, save_quantized
+    from ..models.load import load
+    from ..quantize import calibration_samples
+
+    config = _config(args)
+    if config.calibrated and not args.calib:
+        raise LowbitError(f"--method {config.method} needs --calib PATH (a calibration text file)")
+    if args.offload and not Path(args.offload).is_dir():
+        raise LowbitError(f"--offload {args.offload} is not a directory")
     check_out(args.out, args.overwrite)
+    text = read_text(args.calib) if config.calibrated else None   # cheap checks before the slow load
     loaded = load(args.model)
-    result = quantize(loaded, config)
+    samples = calibration_samples(loaded, text, config.calib) if text is not None else None
+    result = quantize(loaded, config, samples, offload=Path(args.offload) if args.offload else None)
     if not result.linears:
         raise LowbitError("no linear was quantized (check --skip)")
-    out = save_quantized(loaded, config.to_dict(), args.out, overwrite=args.overwrite)
+    method = config.to_dict()
+    if text is not None:
+        method["calibration"].update(text=text.origin, text_sha256=text.sha256)
+    out = save_quantized(loaded, method, args.out, overwrite=args.overwrite)
+    if args.save_plan and result.plan is not None:
+        result.plan.meta.update(calibration=method["calibration"])
+        result.plan.save(args.save_plan)
+    from ..eval.size import size_report
+
     size = size_report(loaded.model)
     worst = max(result.linears, key=lambda r: r.rel_error)
-    print(table(["model", "method", "format", "linears", "bits/weight", "model bits/param", "seconds", "worst rel. error"],
-                [[loaded.source.name, config.method + ("+mse-clip" if args.clip == "mse" else ""), fmt.name,
-                  len(result.linears), size.bits_per_weight, size.model_bits_per_weight, result.seconds,
-                  f"{worst.rel_error:.4f} ({worst.name})"]]))
+    label = config.method + ("+mse-clip" if args.clip == "mse" else "")
+    losses = [(r.proxy_loss, r.rtn_proxy_loss) for r in result.linears if r.proxy_loss is not None]
+    gain = (sum(b for _, b in losses) / max(sum(a for a, _ in losses), 1e-30)) if losses else None
+    print(table(["model", "method", "format", "linears", "bits/weight", "model bits/param", "seconds",
+                 "worst rel. error", "RTN/ours proxy loss"],
+                [[loaded.source.name, label, config.fmt.name, len(result.linears), size.bits_per_weight,
+                  size.model_bits_per_weight, result.seconds, f"{worst.rel_error:.4f} ({worst.name})",
+                  "-" if gain is None else f"{gain:.2f}x"]]))
     print(f"saved to {out}")
     if args.json:
+        import json
+
         Path(args.json).write_text(json.dumps({
-            "model": args.model, "method": config.to_dict(), "format": fmt.name, "out": str(out),
+            "model": args.model, "method": method, "format": config.fmt.name, "out": str(out),
             "linears": len(result.linears), "seconds": result.seconds,
             "bits_per_weight": size.bits_per_weight, "model_bits_per_weight": size.model_bits_per_weight,
-            "rel_error": {r.name: r.rel_error for r in result.linears}}, indent=1))
+            "rel_error": {r.name: r.rel_error for r in result.linears},
+            "proxy_loss": {r.name: [r.proxy_loss, r.rtn_proxy_loss] for r in result.linears if r.proxy_loss is not None},
+            "timings": [vars(t) for t in result.timings]}, indent=1))
     return 0

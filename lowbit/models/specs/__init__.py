@@ -4,8 +4,9 @@ from __future__ import annotations
 from .base import ArchSpec, LinearGroup, ModelDims
 from .gemma3 import GEMMA3
 from .llama import LLAMA
+from .qwen2 import QWEN2
 
-SPECS: tuple[ArchSpec, ...] = (LLAMA, GEMMA3)
+SPECS: tuple[ArchSpec, ...] = (LLAMA, GEMMA3, QWEN2)
 
 
 def spec_for(model_type: str) -> ArchSpec:
@@ -17,4 +18,4 @@ def spec_for(model_type: str) -> ArchSpec:
     raise ValueError(f"no architecture spec for model_type {model_type!r} (known: {known})")
 
 
-__all__ = ["ArchSpec", "LinearGroup", "ModelDims", "SPECS", "spec_for", "LLAMA", "GEMMA3"]
+__all__ = ["ArchSpec", "LinearGroup", "ModelDims", "SPECS", "spec_for", "LLAMA", "GEMMA3", "QWEN2"]

@@ -1,0 +1,190 @@
+"""AWQ (Lin et al., 2023): per-input-channel scales that protect the salient channels.
+
+For each spec group (linears sharing one input x, e.g. q/k/v after the attention norm) the
+search tries s = mean|x|^α / sqrt(max · min) for α on a grid in [0, 1] and keeps the s that
+minimises the group's output error on the calibration tokens,
+
+    Σ_linears ‖X Wᵀ − X (Q(W·diag(s))·diag(s)⁻¹)ᵀ‖²  =  Σ_linears tr(E H Eᵀ),
+    E = W − Q(W·diag(s))·diag(s)⁻¹,  H = Σ xᵀx  (the walker's Hessian statistic),
+
+so it is exact on every captured token without keeping raw activations. α = 0 is s = 1
+(plain quantization), so the chosen scales never do worse than no scaling on this measure.
+An optional clip search then picks, per row and group of the scaled weight, the shrink
+factor minimising that group's part of the output error, e_g H_gg e_gᵀ.
+
+The result is a plan (ScalePlan: scales per layer and group, optional clips); folding it
+into the model is a separate, function-preserving step (lowbit.transforms).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.formats import Format, grouping
+from lowbit.methods.gptq import proxy_loss as output_error  # tr(E H Eᵀ), the output error on the tokens
+from lowbit.models.specs import ArchSpec
+from lowbit.transforms.plan import ScalePlan, apply_plan
+from lowbit.transforms.scaling import tie_to_source
+
+AwqPlan = ScalePlan            # AWQ's plan is a plain scale plan
+apply_awq_plan = apply_plan    # (model, spec, plan): fold the plan's scales, in place
+MIN_SALIENCE = 1e-4            # mean|x| floor: dead channels get a finite scale
+
+
+@dataclass(frozen=True)
+class AwqConfig:
+    """AWQ options.
+
+    grid: number of α values, linspace(0, 1, grid), >= 2.
+    clip: also search per-group clip factors after scaling.
+    clip_grid, clip_min: the clip factors tried, linspace(1, clip_min, clip_grid).
+    """
+
+    grid: int = 20
+    clip: bool = False
+    clip_grid: int = 20
+    clip_min: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, lo in (("grid", 2), ("clip_grid", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"AwqConfig.{name} must be an int >= {lo}, got {v!r}")
+        if not isinstance(self.clip, bool):
+            raise ValueError(f"AwqConfig.clip must be True or False, got {self.clip!r}")
+        if isinstance(self.clip_min, bool) or not isinstance(self.clip_min, (int, float)) or not 0 < self.clip_min <= 1:
+            raise ValueError(f"AwqConfig.clip_min must be in (0, 1], got {self.clip_min!r}")
+
+
+def scale_candidates(x_mean: Tensor, grid: int) -> list[tuple[float, Tensor]]:
+    """(α, s [in]) for α in linspace(0, 1, grid); s = x^α / sqrt(max(x^α) · min(x^α))."""
+    x = x_mean.float().clamp(min=MIN_SALIENCE)
+    out = []
+    for alpha in torch.linspace(0, 1, grid).tolist():
+        s = x.pow(alpha)
+        out.append((alpha, s / (s.max() * s.min()).sqrt()))
+    return out
+
+
+def search_scales(Ws: list[Tensor], H: Tensor, x_mean: Tensor, fmt: Format, grid: int = 20) -> tuple[Tensor, dict]:
+    """Best scales s [in] for linears Ws (each [out_i, in]) sharing the input with Hessian H [in, in].
+
+    x_mean [in]: mean |x| per input channel. Returns s and {"alpha", "error", "error_unscaled"}.
+    """
+    H = H.float()
+    Ws = [W.detach().float() for W in Ws]
+    best = None
+    for alpha, s in scale_candidates(x_mean, grid):
+        err = sum(output_error(W, fmt.fake_quantize(W * s).div_(s), H) for W in Ws)  # Q(W·diag(s))·diag(s)⁻¹
+        if alpha == 0.0:
+            unscaled = err
+        if best is None or err < best[0]:
+            best = (err, alpha, s)
+    err, alpha, s = best
+    return s, {"alpha": alpha, "error": err, "error_unscaled": unscaled}
+
+
+def _block_hessian(H: Tensor, group_size: int) -> Tensor:
+    """Diagonal blocks of H [in, in] per scale group -> [G, w, w] (ragged tail zero-padded)."""
+    n = H.shape[0]
+    w = grouping.group_width(group_size, (1, n))
+    G = grouping.n_groups(group_size, n)
+    Hp = H.new_zeros(G * w, G * w)
+    Hp[:n, :n] = H
+    idx = torch.arange(G)
+    return Hp.view(G, w, G, w)[idx, :, idx, :]  # [G, w, G, w] -> the G diagonal blocks [G, w, w]
+
+
+def search_clip(W: Tensor, H: Tensor, fmt: Format, grid: int = 20, clip_min: float = 0.5) -> Tensor | None:
+    """Per (row, group) clip factor for W [out, in] minimising e_g H_gg e_gᵀ -> [out, n_groups].
+
+    None for per-tensor formats (one scale for all rows: nothing to choose per group).
+    """
+    if fmt.group_size < 0:
+        return None
+    W = W.detach().float()
+    Hb = _block_hessian(H.float(), fmt.group_size)  # [G, w, w]
+    shape = fmt.scale_shape(tuple(W.shape))
+    best_f, best_e = torch.ones(shape), None
+    for f in torch.linspace(1.0, clip_min, grid).tolist():
+        clip = torch.full(shape, f)
+        Eg = grouping.to_groups(W - fmt.fake_quantize(W, clip), fmt.group_size, pad="zero")  # [out, G, w]
+        Eg = Eg.transpose(0, 1)  # [G, out, w]
+        err = (Eg @ Hb).mul_(Eg).sum(-1).T  # [G, out, w] -> [out, G]: e_g H_gg e_gᵀ per row and group
+        if best_e is None:
+            best_e = err
+            continue
+        better = err < best_e
+        best_e, best_f = torch.where(better, err, best_e), torch.where(better, clip, best_f)
+    return best_f
+
+
+def group_salience(layer: torch.nn.Module, group, x_mean: Tensor, head_dim: int | None) -> Tensor:
+    """mean|x| of a group's input, tied across GQA repeats when its source is a linear."""
+    if group.source_kind == "linear":
+        return tie_to_source(x_mean, layer.get_submodule(group.source).weight.shape[0], head_dim)
+    return x_mean
+
+
+def search_layer(layer: torch.nn.Module, spec: ArchSpec, hessians: dict[str, Tensor], saliences: dict[str, Tensor],
+                 fmt: Format, config: AwqConfig, head_dim: int | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """AWQ scales of one decoder layer -> ({group source: s}, {group source: info}).
+
+    hessians / saliences: per linear name, H [in, in] and mean |x| [in] of its input (the
+    walker's "hessian" and "mean_abs" statistics). Every group is searched on the layer's
+    current (unscaled) weights; the scales of different groups touch different parameters,
+    so they can be folded in any order.
+    """
+    scales, info = {}, {}
+    for group in spec.groups:
+        first = group.linears[0]
+        Ws = [layer.get_submodule(name).weight for name in group.linears]
+        x = group_salience(layer, group, saliences[first], head_dim)
+        scales[group.source], info[group.source] = search_scales(Ws, hessians[first], x, fmt, config.grid)
+    return scales, info
+
+
+def scaled_hessian(H: Tensor, s: Tensor) -> Tensor:
+    """Hessian of the input x / s: diag(1/s) H diag(1/s) (same dtype as H)."""
+    inv = 1.0 / s.to(H.dtype)
+    return H * inv[:, None] * inv[None, :]
+
+
+def awq_search(model: torch.nn.Module, spec: ArchSpec, samples: Tensor, fmt: Format,
+               config: AwqConfig = AwqConfig(), offload=None, progress: bool = False) -> AwqPlan:
+    """Search a whole model's AWQ plan on calibration samples [N, L] (float weights throughout;
+    the model is left unchanged). Apply it with apply_awq_plan, then quantize."""
+    from lowbit.calibration.walker import walk
+    from lowbit.models.specs import ModelDims
+
+    head_dim = ModelDims.from_config(model.config).head_dim
+    plan = AwqPlan(meta={"method": "awq", "config": vars(config).copy(), "format": fmt.to_dict(),
+                         "family": spec.family})
+
+    def solve(index, layer, stats):
+        hessians = {name: st.hessian for name, st in stats.items()}
+        scales, _ = search_layer(layer, spec, hessians, {name: st.mean_abs for name, st in stats.items()},
+                                 fmt, config, head_dim)
+        plan.scales[index] = scales
+        if config.clip:
+            plan.clips[index] = clips_for(layer, spec, hessians, scales, fmt, config)
+
+    walk(model, spec, samples, solve, {"hessian", "mean_abs"}, offload=offload, progress=progress)
+    return plan
+
+
+def clips_for(layer, spec: ArchSpec, hessians: dict[str, Tensor], scales: dict[str, Tensor], fmt: Format,
+              config: AwqConfig) -> dict[str, Tensor]:
+    """Clip factors {linear: [out, n_groups]} of the layer's weights as scaled by `scales`
+    (not yet folded into `layer`); hessians: H of each linear's unscaled input."""
+    clips = {}
+    for group in spec.groups:
+        s = scales[group.source]
+        H = scaled_hessian(hessians[group.linears[0]], s)
+        for name in group.linears:
+            c = search_clip(layer.get_submodule(name).weight.float() * s, H, fmt, config.clip_grid, config.clip_min)
+            if c is not None:
+                clips[name] = c
+    return clips

@@ -1,0 +1,242 @@
+"""GPTQ (Frantar et al., 2022): column-by-column quantization with OBS error feedback.
+
+Names follow the paper: W [out, in] the weight, H = Σ xᵀx [in, in] the (unnormalised)
+Hessian of the layer-wise squared error, U the upper Cholesky factor of the damped H⁻¹.
+Each column is rounded to the format's grid and its error, scaled by 1/U_jj, is spread
+over the not-yet-quantized columns (U_j,j+1: ); updates are applied lazily per block.
+
+Group parameters (scales / zero-points of each group of input columns) follow the format's
+own rule (fmt.quantize) applied to the group's weights:
+  * natural order: when quantization reaches the group's first column, from the weights as
+    updated by the error feedback so far (the standard approach);
+  * act_order with static_groups (default): all groups up front from W;
+  * act_order without static_groups: when the first column of the group (in processing
+    order) is reached, from the group's current, error-updated weights.
+Groups are always the format's natural-order groups, so the result is a plain QTensor.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lowbit.formats import FP8Format, Format, IntFormat, MXFP4Format, NFFormat, QTensor
+from lowbit.formats.fp8 import FP8_DTYPES, FP8_MAX
+from lowbit.formats.mx import E2M1_MAGNITUDES, E8M0_BIAS, e2m1_round
+from lowbit.formats.normal_float import nf_levels
+from lowbit.methods.rtn import mse_clip
+
+CLIP_MODES = ("none", "mse")
+DAMP_RETRIES = 6  # Cholesky failures: damping is multiplied by 10 up to this many times
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """GPTQ options.
+
+    block_size: columns per lazy-update block, >= 1.
+    damp: λ = damp · mean(diag H) is added to diag H, >= 0 (raised tenfold while the
+        Cholesky factorisation fails).
+    act_order: process columns by descending diag(H) (groups stay in natural order).
+    static_groups: with act_order, compute every group's scales up front from W (True) or
+        when the group is first reached (False). Without act_order it changes nothing.
+    clip: "none" or "mse": each group's scale from mse_clip of the group's weights
+        (the RTN clip search) at the moment the group's parameters are computed.
+    """
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = True
+    clip: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"GptqConfig.block_size must be an int >= 1, got {self.block_size!r}")
+        if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
+                or not 0 <= self.damp < math.inf):
+            raise ValueError(f"GptqConfig.damp must be a finite number >= 0, got {self.damp!r}")
+        for name in ("act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GptqConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.clip not in CLIP_MODES:
+            raise ValueError(f"GptqConfig.clip must be one of {CLIP_MODES}, got {self.clip!r}")
+
+
+@dataclass(frozen=True)
+class GptqStats:
+    """proxy_loss = tr(E H Eᵀ) with E = W - W_q; rtn_proxy_loss the same for fmt.quantize(W)."""
+
+    proxy_loss: float
+    rtn_proxy_loss: float
+    seconds: float
+    damp: float                      # the damping factor finally used
+
+
+def proxy_loss(W: Tensor, W_q: Tensor, H: Tensor) -> float:
+    """tr(E H Eᵀ) = Σ_tokens ‖x Eᵀ‖², E = W - W_q [out, in], H [in, in]; float32 products, float64 sum."""
+    E = W.float() - W_q.float()
+    return float((E @ H.float()).mul_(E).sum(dtype=torch.float64))
+
+
+# --- one column against fixed group parameters ---------------------------------------------
+ColumnQuantizer = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+
+
+def column_quantizer(fmt: Format) -> ColumnQuantizer:
+    """quant(w [out], scale [R], zero [R] | None) -> (codes [out] uint8, w_q [out] float32).
+
+    scale / zero: one group's stored parameters as float32 (R = out, or 1 per tensor). The
+    codes are exactly those fmt.quantize gives the same values under the same parameters,
+    and w_q equals fmt.dequantize of them.
+    """
+    if isinstance(fmt, IntFormat):
+        def quant_int(w, scale, zero):
+            s = scale.view(-1, 1, 1)  # [R] -> grouped layout [R, 1, 1]: one group of width 1
+            z = None if zero is None else zero.view(-1, 1, 1)
+            u = fmt._encode(w.view(-1, 1, 1), s, z)
+            codes = u.view(-1).to(torch.uint8)
+            return codes, fmt._decode_(u, s, z).view(-1)
+        return quant_int
+    if isinstance(fmt, NFFormat):
+        levels = nf_levels(fmt.bits)
+        mids = ((levels[1:] + levels[:-1]) / 2).tolist()
+
+        def quant_nf(w, scale, zero):
+            x = w / scale
+            idx = torch.zeros_like(x)
+            for mid in mids:
+                idx.add_(torch.gt(x, mid))  # nearest level = midpoints below x (ties go down)
+            idx = idx.long()
+            return idx.to(torch.uint8), levels[idx] * scale
+        return quant_nf
+    if isinstance(fmt, FP8Format):
+        fp8_max, dtype = FP8_MAX[fmt.kind], FP8_DTYPES[fmt.kind]
+
+        def quant_fp8(w, scale, zero):
+            v = (w / scale).clamp_(-fp8_max, fp8_max).to(dtype)
+            return v.view(torch.uint8), v.float() * scale
+        return quant_fp8
+    if isinstance(fmt, MXFP4Format):
+        magnitudes = torch.tensor(E2M1_MAGNITUDES)
+
+        def quant_mx(w, scale, zero):
+            idx = e2m1_round(w.abs() / scale)
+            negative = (w < 0) & (idx > 0)  # zero is stored with sign 0
+            mags = magnitudes[idx.long()]
+            codes = idx.to(torch.uint8) | (negative.to(torch.uint8) << 3)
+            return codes, torch.where(negative, -mags, mags) * scale
+        return quant_mx
+    raise ValueError(f"gptq has no column quantizer for format family {fmt.family!r}")
+
+
+def _float_params(fmt: Format, scales: Tensor, zeros: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Stored scales / zeros [R, k] -> float32 values the column quantizer takes."""
+    if isinstance(fmt, MXFP4Format):  # E8M0: biased power-of-two exponent
+        s = torch.ldexp(torch.ones(scales.shape), scales.to(torch.int32) - E8M0_BIAS)
+    else:
+        s = scales.float()
+    return s, None if zeros is None else zeros.float()
+
+
+# --- the solver -------------------------------------------------------------------------------
+def _upper_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """H [in, in] float64 (dead columns fixed) -> (U upper [in, in] float32 with UᵀU = (H + λI)⁻¹, damp)."""
+    mean_diag = float(H.diagonal().mean())
+    for _ in range(DAMP_RETRIES + 1):
+        Hd = H.float()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        damp = max(damp * 10, 1e-6)
+    raise ValueError(f"gptq: H is not positive definite even with damp {damp:g}")
+
+
+def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: float = 0.01,
+         act_order: bool = False, static_groups: bool = True, clip: str = "none") -> tuple[QTensor, GptqStats]:
+    """Quantize W [out, in] with the Hessian H [in, in] = Σ xᵀx; returns (QTensor, GptqStats).
+
+    Dead columns (H_jj == 0: the input channel was always 0) get H_jj = 1 and W[:, j] = 0,
+    so their codes encode 0. Pure: no hooks, I/O or device moves; W and H are not modified.
+    """
+    GptqConfig(block_size, damp, act_order, static_groups, clip)  # validates the options
+    start = time.perf_counter()
+    if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"W must be a 2-D float tensor [out, in], got {getattr(W, 'shape', W)!r}")
+    out, n = W.shape
+    if tuple(H.shape) != (n, n):
+        raise ValueError(f"H must be [{n}, {n}] for W {tuple(W.shape)}, got {tuple(H.shape)}")
+    if not (bool(torch.isfinite(W).all()) and bool(torch.isfinite(H).all())):
+        raise ValueError("gptq: W and H must be finite, got NaN or inf values")
+    W0 = W.detach().float()
+    H64 = H.detach().double().clone()
+    dead = H64.diagonal() == 0
+    H64.diagonal()[dead] = 1.0
+    Wk = W0.clone()
+    Wk[:, dead] = 0.0
+    perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
+    U, damp = _upper_inverse_cholesky(H64[perm][:, perm], damp)  # rows and columns in processing order
+    Wt = Wk.T[perm].contiguous()  # [in, out]: row p = the column processed p-th (rows are contiguous)
+
+    # groups: natural-order groups of the format; gid[p] = group of the column processed p-th
+    s_shape = fmt.scale_shape((out, n))
+    n_groups = s_shape[1]
+    gsize = fmt.group_size if fmt.group_size > 0 else n
+    gid = (perm // gsize).tolist()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(n)
+    members = [inv[g * gsize:(g + 1) * gsize] for g in range(n_groups)]  # processing positions per group
+
+    def params(Wc: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Weights [out, w] of one group (or all groups) -> stored scales, zeros [R, groups]."""
+        q = fmt.quantize(Wc, mse_clip(Wc, fmt) if clip == "mse" else None)
+        return q.scales, q.zeros
+
+    scales = torch.empty(s_shape, dtype=fmt.scale_dtype)
+    zeros = torch.empty(s_shape, dtype=torch.uint8) if fmt.has_zeros else None
+    fparams: list = [None] * n_groups  # float32 (scale [R], zero [R] | None) of each group once known
+    if act_order and static_groups:
+        scales, zeros = params(Wk)
+        fs, fz = _float_params(fmt, scales, zeros)
+        fparams = [(fs[:, g], None if fz is None else fz[:, g]) for g in range(n_groups)]
+
+    quant = column_quantizer(fmt)
+    codes = torch.empty(n, out, dtype=torch.uint8)  # row p: codes of the column processed p-th
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = Wt[i1:i2].clone()  # [b, out] the block, updated column by column
+        Err1 = torch.zeros_like(W1)  # [b, out] scaled errors (w - q) / U_jj, for the lazy update
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = gid[i1 + i]
+            if fparams[g] is None:  # the group's first column: its current weights give the parameters
+                pos = members[g]  # none of them processed yet, so all >= i1 + i
+                inside, beyond = pos[pos < i2] - i1, pos[pos >= i2]
+                pending = U[i1:i1 + i, beyond].T @ Err1[:i]  # [k, out] lazy update not yet applied
+                Wc = torch.cat([W1[inside], Wt[beyond] - pending]).T  # [w, out] -> [out, w]
+                s, z = params(Wc)
+                scales[:, g] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, g] = z[:, 0]
+                fs, fz = _float_params(fmt, s, z)
+                fparams[g] = (fs[:, 0], None if fz is None else fz[:, 0])
+            w = W1[i]
+            c, w_q = quant(w, *fparams[g])
+            err = (w - w_q).div_(U1[i, i])
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # OBS update of the rest of the block
+            Err1[i] = err
+            codes[i1 + i] = c
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later blocks
+
+    q = QTensor(codes[inv].T.contiguous(), scales, zeros, (out, n), fmt)  # [in, out] in natural order -> [out, in]
+    loss = proxy_loss(W0, fmt.dequantize(q), H)
+    rtn_loss = proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H)
+    return q, GptqStats(loss, rtn_loss, time.perf_counter() - start, damp)

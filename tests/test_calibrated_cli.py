@@ -1,0 +1,180 @@
+"""`lowbit quantize --method gptq|awq|awq+gptq` end to end on tiny models, and its bad-input errors."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from lowbit.cli.main import main
+from lowbit.data.calibration import CalibConfig
+from lowbit.formats import IntFormat
+from lowbit.models.load import load
+from lowbit.nn.qlinear import QuantLinear
+from lowbit.quantize import QuantizeConfig, quantize
+from support import EVAL_TEXT, needs_eval_text
+
+SMALL = ["--bits", "4", "--group", "32", "--samples", "4", "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    words = "the of and a to in is was for on as with by at from his that it an were are which".split()
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    from conftest import _tiny
+    from transformers import Qwen2Config
+
+    return _tiny(Qwen2Config(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+                 tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+def run_cli(capsys, *argv):
+    from lowbit.log import logger
+
+    handlers = list(logger.handlers)
+    try:
+        code = main([str(a) for a in argv])
+    finally:  # main() adds a stderr handler per call; a later test's stderr is another stream
+        logger.handlers[:] = handlers
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.startswith("lowbit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+@pytest.mark.parametrize("arch", ["tiny_llama_dir", "tiny_gemma3_dir", "tiny_qwen2_dir"])
+def test_calibrated_quantize_saves_and_evaluates(request, capsys, tmp_path, calib, arch, method):
+    src = request.getfixturevalue(arch)
+    out = tmp_path / "q"
+    extra = ["--act-order", "--save-plan", tmp_path / "plan"] if method == "awq+gptq" else []
+    code, stdout, err = run_cli(capsys, "quantize", src, "--method", method, *SMALL, "--asym", "--calib", calib,
+                                "--out", out, "--json", tmp_path / "s.json", *extra)
+    assert code == 0, err
+    assert "saved to" in stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["method"]["method"] == method
+    assert manifest["method"]["calibration"]["samples"] == 4
+    assert manifest["method"]["calibration"]["text_sha256"]
+    assert ("gptq" in manifest["method"]) == ("gptq" in method) and ("awq" in manifest["method"]) == ("awq" in method)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    losses = list(summary["proxy_loss"].values())
+    assert len(losses) == 14 and sum(a for a, _ in losses) < sum(b for _, b in losses)  # beats RTN overall
+    if method == "awq+gptq":
+        assert manifest["method"]["gptq"]["act_order"] is True
+        assert (tmp_path / "plan" / "plan.json").is_file()
+    code, stdout, err = run_cli(capsys, "eval", out, "--text", calib, "--ctx", 64, "--windows", 2)
+    assert code == 0, err
+
+
+def test_composition_is_configuration(tiny_llama_dir, calib):
+    """awq+gptq = the AWQ step (same plan as awq alone on layer 0) followed by GPTQ."""
+    from lowbit.data.text import read_text
+    from lowbit.quantize import calibration_samples
+
+    results = {}
+    for method in ("awq", "awq+gptq"):
+        loaded = load(str(tiny_llama_dir))
+        config = QuantizeConfig(fmt=IntFormat(4, True, 32), method=method, calib=CalibConfig(4, 64))
+        samples = calibration_samples(loaded, read_text(calib), config.calib)
+        results[method] = quantize(loaded, config, samples, progress=False)
+        assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == 14
+    a, b = results["awq"].plan.scales[0], results["awq+gptq"].plan.scales[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sink_hessians_are_the_first_positions_statistics(tiny_gemma3_dir):
+    from lowbit.calibration.walker import walk
+    from lowbit.quantize import sink_hessians
+
+    loaded = load(str(tiny_gemma3_dir))
+    spec, first = loaded.spec, torch.randint(0, 256, (3, 1), generator=torch.Generator().manual_seed(4))
+    expected = {}
+    walk(loaded.model, spec, first, lambda i, layer, st: expected.update({i: st}), {"hessian"}, progress=False)
+    for i, layer in enumerate(loaded.model.get_submodule(spec.layers)):
+        with torch.no_grad():
+            got = sink_hessians(loaded.model, layer, spec, first)
+        for name in spec.linears:
+            want = expected[i][name].hessian
+            # batched vs one-token float32 forwards differ in rounding: bound relative to H's scale
+            torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_sink_weight_validated_and_recorded():
+    with pytest.raises(ValueError, match="sink weight"):
+        QuantizeConfig(fmt=IntFormat(4, True, 32), method="gptq", sink_weight=-1.0)
+    d = QuantizeConfig(fmt=IntFormat(4, True, 32), method="gptq", sink_weight=1.0).to_dict()
+    assert d["sink_weight"] == 1.0 and "awq" not in d and d["gptq"]["act_order"] is False
+
+
+def test_calib_required(capsys, tiny_llama_dir, tmp_path):
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "gptq", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--calib")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_method_lists_known(capsys, tiny_llama_dir, tmp_path, calib):
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "spqr", "--calib", calib,
+                           "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "spqr", "rtn, gptq, awq, awq+gptq")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_text_too_short(capsys, tiny_llama_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "awq", *SMALL, "--calib", short,
+                           "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "short.txt", "--seq-len 64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_seq_len_beyond_context(capsys, tiny_llama_dir, tmp_path, calib):
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "gptq", "--calib", calib,
+                           "--out", tmp_path / "o")  # default --seq-len 2048 > 256 positions
+    assert_one_line_error(code, err, "--seq-len 2048", "256")
+
+
+def test_nan_in_a_layer_is_named(capsys, tiny_llama_dir, tmp_path, calib):
+    loaded = load(str(tiny_llama_dir))
+    with torch.no_grad():
+        loaded.model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    bad = tmp_path / "bad"
+    loaded.model.save_pretrained(bad)
+    loaded.tokenizer.save_pretrained(bad)
+    for method in ("gptq", "awq"):
+        code, _, err = run_cli(capsys, "quantize", bad, "--method", method, *SMALL, "--calib", calib,
+                               "--out", tmp_path / "o")
+        assert_one_line_error(code, err, "layer 1")
+        assert not (tmp_path / "o").exists()
+
+
+@needs_eval_text
+def test_eval_text_refused(capsys, tiny_llama_dir, tmp_path):
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "gptq", *SMALL, "--calib", EVAL_TEXT,
+                           "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--allow-eval-text")
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_states_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("--calib", "default: 128", "default: 2048", "default: 0.01", "awq+gptq"):
+        assert needle in text
