@@ -1,8 +1,6 @@
 """GPTQ: equals RTN when H = I, never worse than RTN in tr(E H Eᵀ), handles dead and ragged columns."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -125,12 +123,3 @@ def test_inputs_untouched_and_validated():
     for bad in [dict(block_size=0), dict(damp=-1.0), dict(act_order=1), dict(clip="max")]:
         with pytest.raises(ValueError):
             GptqConfig(**bad)
-
-
-def test_speed_of_a_smollm2_sized_linear():
-    fmt = IntFormat(4, True, 64)
-    W = _weights(1536, 576)
-    H = _hessian(576, tokens=4096)
-    start = time.perf_counter()
-    gptq(W, H, fmt, act_order=True)
-    assert time.perf_counter() - start < 3.0  # ~0.3 s on 2 cores; generous for a shared CI box

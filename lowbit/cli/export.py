@@ -1,0 +1,49 @@
+"""`lowbit export`: write a model or a lowbit directory in a format other engines load.
+
+The formats and their own flags come from lowbit.export.registry; every format-specific flag is
+accepted by the parser and refused (one line) when the chosen --format does not take it.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import LowbitError
+from .table import table
+
+
+def add_parser(sub) -> None:
+    from ..export.registry import all_flags, targets
+
+    registered = targets()
+    lines = "\n".join(f"  {t.name:<20} {t.summary}" for t in registered.values())
+    p = sub.add_parser("export", help="export a model for transformers, vLLM or GPTQ readers",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write SRC in another engine's checkpoint layout; OUT is written atomically.\n\n"
+                                   f"formats:\n{lines}")
+    p.add_argument("src", metavar="SRC", help="a lowbit directory, a model name, a .gguf file or an HF directory")
+    p.add_argument("--format", required=True, choices=tuple(registered), help="target layout")
+    p.add_argument("--out", required=True, help="output directory, or file for --format gguf (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g = p.add_argument_group("format-specific flags (each taken only by the formats named in its help)")
+    for option, (flag, _owners) in all_flags(registered).items():
+        # SUPPRESS: a flag left out is absent from the namespace, so a given flag can be told apart
+        g.add_argument(option, dest=flag.dest, default=argparse.SUPPRESS, **dict(flag.kwargs))
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export.registry import all_flags, check_flags, export, targets
+
+    registered = targets()
+    target = registered[args.format]
+    dests = {flag.dest for flag, _ in all_flags(registered).values()}
+    given = {k: v for k, v in vars(args).items() if k in dests}
+    check_flags(target, given, registered)
+    if Path(args.out).resolve() == Path(args.src).resolve():
+        raise LowbitError("--out must differ from SRC")
+    report = export(target, args.src, Path(args.out), args.overwrite, target.options(given))
+    print(table(["field", "value"], [[k, v] for k, v in report.facts.items()]))
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
