@@ -72,12 +72,9 @@ def _numel(shape) -> int:
 
 
 def _gguf_info(path: Path) -> dict:
-    from gguf import GGUFReader
+    from ..models.gguf_check import open_gguf
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # gguf raises assorted errors on bad files; one line for the user
-        raise LowbitError(f"cannot read GGUF {path}: {type(e).__name__}: {e}") from None
+    reader = open_gguf(path)  # checked first: a corrupted or truncated file is one LowbitError line
     arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else "?"
     by_type = defaultdict(lambda: [0, 0, 0])
     for t in reader.tensors:
@@ -89,7 +86,10 @@ def _gguf_info(path: Path) -> dict:
     return {"kind": "gguf", "architecture": arch, "params": params,
             "bits_per_weight": 8 * sum(r[2] for r in by_type.values()) / params,
             "tensor_types": {k: {"tensors": v[0], "params": v[1], "bits_per_weight": 8 * v[2] / v[1]}
-                             for k, v in by_type.items()}}
+                             for k, v in by_type.items()},
+            # shape in PyTorch order [rows, row_length] (GGUF stores ggml's ne, row length first)
+            "tensors": [{"name": t.name, "type": t.tensor_type.name, "shape": [int(s) for s in reversed(list(t.shape))],
+                         "bits_per_weight": 8 * int(t.n_bytes) / int(t.n_elements)} for t in reader.tensors]}
 
 
 def _hf_info(path: Path) -> dict:
@@ -117,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(table(["type", "tensors", "params", "bits/weight"],
                     [[k, v["tensors"], v["params"], v["bits_per_weight"]] for k, v in info["tensor_types"].items()]))
+    if info.get("kind") == "gguf":
+        print()
+        print(table(["tensor", "type", "shape", "bits/weight"],
+                    [[t["name"], t["type"], "x".join(map(str, t["shape"])), t["bits_per_weight"]]
+                     for t in info["tensors"]]))
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     return 0

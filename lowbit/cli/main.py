@@ -30,8 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record, not at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(debug: bool, quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    for old in [h for h in logger.handlers if getattr(h, "lowbit_cli", False)]:
+        logger.removeHandler(old)               # main() may run many times in one process (tests)
+    handler = _StderrHandler()
+    handler.lowbit_cli = True
     handler.setFormatter(logging.Formatter("lowbit: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)

@@ -81,8 +81,12 @@ def _float_cache(source: ModelSource, sha: str) -> Path:
     def write(tmp: Path) -> None:
         start = time.perf_counter()
         logger.info("de-quantizing %s to float32 (once; cached in %s)", source.path.name, final)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source.path.parent), gguf_file=source.path.name, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.path.parent), gguf_file=source.path.name, dtype=torch.float32)
+        except Exception as e:  # transformers' GGUF loader raises assorted errors on files it cannot map
+            raise LowbitError(f"transformers cannot load {source.path.name}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
         model.save_pretrained(tmp)
         tokenizer_from_gguf(source.path).save_pretrained(tmp)
         (tmp / "lowbit_source.json").write_text(json.dumps(
@@ -112,6 +116,9 @@ def load(arg: str | ModelSource) -> Loaded:
 
         return load_quantized(source)
     if source.kind == "gguf":
+        from .gguf_check import check_gguf
+
+        check_gguf(source.path)  # a corrupted or truncated file: one clear line, before any parser trusts it
         sha = sha256_file(source.path)
         model, tokenizer = load_float_dir(_float_cache(source, sha))
     else:

@@ -1,0 +1,106 @@
+"""Peer: GPTQModel 7.6.0 (ModelCloud; installs transformers 5.x of its own choosing).
+
+Methods, each with the library's own defaults (weight-only, integer, symmetric unless --asym,
+group size --group along the input dimension, lm_head / tied embedding left float):
+  gptq  GPTQConfig: damp_percent 0.05 (auto-increment 0.01 when the Hessian is not positive
+        definite), desc_act False, act_group_aware True (its default: groups reordered by
+        activation, GAR), static_groups False, mse 0 (no grid search), true_sequential True;
+        stored in the GPTQ format (int32-packed codes and zero-points, float16 scales, g_idx)
+  (both with offload_to_disk False: the model stays in memory)
+  awq   AWQConfig with FORMAT.GEMM (int32-packed codes and zero-points, float16 scales), built
+        and run through the portable torch kernel (BACKEND.AWQ_TORCH)
+The model is quantized in float32 on the CPU (GPTQMODEL_CPU_WORKERS=2 is set by the driver).
+Calibration: lowbit's own token windows as {"input_ids", "attention_mask"} rows, in their order
+(calibration_sort None).
+De-quantization: each quantized module's own forward applied to the identity matrix gives
+W^T (+ bias), i.e. exactly the weights its runtime kernel multiplies by.
+Storage bits per weight: every buffer the quantized linears hold (qweight, qzeros, scales,
+g_idx) at its dtype, over the weights they stand for.
+
+    python bench/peers/gptqmodel_peer.py --peer gptqmodel-gptq --model smollm2-135m \
+        --bits 4 --group 64 --samples 32 --seq-len 2048 --out DIR
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from common import cli, read_samples, worker_args, write_dequantized
+
+
+def _config(method: str, bits: int, group: int, sym: bool):
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization import FORMAT, METHOD
+
+    # offload_to_disk off: its default moves finished layers to disk and leaves meta tensors behind;
+    # a 135M model fits in memory many times over
+    common = dict(bits=bits, group_size=group, sym=sym, offload_to_disk=False)
+    if method == "gptq":
+        return QuantizeConfig(**common)
+    if method == "awq":
+        return QuantizeConfig(**common, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+    raise ValueError(f"unknown GPTQModel method {method!r}")
+
+
+def _dequantized_linear(module, dtype):
+    """W [out, in] as the module's runtime sees it: forward(I) = I @ W^T + b."""
+    import torch
+
+    eye = torch.eye(module.in_features, dtype=dtype)
+    out = module(eye)                               # [in, out]
+    if getattr(module, "bias", None) is not None:
+        out = out - module.bias.to(out.dtype)
+    return out.T.contiguous()
+
+
+def worker() -> None:
+    a = worker_args(__doc__)
+    import gptqmodel
+    import torch
+    import transformers
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    torch.manual_seed(0)
+    config = _config(a.method, a.bits, a.group, a.sym)
+    ids = read_samples(a.samples_file)                       # [N, L] int64
+    calibration = [{"input_ids": row[None, :], "attention_mask": torch.ones_like(row)[None, :]} for row in ids]
+    model = GPTQModel.load(a.float_dir, config, device="cpu", dtype=torch.float32)
+    backend = BACKEND.AWQ_TORCH if a.method == "awq" else BACKEND.AUTO
+    model.quantize(calibration, batch_size=1, backend=backend, calibration_sort=None)
+
+    tensors, stored, bits, weights, quantized = {}, {}, 0, 0, 0
+    with torch.no_grad():
+        for name, module in model.model.named_modules():
+            if not isinstance(module, BaseQuantLinear):
+                continue
+            tensors[name + ".weight"] = _dequantized_linear(module, torch.float32)
+            for key, buf in module.named_buffers(recurse=False):
+                if key.startswith("wf_"):            # unpacking helper constants, not stored
+                    continue
+                bits += buf.numel() * buf.element_size() * 8
+                stored[key] = str(buf.dtype)
+            weights += module.in_features * module.out_features
+            quantized += 1
+            backend_name = type(module).__name__
+        tensors.update({k: v for k, v in model.model.state_dict().items() if k not in tensors})
+    if not weights:
+        raise RuntimeError("GPTQModel left no quantized linear in the model")
+    params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name in ("damp_percent", "damp_auto_increment", "desc_act", "act_group_aware", "static_groups",
+                            "mse", "true_sequential", "format", "method", "pack_dtype")}
+    write_dequantized(a.float_dir, tensors, a.out, {
+        "tool": "GPTQModel", "tool_version": gptqmodel.__version__,
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "method": a.method, "bits": a.bits, "group": a.group, "sym": a.sym,
+        "hyperparameters": {k: str(v) if not isinstance(v, (int, float, bool, type(None))) else v
+                            for k, v in params.items()},
+        "kernel": backend_name, "quantized_linears": quantized,
+        "bits_per_weight": bits / weights, "stored_tensors": stored, "calibration_windows": list(ids.shape)})
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        worker()
+    else:
+        cli("gptqmodel_peer.py", __doc__)

@@ -1,0 +1,204 @@
+"""Weight-only quantization, lowbit's methods and the peers side by side (issue 4's acceptance).
+
+Same float model, same calibration windows (WikiText-2 *validation*), same evaluation
+(WikiText-2 raw test, ctx 2048, first --windows windows, GPTQ convention; KLD vs the float
+model) for every row. Every quantization runs in its own process, so its wall time and peak
+RSS are its own; peers run in their own virtual environments (bench/peers/) and hand back a
+de-quantized float directory that lowbit evaluates exactly like its own.
+
+Work is resumable: each quantized directory and each evaluated row is kept under --work, so
+a second run only does what is missing.
+
+    python bench/weight_only.py --models smollm2-135m --settings "W4 g64" "W3 g64" \
+        --methods rtn gptq awq awq+gptq --samples 32 --windows 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import CALIB_TEXT, EVAL_TEXT, lowbit_quantize, machine, table, write_json
+
+SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
+    "W4 g128": (4, 128), "W4 g64": (4, 64), "W3 g128": (3, 128), "W3 g64": (3, 64), "W2 g64": (2, 64),
+}
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
+def row_key(model: str, setting: str, method: str) -> str:
+    return f"{model}|{setting}|{method}"
+
+
+def write_samples(model: str, args, path: Path) -> None:
+    """The calibration windows lowbit itself samples, for the peers: int64 [N, L] in safetensors."""
+    from safetensors.torch import save_file
+
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.models.load import load
+    from lowbit.quantize import calibration_samples
+
+    ids = calibration_samples(load(model), read_text(args.calib),
+                              CalibConfig(args.samples, args.seq_len, args.seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": ids.contiguous()}, str(path))
+
+
+def quantize_lowbit(model: str, setting: str, method: str, args, out: Path) -> dict:
+    bits, group = SETTINGS[setting]
+    flags = ["--method", method, "--bits", str(bits), "--group", str(group), "--sym"]
+    if method != "rtn":
+        flags += ["--calib", str(args.calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+                  "--seed", str(args.seed)]
+    q = lowbit_quantize(model, flags, out, args.threads)
+    return {"tool": "lowbit", "method": method, "bits_per_weight": q["bits_per_weight"],
+            "quantize_seconds": q["wall_seconds"], "peak_rss_mib": q["peak_rss_mib"], "dir": str(out)}
+
+
+def quantize_peer(model: str, setting: str, peer: str, args, samples: Path, out: Path) -> dict:
+    """A peer's row: its de-quantized directory, or the reason it could not run."""
+    from peers.common import run_peer
+
+    bits, group = SETTINGS[setting]
+    try:
+        record = run_peer(peer, model, {"bits": bits, "group": group, "sym": True}, samples, out)
+    except Exception as e:  # a peer failing is a result to report, not a crash of the benchmark
+        return {"tool": peer, "method": peer, "error": f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"}
+    record.setdefault("tool", peer)
+    record.setdefault("method", peer)
+    record["dir"] = str(out)
+    return record
+
+
+def evaluate_rows(model: str, rows: list[dict], args) -> None:
+    """ppl and KLD vs the float model for rows with a directory and no result yet (in place)."""
+    from lowbit.data.text import read_text
+    from lowbit.eval.perplexity import evaluate_many, tokenize
+    from lowbit.models.load import load
+
+    todo = [r for r in rows if "ppl" not in r and "error" not in r]
+    if not todo:
+        return
+    fp = load(model)
+    ids = tokenize(fp.tokenizer, read_text(args.text).text)
+    for start in range(0, len(todo), args.batch):
+        batch = todo[start:start + args.batch]
+        models = {id(r): (fp.model if r["method"] == "fp" else load(r["dir"]).model) for r in batch}
+        results = evaluate_many(models, ids, args.ctx, args.windows, reference=fp.model, reference_name=model)
+        for r in batch:
+            res = results[id(r)]
+            r.update(ppl=res.ppl, kld=res.kld.mean, kld_p99=res.kld.p99, top1_changed=res.kld.top1_changed,
+                     tokens=res.tokens, windows=res.windows, eval_seconds=res.seconds)
+        del models
+
+
+def peer_rows(models: list[str], settings: list[str], folder: Path) -> list[dict]:
+    """Rows of the peer result files bench/peers/ wrote (evaluated by lowbit eval, same windows)."""
+    by_grid = {grid: label for label, grid in SETTINGS.items() if label in settings}
+    rows = []
+    for f in sorted(folder.glob("*.json")):
+        r = json.loads(f.read_text())
+        label = by_grid.get((r.get("bits"), r.get("group")))
+        if r.get("model") not in models or label is None:
+            continue
+        rows.append({"model": r["model"], "setting": label, "tool": f"{r.get('tool', r['peer'])} {r.get('tool_version', '')}".strip(),
+                     "method": r["peer"], "bits_per_weight": r.get("bits_per_weight"),
+                     "quantize_seconds": r.get("quantize_seconds"), "peak_rss_mib": r.get("peak_rss_mib"),
+                     **{k: r[k] for k in ("ppl", "kld", "kld_p99", "top1_changed", "error", "note") if k in r},
+                     "windows": r.get("eval_windows"), "result_file": str(f)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--peers", nargs="*", default=[], help="peer names known to bench/peers/common.py")
+    p.add_argument("--calib", default=str(CALIB_TEXT))
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", default=str(EVAL_TEXT))
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--batch", type=int, default=6, help="models evaluated per pass of the reference")
+    p.add_argument("--threads", type=int, default=None, help="OMP threads of each quantize process")
+    p.add_argument("--eval-only", action="store_true",
+                   help="quantize nothing: evaluate and tabulate the rows already under --work")
+    p.add_argument("--peer-results", default="bench/results/peers", help="folder of bench/peers/ result JSON")
+    p.add_argument("--work", default=str(Path.home() / ".cache/lowbit/bench/weight_only"))
+    p.add_argument("--json", default="bench/results/weight_only.json")
+    args = p.parse_args()
+    start = time.time()
+    work = Path(args.work)
+    state_file = work / "rows.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    calib_id = f"{Path(args.calib).name}:{args.samples}x{args.seq_len}:seed{args.seed}"
+
+    def save_state() -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(state, indent=1))
+
+    for model in args.models:
+        fp_key = row_key(model, "FP", "fp")
+        state.setdefault(fp_key, {"tool": "-", "method": "fp", "bits_per_weight": 32.0})
+        samples = work / model / f"calib-{args.samples}x{args.seq_len}-seed{args.seed}.safetensors"
+        for setting in args.settings:
+            for method in [*args.methods, *args.peers]:
+                key = row_key(model, setting, method)
+                if key in state and state[key].get("calibration", calib_id) == calib_id or args.eval_only:
+                    continue
+                out = work / model / setting.replace(" ", "_") / method
+                if method in METHODS:
+                    record = quantize_lowbit(model, setting, method, args, out)
+                else:
+                    if not samples.exists():
+                        write_samples(model, args, samples)
+                    record = quantize_peer(model, setting, method, args, samples, out)
+                if method != "rtn":
+                    record["calibration"] = calib_id
+                state[key] = {**record, "model": model, "setting": setting}
+                save_state()
+                print(f"[{model}] {setting} {method}: {record.get('error') or 'quantized'}", flush=True)
+        rows = [r for k, r in state.items() if k.startswith(model + "|")]
+        for r in rows:
+            if r.get("windows") not in (None, args.windows):
+                for k in ("ppl", "kld", "kld_p99", "top1_changed"):
+                    r.pop(k, None)
+        for r in rows:
+            r.setdefault("model", model)
+            r.setdefault("setting", "FP")
+        evaluate_rows(model, rows, args)
+        save_state()
+
+    rows = [r for k, r in state.items() if k.split("|")[0] in args.models]
+    rows = [r for r in rows if r["method"] == "fp" or r["setting"] in args.settings]
+    rows += peer_rows(args.models, args.settings, Path(args.peer_results))
+    fp_ppl = {r["model"]: r["ppl"] for r in rows if r["method"] == "fp"}
+    rtn_ppl = {(r["model"], r["setting"]): r["ppl"] for r in rows if r["method"] == "rtn" and r.get("ppl") is not None}
+    for r in rows:
+        if r.get("ppl") is not None:
+            rise = r["ppl"] - fp_ppl[r["model"]]
+            r["ppl_increase"] = rise
+            rtn_rise = rtn_ppl.get((r["model"], r["setting"]), fp_ppl[r["model"]]) - fp_ppl[r["model"]]
+            r["share_of_rtn_increase"] = rise / rtn_rise if rtn_rise > 0 else None
+    order = {s: i for i, s in enumerate(["FP", *SETTINGS])}
+    rows.sort(key=lambda r: (r["model"], order.get(r["setting"], 99), r.get("ppl") or float("inf")))
+    headers = ["model", "setting", "tool", "method", "ppl", "Δppl / RTN's", "KLD", "bits/w", "quant s", "RSS MiB"]
+    print(table(headers, [[r["model"], r["setting"], r["tool"], r["method"], r.get("ppl") or r.get("error", "-"),
+                           "-" if r.get("share_of_rtn_increase") is None else f"{r['share_of_rtn_increase']:.2f}",
+                           r.get("kld"), r.get("bits_per_weight"), r.get("quantize_seconds"), r.get("peak_rss_mib")]
+                          for r in rows]))
+    print(f"eval: {args.text}, ctx {args.ctx}, first {args.windows} windows; calibration {calib_id} from "
+          f"{args.calib}; KLD = mean KL(P_fp || P_q) in nats; Δppl / RTN's = ppl increase as a share of "
+          f"RTN's at the same setting")
+    write_json(Path(args.json), {"bench": "weight_only", "text": args.text, "ctx": args.ctx, "windows": args.windows,
+                                 "calibration": calib_id, "machine": machine(), "seconds": time.time() - start,
+                                 "rows": [{k: v for k, v in r.items() if k != "dir"} for r in rows]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""GGUF export of the real SmolLM2-135M: the F32 export carries the source GGUF's metadata and
+reads back through transformers with the same logits; the Q4_K_M export holds lowbit's bytes for
+llama.cpp's types; and, when llama-cpp-python is installed, llama.cpp itself is the judge."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf_support import layer_of, read_tensors
+
+from lowbit.export.gguf.mixes import MIXES, tensor_type
+from lowbit.export.gguf.writer import write_gguf
+from lowbit.formats.gguf import quantize_gguf
+from lowbit.models.load import load
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+TEXT = "The capital of France is Paris. It is known for the Eiffel Tower, museums and cafés. " * 4
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def exports(smol, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf_real")
+    return {mix: write_gguf(smol, mix, out / f"smollm2-{mix}.gguf") for mix in ("F32", "Q4_K_M")}
+
+
+@pytest.fixture(scope="module")
+def tokens(smol):
+    return smol.tokenizer(TEXT, return_tensors="pt").input_ids[:, :64]
+
+
+def _fields(path) -> dict:
+    reader = GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_f32_export_keeps_the_source_metadata_and_logits(smol, exports, tokens, tmp_path, monkeypatch):
+    path = exports["F32"].path
+    source, ours = _fields(smol.source.path), _fields(path)
+    assert ours.pop("general.file_type") == MIXES["F32"].file_type and source.pop("general.file_type") == 3
+    assert ours == source  # tokenizer, chat template, hyper-parameters: all copied
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    back = load(str(path))
+    assert torch.equal(back.tokenizer(TEXT, return_tensors="pt").input_ids[:, :64], tokens)
+    with torch.no_grad():
+        diff = (smol.model(tokens).logits - back.model(tokens).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_q4_k_m_export_has_llama_cpps_types_and_lowbits_bytes(exports):
+    floats, quant = read_tensors(exports["F32"].path), read_tensors(exports["Q4_K_M"].path)
+    assert set(floats) == set(quant) and len(quant) == 272
+    for name, (type_name, shape, _) in quant.items():
+        assert type_name == tensor_type("Q4_K_M", name, shape, layer_of(name), 30, n_gqa=3), name
+    for name in ("blk.0.attn_v.weight", "blk.3.attn_q.weight", "blk.0.ffn_down.weight", "blk.4.ffn_down.weight"):
+        type_name, shape, data = quant[name]
+        f32 = torch.from_numpy(np.array(floats[name][2]).reshape(shape))
+        assert np.array_equal(np.array(data).reshape(-1), quantize_gguf(f32, type_name).reshape(-1)), name
+    assert {t for t, _, _ in quant.values()} == {"Q4_K", "Q5_0", "Q6_K", "Q8_0", "F32"}
+    assert 6.0 < exports["Q4_K_M"].bits_per_weight < 6.4  # the Q8_0 tied embedding is 28M of 135M weights
+
+
+def test_llama_cpp_reads_lowbits_exports(smol, exports, tokens):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = tokens[0].tolist()
+    with torch.no_grad():
+        reference = smol.model(tokens).logits[0].numpy()
+    # an F32 KV cache (type 0): llama.cpp's default F16 cache alone moves these logits by ~0.03
+    llm = llama_cpp.Llama(model_path=str(exports["F32"].path), logits_all=True, n_ctx=128, n_threads=1,
+                          type_k=0, type_v=0, verbose=False)
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False)[:len(ids)] == ids
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:len(ids)])
+    assert np.abs(theirs - reference).max() <= 1e-3
+    del llm
+    llm = llama_cpp.Llama(model_path=str(exports["Q4_K_M"].path), n_ctx=128, n_threads=1, verbose=False)
+    out = llm("The capital of France is", max_tokens=8, temperature=0.0)
+    text = out["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] >= 1 and re.search(r"\w", text), text
+
+
+def test_gemma3_exports_match_llama_cpps_file_and_the_source_logits(tmp_path, monkeypatch):
+    """Gemma 3 270M: our Q4_K_M has the same tensor names, shapes and types as the Q4_K_M llama.cpp
+    wrote (the model's own source file); the F32 export (norms stored as 1 + w) reads back exactly."""
+    gemma = load("gemma3-270m")
+    ours = read_tensors(write_gguf(gemma, "Q4_K_M", tmp_path / "gemma-q4_k_m.gguf").path)
+    theirs = read_tensors(gemma.source.path)
+    assert {n: (t, s) for n, (t, s, _) in ours.items()} == {n: (t, s) for n, (t, s, _) in theirs.items()}
+    path = write_gguf(gemma, "F32", tmp_path / "gemma-f32.gguf").path
+    text = "The capital of France is Paris. It is known for the Eiffel Tower. " * 4
+    ids = gemma.tokenizer(text, return_tensors="pt").input_ids[:, :64]
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    back = load(str(path))
+    assert torch.equal(back.tokenizer(text, return_tensors="pt").input_ids[:, :64], ids)
+    with torch.no_grad():
+        diff = (gemma.model(ids).logits - back.model(ids).logits).abs().max().item()
+    assert diff <= 1e-4
