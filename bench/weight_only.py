@@ -100,7 +100,8 @@ def peer_rows(models: list[str], settings: list[str], folder: Path) -> list[dict
     rows = []
     for f in sorted(folder.glob("*.json")):
         r = json.loads(f.read_text())
-        label = by_grid.get((r.get("bits"), r.get("group")))
+        grid = r.get("setting") if isinstance(r.get("setting"), dict) else r
+        label = by_grid.get((grid.get("bits"), grid.get("group")))
         if r.get("model") not in models or label is None:
             continue
         rows.append({"model": r["model"], "setting": label, "tool": f"{r.get('tool', r['peer'])} {r.get('tool_version', '')}".strip(),
@@ -188,7 +189,7 @@ def main() -> None:
     order = {s: i for i, s in enumerate(["FP", *SETTINGS])}
     rows.sort(key=lambda r: (r["model"], order.get(r["setting"], 99), r.get("ppl") or float("inf")))
     headers = ["model", "setting", "tool", "method", "ppl", "Δppl / RTN's", "KLD", "bits/w", "quant s", "RSS MiB"]
-    print(table(headers, [[r["model"], r["setting"], r["tool"], r["method"], r.get("ppl") or r.get("error", "-"),
+    print(table(headers, [[r["model"], r["setting"], r["tool"], r["method"], r.get("ppl") or r.get("error", "-")[:60],
                            "-" if r.get("share_of_rtn_increase") is None else f"{r['share_of_rtn_increase']:.2f}",
                            r.get("kld"), r.get("bits_per_weight"), r.get("quantize_seconds"), r.get("peak_rss_mib")]
                           for r in rows]))
