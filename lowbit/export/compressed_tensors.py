@@ -84,18 +84,12 @@ def grid_tensors(grid) -> dict:
 def write(src: str, out: Path, options: Mapping[str, object]) -> ExportReport:
     from safetensors.torch import save_file
 
-    from .int_layout import grid_group_size, to_grid
+    from .int_layout import regrid, to_grid
     from .quantized_source import copy_tokenizer, linear_names, read_quantized, single_int_format, write_config
 
     source = read_quantized(src, TARGET.name)
     fmt = single_int_format(source, TARGET.name, BITS)
-    group = grid_group_size(fmt, sorted({q.shape[1] for q in source.quantized.values()}))
-    notes = []
-    if fmt.group_size > 0 and group != fmt.group_size:
-        notes.append(f"group {fmt.group_size} does not divide every row: written as group {group} with each "
-                     "scale repeated (exact, larger scale storage)")
-    if fmt.group_size == -1:
-        notes.append("per-tensor scale written per channel (repeated; exact)")
+    group, notes = regrid(fmt, sorted({q.shape[1] for q in source.quantized.values()}))
     if fmt.bits == 2:
         notes.append("2-bit codes: transformers with compressed-tensors loads them; vLLM's kernels take 4 and 8 bits")
     tensors = {}

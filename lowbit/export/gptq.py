@@ -65,7 +65,7 @@ def write(src: str, out: Path, options: Mapping[str, object]) -> ExportReport:
     from safetensors.torch import save_file
 
     from ..models.specs import spec_for
-    from .int_layout import grid_group_size, to_grid
+    from .int_layout import regrid, to_grid
     from .quantized_source import copy_tokenizer, linear_names, read_quantized, single_int_format, write_config
 
     source = read_quantized(src, TARGET.name)
@@ -75,13 +75,7 @@ def write(src: str, out: Path, options: Mapping[str, object]) -> ExportReport:
     if floats:
         raise LowbitError(f"--format gptq quantizes every decoder linear, but {len(floats)} stayed float "
                           f"({floats[0]}, ...); use --format compressed-tensors, which has an ignore list")
-    group = grid_group_size(fmt, sorted({q.shape[1] for q in source.quantized.values()}))
-    notes = []
-    if fmt.group_size > 0 and group != fmt.group_size:
-        notes.append(f"group {fmt.group_size} does not divide every row: written as group {group} with each "
-                     "scale repeated (exact, larger scale storage)")
-    if fmt.group_size == -1:
-        notes.append("per-tensor scale written per channel (repeated; exact)")
+    group, notes = regrid(fmt, sorted({q.shape[1] for q in source.quantized.values()}))
     tensors = {}
     for name, q in source.quantized.items():
         try:

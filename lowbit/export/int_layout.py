@@ -144,3 +144,15 @@ def unpack_int32(words: Tensor, bits: int, n: int) -> Tensor:
     planes = stream.reshape(rows, n_words * 32)[:, : n * bits].reshape(rows, n, bits)  # bits per code
     weights = 1 << torch.arange(bits, dtype=torch.int64)
     return (planes * weights).sum(-1).to(torch.uint8)
+
+
+def regrid(fmt: IntFormat, in_features: list[int]) -> tuple[int, list[str]]:
+    """grid_group_size plus the notes a user should read when the written layout differs."""
+    group = grid_group_size(fmt, in_features)
+    notes = []
+    if fmt.group_size > 0 and group != fmt.group_size:
+        notes.append(f"group {fmt.group_size} does not divide every row: written as group {group} with each "
+                     "scale repeated (exact, larger scale storage)")
+    if fmt.group_size == -1:
+        notes.append("per-tensor scale written per channel (repeated; exact)")
+    return group, notes

@@ -7,23 +7,10 @@ import pytest
 import torch
 
 from lowbit.analysis.range_demo import absmax_grid, grid_rows
-from lowbit.cli.main import main
 from lowbit.models.specs import LinearGroup
+from support import assert_one_line_error, run_cli
 from planted import planted_dir  # noqa: F401  (fixture)
 
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.startswith("lowbit: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_text_too_short(capsys, planted_dir, tmp_path):
