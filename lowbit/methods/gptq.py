@@ -144,7 +144,7 @@ def _float_params(fmt: Format, scales: Tensor, zeros: Tensor | None) -> tuple[Te
 
 
 # --- the solver -------------------------------------------------------------------------------
-def _upper_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
+def upper_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
     """H [in, in] float64 (dead columns fixed) -> (U upper [in, in] float32 with UᵀU = (H + λI)⁻¹, damp)."""
     mean_diag = float(H.diagonal().mean())
     for _ in range(DAMP_RETRIES + 1):
@@ -183,7 +183,7 @@ def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: floa
     Wk = W0.clone()
     Wk[:, dead] = 0.0
     perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
-    U, damp = _upper_inverse_cholesky(H64[perm][:, perm], damp)  # rows and columns in processing order
+    U, damp = upper_inverse_cholesky(H64[perm][:, perm], damp)  # rows and columns in processing order
     Wt = Wk.T[perm].contiguous()  # [in, out]: row p = the column processed p-th (rows are contiguous)
 
     # groups: natural-order groups of the format; gid[p] = group of the column processed p-th

@@ -81,3 +81,64 @@ def test_export_with_imatrix_file_and_with_calib(llama_dir, tmp_path, capsys):
     code = main(["export", str(llama_dir), "--format", "gguf", "--calib", str(text), "--imatrix", str(path),
                  "--out", str(tmp_path / "both.gguf")])
     assert code == 2 and "not both" in capsys.readouterr().err and not (tmp_path / "both.gguf").exists()
+
+
+def _calib_text(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat and then it went home. a dog ran by the river at noon. " * 60)
+    return text
+
+
+def test_gptq_export_lowers_the_output_error_and_saves_a_llama_cpp_imatrix(llama_dir, tmp_path):
+    from lowbit.data.text import read_text
+    from lowbit.export.gguf.imatrix import calibrate_on_text
+
+    text = _calib_text(tmp_path)
+    imat, gptq, saved = tmp_path / "i.gguf", tmp_path / "g.gguf", tmp_path / "imatrix.gguf"
+    assert main(["export", str(llama_dir), "--format", "gguf", "--type", "Q4_K_M", "--calib", str(text),
+                 "--out", str(imat)]) == 0
+    assert main(["export", str(llama_dir), "--format", "gguf", "--type", "Q4_K_M", "--calib", str(text),
+                 "--method", "gptq", "--save-imatrix", str(saved), "--out", str(gptq)]) == 0
+    loaded = load(str(llama_dir))
+    calibration = calibrate_on_text(loaded, read_text(str(text)), hessians=True)
+    # the saved file is llama.cpp's format and holds lowbit's imatrix: sums over counts read back
+    back = read_imatrix(saved)
+    assert set(back) == set(calibration.imatrix) and len(back) == 7 * loaded.dims.n_layers
+    for name, values in calibration.imatrix.items():
+        np.testing.assert_allclose(back[name], values, rtol=1e-5)
+    from lowbit.models.gguf_check import open_gguf
+
+    fields = open_gguf(saved).fields
+    assert bytes(fields["general.type"].parts[-1]).decode() == "imatrix"
+    assert int(fields["imatrix.chunk_count"].parts[-1][0]) > 0
+    # GPTQ: the same types and scale search, a lower output error tr(E H E^T) summed over the linears
+    t_imat, t_gptq = read_tensors(imat), read_tensors(gptq)
+    assert {k: v[0] for k, v in t_imat.items()} == {k: v[0] for k, v in t_gptq.items()}  # same types
+    from lowbit.formats.gguf import dequantize_gguf
+
+    f32 = tmp_path / "f32.gguf"
+    assert main(["export", str(llama_dir), "--format", "gguf", "--type", "F32", "--out", str(f32)]) == 0
+    t_f32 = read_tensors(f32)
+    totals = {"imatrix": 0.0, "gptq": 0.0}
+    for name, H in calibration.hessians.items():
+        W = torch.from_numpy(np.asarray(t_f32[name][2], dtype=np.float32).reshape(t_f32[name][1]))
+        for label, tensors in (("imatrix", t_imat), ("gptq", t_gptq)):
+            type_name, shape, data = tensors[name]
+            E = W - dequantize_gguf(data, type_name, shape)
+            totals[label] += float((E @ H.float() * E).sum())
+    assert totals["gptq"] < 0.9 * totals["imatrix"], totals
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "gptq"], "needs --calib"),
+    (["--save-imatrix", "IM"], "needs --calib"),
+    (["--method", "awq"], "unknown --method awq"),
+])
+def test_gptq_and_save_imatrix_bad_flags_are_one_line(llama_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "out.gguf"
+    flags = [str(tmp_path / "im.gguf") if f == "IM" else f for f in flags]
+    capsys.readouterr()
+    code = main(["export", str(llama_dir), "--format", "gguf", "--type", "Q4_K_M", *flags, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "im.gguf").exists()

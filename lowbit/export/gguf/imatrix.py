@@ -1,15 +1,18 @@
 """Importance matrices for the GGUF quantizers: per input column of each linear, the mean of x^2
 over calibration tokens (what llama-imatrix collects), keyed by GGUF tensor name.
 
-`compute_imatrix` runs the float model over calibration windows with lowbit's capture hooks;
-`read_imatrix` reads llama.cpp's GGUF imatrix file (`<tensor>.in_sum2` / `<tensor>.counts`).
+`calibrate` runs the float model over calibration windows with lowbit's capture hooks (and, for
+`--method gptq`, also accumulates each linear's Hessian); `write_imatrix` saves the imatrix in
+llama.cpp's GGUF imatrix format and `read_imatrix` reads one (`<tensor>.in_sum2` / `<tensor>.counts`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ...errors import LowbitError
 from ...log import logger
@@ -39,28 +42,84 @@ def read_imatrix(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass(frozen=True)
+class GGUFCalibration:
+    """What one calibration pass over the float model gives the GGUF quantizers, per GGUF tensor name.
+
+    imatrix:  mean x^2 per input column, float32 [row_length] (llama-imatrix's quantity);
+    tokens:   how many token vectors it averages (llama.cpp's `counts`);
+    hessians: H = sum x^T x, float64 [row_length, row_length], for GPTQ (None when not asked for).
+    Inputs are the float model's own (not a partly quantized model's), so every mix reuses one pass.
+    """
+
+    imatrix: dict[str, np.ndarray]
+    tokens: int
+    hessians: dict[str, torch.Tensor] | None = None
+
+
 @torch.no_grad()
-def compute_imatrix(loaded, samples: torch.Tensor) -> dict[str, np.ndarray]:
-    """{GGUF tensor name: mean x^2 per input column} of every decoder linear over `samples` [n, seq_len]."""
+def calibrate(loaded, samples: torch.Tensor, hessians: bool = False) -> GGUFCalibration:
+    """Statistics of every decoder linear's inputs over `samples` [n, seq_len], keyed by GGUF tensor name."""
     from ...calibration.capture import capture_inputs
 
     family = family_for(loaded.model.config.model_type)
     spec = loaded.spec
-    names = [f"{spec.layers}.{i}.{lin}" for i in range(loaded.dims.n_layers) for lin in spec.linears]
-    with capture_inputs(loaded.model, names, {"sq_mean"}) as stats:
-        for row in samples:  # one window at a time: bounded activations, no cross-window attention
-            loaded.model(row[None, :], use_cache=False)
-    # q/k rows are permuted in the GGUF, their input columns are not: the imatrix maps as is
-    out = {gguf_name(f"{name}.weight", family)[0]: s.sq_mean.numpy() for name, s in stats.items()}
-    logger.info("imatrix from %d x %d calibration tokens, %d tensors", *samples.shape, len(out))
-    return out
+    # linears that share an input (q/k/v, gate/up) share one capture: {linear path: path captured}
+    source = {f"{spec.layers}.{i}.{lin}": f"{spec.layers}.{i}.{g.linears[0]}"
+              for i in range(loaded.dims.n_layers) for g in spec.groups for lin in g.linears}
+    wanted = {"sq_mean", "hessian"} if hessians else {"sq_mean"}
+    with capture_inputs(loaded.model, sorted(set(source.values())), wanted) as stats:
+        for row in tqdm(samples, desc="calibration", unit="window", leave=False):
+            loaded.model(row[None, :], use_cache=False)  # one window at a time: bounded activations
+    # q/k rows are permuted in the GGUF, their input columns are not: the statistics map as they are
+    captured = {gguf_name(f"{name}.weight", family)[0]: stats[src] for name, src in source.items()}
+    imatrix = {name: s.sq_mean.numpy() for name, s in captured.items()}
+    tokens = next(iter(captured.values())).tokens
+    logger.info("calibration: %d x %d tokens, %d tensors%s", *samples.shape, len(imatrix),
+                ", with Hessians" if hessians else "")
+    return GGUFCalibration(imatrix, tokens, {n: s.hessian for n, s in captured.items()} if hessians else None)
 
 
-def imatrix_from_text(loaded, text) -> dict[str, np.ndarray]:
-    """compute_imatrix over CALIB_SAMPLES windows of CALIB_SEQ_LEN tokens of `text` (a data.text.Text)."""
+def compute_imatrix(loaded, samples: torch.Tensor) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: mean x^2 per input column} of every decoder linear over `samples` [n, seq_len]."""
+    return calibrate(loaded, samples).imatrix
+
+
+def calibrate_on_text(loaded, text, hessians: bool = False) -> GGUFCalibration:
+    """`calibrate` over CALIB_SAMPLES windows of CALIB_SEQ_LEN tokens of `text` (a data.text.Text)."""
     from ...data.calibration import CalibConfig
     from ...quantize import calibration_samples
 
     seq_len = min(CALIB_SEQ_LEN, getattr(loaded.model.config, "max_position_embeddings", CALIB_SEQ_LEN))
-    return compute_imatrix(loaded, calibration_samples(loaded, text, CalibConfig(samples=CALIB_SAMPLES,
-                                                                                 seq_len=seq_len)))
+    samples = calibration_samples(loaded, text, CalibConfig(samples=CALIB_SAMPLES, seq_len=seq_len))
+    return calibrate(loaded, samples, hessians)
+
+
+def write_imatrix(path: Path, calibration: GGUFCalibration, dataset: str) -> Path:
+    """Save the imatrix in llama.cpp's GGUF imatrix format (what llama-quantize --imatrix reads):
+    general.type "imatrix", imatrix.datasets / chunk_count / chunk_size, and per tensor
+    `<name>.in_sum2` (sum of x^2, float32 [1, row_length]) and `<name>.counts` (tokens, [1, 1])."""
+    import os
+    import tempfile
+
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    writer = GGUFWriter(tmp, "imatrix")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", [dataset])
+    writer.add_uint32("imatrix.chunk_count", CALIB_SAMPLES)
+    writer.add_uint32("imatrix.chunk_size", calibration.tokens // CALIB_SAMPLES)
+    for name in sorted(calibration.imatrix):
+        sums = calibration.imatrix[name].astype(np.float64) * calibration.tokens
+        writer.add_tensor(f"{name}.in_sum2", sums.astype(np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.array([[calibration.tokens]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return path

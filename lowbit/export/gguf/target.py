@@ -1,8 +1,10 @@
 """`--format gguf`: one GGUF file of a llama.cpp mix (registered in lowbit.export.registry).
 
-Flags: --type (the mix), --method rtn (lowbit's GGUF quantizers; calibrated methods come later),
---calib TEXT (an imatrix computed by lowbit from calibration windows of TEXT) or --imatrix FILE
-(llama.cpp's GGUF imatrix file) to weight the quantizers' scale search.
+Flags: --type (the mix); --method rtn (lowbit's GGUF quantizers) or gptq (the same scale search,
+then GPTQ error compensation on each block's grid; needs --calib); --calib TEXT (an imatrix, and
+for gptq the Hessians, from calibration windows of TEXT) or --imatrix FILE (llama.cpp's GGUF imatrix
+file) to weight the quantizers' scale search; --save-imatrix FILE writes lowbit's imatrix in
+llama.cpp's format.
 """
 from __future__ import annotations
 
@@ -13,28 +15,36 @@ from ...errors import LowbitError
 from ..registry import ExportReport, Flag, Target
 from .mixes import MIXES
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 
 
 def write(src: str, out: Path, options: Mapping[str, object]) -> ExportReport:
     from ...data.text import read_text
     from ...models.load import load
-    from .imatrix import imatrix_from_text, read_imatrix
+    from .imatrix import calibrate_on_text, read_imatrix, write_imatrix
     from .writer import write_gguf
 
     type_name = str(options["type"])
     if type_name not in MIXES:
         raise LowbitError(f"unknown --type {type_name}; known: {', '.join(MIXES)}")
     if options["method"] not in METHODS:
-        raise LowbitError(f"--method {options['method']} is not available for GGUF yet; known: {', '.join(METHODS)}")
+        raise LowbitError(f"unknown --method {options['method']} for GGUF; known: {', '.join(METHODS)}")
     if options["calib"] and options["imatrix"]:
         raise LowbitError("give --calib or --imatrix, not both")
+    if options["method"] == "gptq" and not options["calib"]:
+        raise LowbitError("--method gptq needs --calib TEXT (its Hessians come from calibration windows)")
+    if options["save_imatrix"] and not options["calib"]:
+        raise LowbitError("--save-imatrix needs --calib TEXT (the imatrix lowbit computes from it)")
     imatrix = read_imatrix(Path(str(options["imatrix"]))) if options["imatrix"] else None
     text = read_text(str(options["calib"])) if options["calib"] else None  # cheap checks before the slow load
     loaded = load(src)
+    hessians = None
     if text is not None:
-        imatrix = imatrix_from_text(loaded, text)
-    summary = write_gguf(loaded, type_name, out, imatrix=imatrix)
+        calibration = calibrate_on_text(loaded, text, hessians=options["method"] == "gptq")
+        imatrix, hessians = calibration.imatrix, calibration.hessians
+    summary = write_gguf(loaded, type_name, out, imatrix=imatrix, hessians=hessians)
+    if options["save_imatrix"]:  # after the GGUF: a failed export leaves neither file
+        write_imatrix(Path(str(options["save_imatrix"])), calibration, str(options["calib"]))
     types = ", ".join(f"{k}×{v}" for k, v in sorted(summary.type_counts().items()))
     return ExportReport({"mix": summary.mix, "tensors": len(summary.tensors), "tensor types": types,
                          "bits per weight": round(summary.bits_per_weight, 4), "metadata": summary.metadata_from},
@@ -47,10 +57,13 @@ TARGET = Target(
     source="model",
     write=write,
     flags=(Flag("--type", "Q4_K_M", {"help": f"gguf: llama.cpp mix ({', '.join(MIXES)}; default Q4_K_M)"}),
-           Flag("--method", "rtn", {"help": "gguf: how tensors are quantized (rtn)"}),
+           Flag("--method", "rtn", {"help": "gguf: rtn (lowbit's scale search) or gptq (then GPTQ error "
+                                            "compensation on each block's grid; needs --calib)"}),
            Flag("--calib", None, {"metavar": "TEXT", "help": "gguf: compute an imatrix (mean x^2 per input column) "
                                                              "from 32 x 512 tokens of this calibration text"}),
            Flag("--imatrix", None, {"metavar": "FILE", "help": "gguf: llama.cpp GGUF imatrix file weighting the "
-                                                               "quantizers' search"})),
+                                                               "quantizers' search"}),
+           Flag("--save-imatrix", None, {"metavar": "FILE", "help": "gguf: also write the imatrix computed from "
+                                                                    "--calib as a llama.cpp GGUF imatrix file"})),
     output="file",
 )

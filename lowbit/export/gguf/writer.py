@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ...errors import LowbitError
-from ...formats.gguf import quantize_gguf
+from ...formats.gguf import gguf_type, quantize_gguf
 from ...log import logger
+from ...methods.gptq_gguf import gptq_gguf
 from .mixes import mix as get_mix
 from .mixes import tensor_type
 from .names import family_for, gguf_name, gguf_tensor
@@ -71,12 +73,16 @@ class GGUFSummary:
         return counts
 
 
-def encode_tensor(value: torch.Tensor, type_name: str, imatrix=None) -> np.ndarray:
-    """float32 values -> the array GGUFWriter stores: float32/float16 as is, else quantized bytes."""
+def encode_tensor(value: torch.Tensor, type_name: str, imatrix=None, hessian=None) -> np.ndarray:
+    """float32 values -> the array GGUFWriter stores: float32/float16 as is, else quantized bytes
+    (with GPTQ error compensation when a Hessian is given and the type is a uniform grid)."""
     if type_name == "F32":
         return value.numpy().astype(np.float32, copy=False)
     if type_name == "F16":
         return value.numpy().astype(np.float16)
+    if hessian is not None and gguf_type(type_name).set_codes is not None:
+        data, _ = gptq_gguf(value, hessian, type_name, imatrix=imatrix)
+        return data
     return quantize_gguf(value, type_name, imatrix=imatrix)
 
 
@@ -102,10 +108,13 @@ def metadata_source(loaded) -> Path | None:
     return None
 
 
-def write_gguf(loaded_or_source, mix: str, out_path, imatrix: dict | None = None) -> GGUFSummary:
+def write_gguf(loaded_or_source, mix: str, out_path, imatrix: dict | None = None,
+               hessians: dict | None = None) -> GGUFSummary:
     """Write the model as a GGUF of mix `mix` (F32, F16, Q8_0, Q4_K_M, ...) at `out_path`.
 
     imatrix: {GGUF tensor name: [row_length] mean of x^2} used by the quantizers where present.
+    hessians: {GGUF tensor name: H [row_length, row_length]}: those tensors are quantized by GPTQ
+    on their GGUF grid (methods/gptq_gguf.py); the others (embeddings) as without.
     A Loaded passed in has its QuantLinears (if any) replaced by their de-quantized nn.Linear; files
     are only read.
     """
@@ -145,7 +154,7 @@ def write_gguf(loaded_or_source, mix: str, out_path, imatrix: dict | None = None
         writer.add_file_type(the_mix.file_type)
         writer.add_quantization_version(QUANTIZATION_VERSION)
         records = []
-        for hf_name, param in state.items():
+        for hf_name, param in tqdm(state.items(), desc=f"gguf {the_mix.name}", unit="tensor", leave=False):
             name, layer = gguf_name(hf_name, family)
             value = gguf_tensor(hf_name, param, family, n_heads, n_kv)
             shape = tuple(value.shape)
@@ -155,7 +164,7 @@ def write_gguf(loaded_or_source, mix: str, out_path, imatrix: dict | None = None
             if weights is not None and np.shape(weights) != (shape[-1],):
                 raise LowbitError(f"imatrix entry {name} has shape {np.shape(weights)}, the tensor's rows have "
                                   f"{shape[-1]} columns (an imatrix of another model?)")
-            data = encode_tensor(value, type_name, weights)
+            data = encode_tensor(value, type_name, weights, None if hessians is None else hessians.get(name))
             writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[type_name])
             records.append(TensorRecord(name, type_name, shape, int(data.nbytes)))
         writer.write_header_to_file()

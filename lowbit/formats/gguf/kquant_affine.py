@@ -93,22 +93,34 @@ def search_affine_superblocks(name: str, blocks: np.ndarray, weights: np.ndarray
     return d.numpy(), dmin.numpy(), u8(sc), u8(mq), u8(q.reshape(S, QK_K))
 
 
+CODE_MAX = {name: spec[1] for name, spec in _SPEC.items()}
+_LAYOUTS = {"Q2_K": Q2_K, "Q4_K": Q4_K, "Q5_K": Q5_K}
+
+
+def _code_parts(name: str, q: np.ndarray) -> dict[str, np.ndarray]:
+    """codes uint8 [S, 256] -> the layout's code fields."""
+    S = q.shape[0]
+    if name == "Q2_K":
+        return {"qs": pack_planes(q.reshape(S, 2, 4, 32), 2).reshape(S, 64)}        # [S, half, plane, 32]
+    parts = {"qs": pack_planes((q & 0xF).reshape(S, 4, 2, 32), 4).reshape(S, 128)}  # [S, chunk, plane, 32]
+    if name == "Q5_K":
+        parts["qh"] = pack_planes((q >> 4).reshape(S, 8, 32), 1)                    # [S, plane, 32]
+    return parts
+
+
 def quantize_kquant_affine(name: str, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     if weights is None:
         weights = default_weights(name, blocks)
     d, dmin, sc, mq, q = search_affine_superblocks(name, blocks, weights)
-    S = blocks.shape[0]
-    parts = {"d": fp16_to_bytes(d), "dmin": fp16_to_bytes(dmin)}
-    if name == "Q2_K":
-        parts["scales"] = sc | (mq << 4)
-        parts["qs"] = pack_planes(q.reshape(S, 2, 4, 32), 2).reshape(S, 64)     # [S, half, plane, 32]
-        return Q2_K.join(parts)
-    parts["scales"] = pack_scales_6bit(sc, mq)
-    parts["qs"] = pack_planes((q & 0xF).reshape(S, 4, 2, 32), 4).reshape(S, 128)  # [S, chunk, plane, 32]
-    if name == "Q4_K":
-        return Q4_K.join(parts)
-    parts["qh"] = pack_planes((q >> 4).reshape(S, 8, 32), 1)                     # [S, plane, 32]
-    return Q5_K.join(parts)
+    parts = {"d": fp16_to_bytes(d), "dmin": fp16_to_bytes(dmin), **_code_parts(name, q)}
+    parts["scales"] = sc | (mq << 4) if name == "Q2_K" else pack_scales_6bit(sc, mq)
+    return _LAYOUTS[name].join(parts)
+
+
+def set_codes(name: str, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """blocks uint8 [S, bytes] with their codes replaced by `codes` uint8 [S, 256] (scales and mins kept)."""
+    layout = _LAYOUTS[name]
+    return layout.join({**layout.split(blocks), **_code_parts(name, codes)})
 
 
 # ---------------------------------------------------------------------------- dequantizers

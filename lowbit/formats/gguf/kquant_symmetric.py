@@ -80,26 +80,33 @@ def search_symmetric_superblocks(name: str, blocks: np.ndarray, weights: np.ndar
     return d.numpy(), sc.numpy().astype(np.int32), q.reshape(S, QK_K).numpy().astype(np.int32)
 
 
+CODE_MAX = {"Q3_K": 7, "Q6_K": 63}  # unsigned codes L = q + 4 (Q3_K), q + 32 (Q6_K)
+_LAYOUTS = {"Q3_K": Q3_K, "Q6_K": Q6_K}
+
+
+def _code_parts(name: str, L: np.ndarray) -> dict[str, np.ndarray]:
+    """unsigned codes uint8 [S, 256] -> the layout's code fields."""
+    S = L.shape[0]
+    if name == "Q3_K":
+        return {"hmask": pack_planes((L >> 2).reshape(S, 8, 32), 1),                   # [S, plane, 32]
+                "qs": pack_planes((L & 3).reshape(S, 2, 4, 32), 2).reshape(S, 64)}     # [S, half, plane, 32]
+    return {"ql": pack_planes((L & 0xF).reshape(S, 2, 2, 64), 4).reshape(S, 128),      # [S, half, plane, 64]
+            "qh": pack_planes((L >> 4).reshape(S, 2, 4, 32), 2).reshape(S, 64)}        # [S, half, plane, 32]
+
+
 def quantize_kquant_symmetric(name: str, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     if weights is None:
         weights = default_weights(blocks)
     d, sc, q = search_symmetric_superblocks(name, blocks, weights)
-    S = blocks.shape[0]
-    if name == "Q3_K":
-        L = (q + 4).astype(np.uint8)
-        return Q3_K.join({
-            "hmask": pack_planes((L >> 2).reshape(S, 8, 32), 1),                     # [S, plane, 32]
-            "qs": pack_planes((L & 3).reshape(S, 2, 4, 32), 2).reshape(S, 64),       # [S, half, plane, 32]
-            "scales": pack_scales_q3((sc + 32).astype(np.uint8)),
-            "d": fp16_to_bytes(d),
-        })
-    L = (q + 32).astype(np.uint8)
-    return Q6_K.join({
-        "ql": pack_planes((L & 0xF).reshape(S, 2, 2, 64), 4).reshape(S, 128),        # [S, half, plane, 64]
-        "qh": pack_planes((L >> 4).reshape(S, 2, 4, 32), 2).reshape(S, 64),          # [S, half, plane, 32]
-        "scales": sc.astype(np.int8).view(np.uint8),
-        "d": fp16_to_bytes(d),
-    })
+    L = (q + (4 if name == "Q3_K" else 32)).astype(np.uint8)
+    scales = pack_scales_q3((sc + 32).astype(np.uint8)) if name == "Q3_K" else sc.astype(np.int8).view(np.uint8)
+    return _LAYOUTS[name].join({**_code_parts(name, L), "scales": scales, "d": fp16_to_bytes(d)})
+
+
+def set_codes(name: str, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """blocks uint8 [S, bytes] with their codes replaced by unsigned `codes` uint8 [S, 256] (scales kept)."""
+    layout = _LAYOUTS[name]
+    return layout.join({**layout.split(blocks), **_code_parts(name, codes)})
 
 
 # ---------------------------------------------------------------------------- dequantizers

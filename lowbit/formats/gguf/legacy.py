@@ -58,6 +58,21 @@ def _unpack_codes(parts: dict[str, np.ndarray]) -> np.ndarray:
     return codes
 
 
+LAYOUTS = {layout.name: layout for layout in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)}
+CODE_MAX = {"Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31, "Q8_0": 255}  # unsigned codes; Q8_0's are q + 128
+
+
+def set_codes(name: str, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """blocks uint8 [n, bytes] with their codes replaced by unsigned `codes` uint8 [n, 32] (scales kept)."""
+    layout = LAYOUTS[name]
+    parts = dict(layout.split(blocks))
+    if name == "Q8_0":
+        parts["qs"] = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    else:
+        parts.update(_pack_codes(codes, 5 if "qh" in parts else 4))
+    return layout.join(parts)
+
+
 # ---------------------------------------------------------------------------- reference quantizers
 
 def _inverse(d: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ CHUNK_WEIGHTS = 1 << 18  # weights quantized per call of a type's quantizer
 QuantizeBlocks = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 # uint8 [n, bytes] -> float32 [n, block_size]
 DequantizeBlocks = Callable[[np.ndarray], np.ndarray]
+# blocks uint8 [n, bytes], unsigned codes uint8 [n, block_size] -> blocks with those codes, scales kept
+SetCodes = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class GGUFType:
     ggml_type: GGMLQuantizationType
     quantize_blocks: QuantizeBlocks
     dequantize_blocks: DequantizeBlocks
+    # uniform grids only (value = step * code + offset per weight, codes 0..code_max): what GPTQ rounds on
+    set_codes: SetCodes | None = None
+    code_max: int | None = None
 
     def __post_init__(self):
         if self.layout.name != self.ggml_type.name:
@@ -60,24 +65,29 @@ class GGUFType:
         return self.layout.bits_per_weight
 
 
-def _entry(layout, quantize, dequantize) -> GGUFType:
-    return GGUFType(layout, GGMLQuantizationType[layout.name], quantize, dequantize)
+def _entry(layout, quantize, dequantize, family=None) -> GGUFType:
+    codes = {} if family is None else {"set_codes": partial(family.set_codes, layout.name),
+                                       "code_max": family.CODE_MAX[layout.name]}
+    return GGUFType(layout, GGMLQuantizationType[layout.name], quantize, dequantize, **codes)
 
 
 GGUF_TYPES: MappingProxyType[str, GGUFType] = MappingProxyType({t.name: t for t in (
-    _entry(legacy.Q4_0, legacy.quantize_q4_0, legacy.dequantize_q4_0),
-    _entry(legacy.Q4_1, legacy.quantize_q4_1, legacy.dequantize_q4_1),
-    _entry(legacy.Q5_0, legacy.quantize_q5_0, legacy.dequantize_q5_0),
-    _entry(legacy.Q5_1, legacy.quantize_q5_1, legacy.dequantize_q5_1),
-    _entry(legacy.Q8_0, legacy.quantize_q8_0, legacy.dequantize_q8_0),
-    _entry(iq4_nl.IQ4_NL, iq4_nl.quantize_iq4_nl, iq4_nl.dequantize_iq4_nl),
-    _entry(kquant_affine.Q2_K, partial(kquant_affine.quantize_kquant_affine, "Q2_K"), kquant_affine.dequantize_q2_k),
+    _entry(legacy.Q4_0, legacy.quantize_q4_0, legacy.dequantize_q4_0, legacy),
+    _entry(legacy.Q4_1, legacy.quantize_q4_1, legacy.dequantize_q4_1, legacy),
+    _entry(legacy.Q5_0, legacy.quantize_q5_0, legacy.dequantize_q5_0, legacy),
+    _entry(legacy.Q5_1, legacy.quantize_q5_1, legacy.dequantize_q5_1, legacy),
+    _entry(legacy.Q8_0, legacy.quantize_q8_0, legacy.dequantize_q8_0, legacy),
+    _entry(iq4_nl.IQ4_NL, iq4_nl.quantize_iq4_nl, iq4_nl.dequantize_iq4_nl),  # a lookup table, not a uniform grid
+    _entry(kquant_affine.Q2_K, partial(kquant_affine.quantize_kquant_affine, "Q2_K"), kquant_affine.dequantize_q2_k,
+           kquant_affine),
     _entry(kquant_symmetric.Q3_K, partial(kquant_symmetric.quantize_kquant_symmetric, "Q3_K"),
-           kquant_symmetric.dequantize_q3_k),
-    _entry(kquant_affine.Q4_K, partial(kquant_affine.quantize_kquant_affine, "Q4_K"), kquant_affine.dequantize_q4_k),
-    _entry(kquant_affine.Q5_K, partial(kquant_affine.quantize_kquant_affine, "Q5_K"), kquant_affine.dequantize_q5_k),
+           kquant_symmetric.dequantize_q3_k, kquant_symmetric),
+    _entry(kquant_affine.Q4_K, partial(kquant_affine.quantize_kquant_affine, "Q4_K"), kquant_affine.dequantize_q4_k,
+           kquant_affine),
+    _entry(kquant_affine.Q5_K, partial(kquant_affine.quantize_kquant_affine, "Q5_K"), kquant_affine.dequantize_q5_k,
+           kquant_affine),
     _entry(kquant_symmetric.Q6_K, partial(kquant_symmetric.quantize_kquant_symmetric, "Q6_K"),
-           kquant_symmetric.dequantize_q6_k),
+           kquant_symmetric.dequantize_q6_k, kquant_symmetric),
 )})
 
 
@@ -86,6 +96,20 @@ def gguf_type(type_name: str) -> GGUFType:
         return GGUF_TYPES[type_name]
     except KeyError:
         raise ValueError(f"unknown GGUF type {type_name!r}; known: {', '.join(GGUF_TYPES)}") from None
+
+
+def code_grid(blocks: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uniform grid the stored scales of `blocks` (uint8 [n, bytes]) define, per weight:
+    value of unsigned code c = step * c + offset, step and offset float32 [n, block_size].
+
+    Read off ggml's own dequantizer at codes 0 and 1, so it holds for every uniform type alike."""
+    t = gguf_type(type_name)
+    if t.set_codes is None:
+        raise ValueError(f"{type_name} is not a uniform grid (no codes to round onto)")
+    n = blocks.shape[0]
+    at0 = t.dequantize_blocks(t.set_codes(blocks, np.zeros((n, t.block_size), np.uint8)))
+    at1 = t.dequantize_blocks(t.set_codes(blocks, np.ones((n, t.block_size), np.uint8)))
+    return at1 - at0, at0
 
 
 def _importance_blocks(imatrix, rows: int, cols: int, block_size: int) -> np.ndarray:
