@@ -11,7 +11,8 @@ Every file is read by llama-perplexity on the same tokens of WikiText-2 raw test
 its convention: windows of --ctx tokens, BOS first, the second half of each window scored) with
 --kl-divergence against the F32 file's stored log-probs. Calibration: --calib-chunks windows of
 --ctx tokens of wikitext-2 valid for both imatrices (llama-imatrix takes the first ones, lowbit a
-seeded sample). lowbit's quantize time counts its calibration pass once per mix that uses it.
+seeded sample). Quantize time counts the calibration pass in every row that uses it: llama-imatrix's for the
+llama.cpp+imatrix rows, lowbit's (imatrix and Hessians in one pass) for lowbit imatrix and gptq.
 
     python bench/gguf.py --model smollm2-135m            # every mix, about 30 minutes on 2 cores
     python bench/gguf.py --model gemma3-270m --mixes Q4_K_M Q8_0
@@ -127,12 +128,15 @@ def run(args) -> dict:
             if key in state:
                 continue
             out = work / f"{mix}-{row.replace(' ', '_').replace('+', '_')}.gguf"
-            start = time.perf_counter()
             if row.startswith("llama.cpp"):
-                if row.endswith("imatrix") and not llama_imatrix.exists():
+                if row.endswith("imatrix") and ("llama_imatrix_s" not in state or not llama_imatrix.exists()):
+                    start = time.perf_counter()
                     llamacpp.imatrix(f32, CALIB_TEXT, llama_imatrix, args.ctx, args.calib_chunks)
+                    state["llama_imatrix_s"] = time.perf_counter() - start
+                start = time.perf_counter()
                 llamacpp.quantize(f32, out, mix, llama_imatrix if row.endswith("imatrix") else None)
-                seconds = time.perf_counter() - start
+                # like lowbit's calibrated rows, each imatrix row counts its calibration pass
+                seconds = time.perf_counter() - start + (state["llama_imatrix_s"] if row.endswith("imatrix") else 0)
             else:
                 seconds = lowbit.export(mix, row, out)
             facts = {"mix": mix, "row": row, "quantize_s": round(seconds, 1), **file_facts(out),
@@ -147,7 +151,9 @@ def run(args) -> dict:
 
 
 def summarize(state: dict, model: str, args) -> dict:
-    rows = [state["F32"]] + [state[k] for k in state if k != "F32"]
+    order = {m: i for i, m in enumerate(K_MIXES + PLAIN_MIXES)}
+    rows = [state["F32"]] + sorted((v for k, v in state.items() if "/" in k),
+                                   key=lambda r: (order[r["mix"]], ROWS_K.index(r["row"])))
     for r in rows:  # ratios against llama.cpp's rows of the same mix, same run
         peers = {p["row"]: p["kld"] for p in rows if p["mix"] == r["mix"] and p["row"].startswith("llama.cpp")}
         r["kld_vs_llama"] = round(r["kld"] / peers["llama.cpp"], 3) if peers.get("llama.cpp") else None

@@ -142,3 +142,22 @@ def test_gptq_and_save_imatrix_bad_flags_are_one_line(llama_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "im.gguf").exists()
+
+
+def test_hessians_count_each_windows_first_token_sink_weight_times(llama_dir):
+    from lowbit.export.gguf.imatrix import calibrate
+
+    loaded = load(str(llama_dir))
+    samples = torch.randint(0, 259, (3, 12), generator=torch.Generator().manual_seed(1))
+    plain = calibrate(loaded, samples, hessians=True, sink_weight=1)
+    weighted = calibrate(loaded, samples, hessians=True, sink_weight=5)
+    first = calibrate(loaded, samples[:, :1], hessians=True, sink_weight=1)
+    assert plain.imatrix.keys() == weighted.imatrix.keys()
+    for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight"):
+        np.testing.assert_allclose(weighted.imatrix[name], plain.imatrix[name])  # the imatrix stays a plain mean
+        expected = plain.hessians[name] + 4 * first.hessians[name]
+        # float32 forwards of a batch vs one window at a time differ in the last bits
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(weighted.hessians[name], expected, rtol=1e-4, atol=1e-5 * scale)
+        assert not torch.allclose(weighted.hessians[name], plain.hessians[name], rtol=1e-3, atol=1e-3 * scale)
+    assert weighted.hessians["blk.0.attn_q.weight"] is weighted.hessians["blk.0.attn_v.weight"]  # one shared input

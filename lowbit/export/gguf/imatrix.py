@@ -48,7 +48,8 @@ class GGUFCalibration:
 
     imatrix:  mean x^2 per input column, float32 [row_length] (llama-imatrix's quantity);
     tokens:   how many token vectors it averages (llama.cpp's `counts`);
-    hessians: H = sum x^T x, float64 [row_length, row_length], for GPTQ (None when not asked for).
+    hessians: H = sum x^T x, float64 [row_length, row_length], for GPTQ (None when not asked for),
+              each window's first token counted sink_weight times.
     Inputs are the float model's own (not a partly quantized model's), so every mix reuses one pass.
     """
 
@@ -58,9 +59,16 @@ class GGUFCalibration:
 
 
 @torch.no_grad()
-def calibrate(loaded, samples: torch.Tensor, hessians: bool = False) -> GGUFCalibration:
-    """Statistics of every decoder linear's inputs over `samples` [n, seq_len], keyed by GGUF tensor name."""
+def calibrate(loaded, samples: torch.Tensor, hessians: bool = False, sink_weight: float | None = None) -> GGUFCalibration:
+    """Statistics of every decoder linear's inputs over `samples` [n, seq_len], keyed by GGUF tensor name.
+
+    sink_weight: each window's first token (the attention sink) counts this many times in the
+    Hessians (default lowbit.quantize.SINK_WEIGHT, as for every calibrated method); the imatrix
+    stays llama-imatrix's plain mean."""
     from ...calibration.capture import capture_inputs
+    from ...quantize import SINK_WEIGHT
+
+    sink_weight = SINK_WEIGHT if sink_weight is None else float(sink_weight)
 
     family = family_for(loaded.model.config.model_type)
     spec = loaded.spec
@@ -72,6 +80,12 @@ def calibrate(loaded, samples: torch.Tensor, hessians: bool = False) -> GGUFCali
         for row in tqdm(samples, desc="calibration", unit="window", leave=False):
             loaded.model(row[None, :], use_cache=False)  # one window at a time: bounded activations
     # q/k rows are permuted in the GGUF, their input columns are not: the statistics map as they are
+    if hessians and sink_weight != 1.0:
+        # a position-0 hidden state depends on its token alone: one-token passes give the sink's inputs
+        with capture_inputs(loaded.model, sorted(set(source.values())), {"hessian"}) as sink:
+            loaded.model(samples[:, :1], use_cache=False)
+        for src, st in stats.items():
+            st.hessian.add_(sink[src].hessian, alpha=sink_weight - 1.0)
     captured = {gguf_name(f"{name}.weight", family)[0]: stats[src] for name, src in source.items()}
     imatrix = {name: s.sq_mean.numpy() for name, s in captured.items()}
     tokens = next(iter(captured.values())).tokens
