@@ -102,3 +102,33 @@ def test_gemma3_exports_match_llama_cpps_file_and_the_source_logits(tmp_path, mo
     with torch.no_grad():
         diff = (gemma.model(ids).logits - back.model(ids).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_gptq_export_beats_the_imatrix_export_in_llama_cpp(smol, exports, tmp_path):
+    """--method gptq against --calib alone, same calibration pass, same mix: llama.cpp's own logits
+    on WikiText-2 test tokens are closer to the F32 export's (KL divergence, natural log)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from support import CALIB_TEXT, EVAL_TEXT
+
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.export.gguf.imatrix import calibrate
+    from lowbit.quantize import calibration_samples
+
+    samples = calibration_samples(smol, read_text(str(CALIB_TEXT)), CalibConfig(samples=8, seq_len=512))
+    calibration = calibrate(smol, samples, hessians=True)
+    files = {"imatrix": write_gguf(smol, "Q4_K_M", tmp_path / "imatrix.gguf", imatrix=calibration.imatrix),
+             "gptq": write_gguf(smol, "Q4_K_M", tmp_path / "gptq.gguf", imatrix=calibration.imatrix,
+                                hessians=calibration.hessians)}
+    ids = smol.tokenizer(EVAL_TEXT.read_text()[:20000], return_tensors="pt").input_ids[0, :256].tolist()
+
+    def log_probs(path):
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+        llm.eval(ids)
+        scores = torch.from_numpy(np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+        del llm
+        return torch.log_softmax(scores.double(), -1)
+
+    ref = log_probs(exports["F32"].path)
+    kld = {name: float((ref.exp() * (ref - log_probs(s.path))).sum(-1).mean()) for name, s in files.items()}
+    assert 0 < kld["gptq"] < 0.9 * kld["imatrix"], kld

@@ -78,12 +78,13 @@ def calibrate(loaded, samples: torch.Tensor, hessians: bool = False, sink_weight
     wanted = {"sq_mean", "hessian"} if hessians else {"sq_mean"}
     with capture_inputs(loaded.model, sorted(set(source.values())), wanted) as stats:
         for row in tqdm(samples, desc="calibration", unit="window", leave=False):
-            loaded.model(row[None, :], use_cache=False)  # one window at a time: bounded activations
+            # one window at a time: bounded activations; logits of the last position only (the head is not needed)
+            loaded.model(row[None, :], use_cache=False, logits_to_keep=1)
     # q/k rows are permuted in the GGUF, their input columns are not: the statistics map as they are
     if hessians and sink_weight != 1.0:
         # a position-0 hidden state depends on its token alone: one-token passes give the sink's inputs
         with capture_inputs(loaded.model, sorted(set(source.values())), {"hessian"}) as sink:
-            loaded.model(samples[:, :1], use_cache=False)
+            loaded.model(samples[:, :1], use_cache=False, logits_to_keep=1)
         for src, st in stats.items():
             st.hessian.add_(sink[src].hessian, alpha=sink_weight - 1.0)
     captured = {gguf_name(f"{name}.weight", family)[0]: stats[src] for name, src in source.items()}
