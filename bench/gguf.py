@@ -166,7 +166,7 @@ def summarize(state: dict, model: str, args) -> dict:
              round(r["quantize_s"], 1), r["generates"][:28]] for r in rows]
     print(table(header, body))
     return {"model": model, "eval_text": str(EVAL_TEXT), "calib_text": str(CALIB_TEXT), "ctx": args.ctx,
-            "chunks": args.chunks, "calib_chunks": args.calib_chunks,
+            "chunks": args.chunks, "tokens_scored": args.chunks * (args.ctx // 2), "calib_chunks": args.calib_chunks,
             "convention": "llama-perplexity: windows of ctx tokens with BOS, second half of each window scored; "
                           "KLD against the F32 export's stored log-probs, natural log, mean over scored tokens",
             "llama_cpp_python": llamacpp.VERSION, "machine": machine(), "rows": rows}

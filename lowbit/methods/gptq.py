@@ -160,6 +160,21 @@ def upper_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
     raise ValueError(f"gptq: H is not positive definite even with damp {damp:g}")
 
 
+def checked_inputs(W: Tensor, H: Tensor, who: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate W [out, in] and H [in, in] -> (W float32, H float64 copy with H_jj = 1 on dead columns, dead [in])."""
+    if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"W must be a 2-D float tensor [out, in], got {getattr(W, 'shape', W)!r}")
+    n = W.shape[1]
+    if tuple(H.shape) != (n, n):
+        raise ValueError(f"H must be [{n}, {n}] for W {tuple(W.shape)}, got {tuple(H.shape)}")
+    if not (bool(torch.isfinite(W).all()) and bool(torch.isfinite(H).all())):
+        raise ValueError(f"{who}: W and H must be finite, got NaN or inf values")
+    H64 = H.detach().double().clone()
+    dead = H64.diagonal() == 0
+    H64.diagonal()[dead] = 1.0
+    return W.detach().float(), H64, dead
+
+
 def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: float = 0.01,
          act_order: bool = False, static_groups: bool = True, clip: str = "none") -> tuple[QTensor, GptqStats]:
     """Quantize W [out, in] with the Hessian H [in, in] = Σ xᵀx; returns (QTensor, GptqStats).
@@ -169,17 +184,8 @@ def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: floa
     """
     GptqConfig(block_size, damp, act_order, static_groups, clip)  # validates the options
     start = time.perf_counter()
-    if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
-        raise ValueError(f"W must be a 2-D float tensor [out, in], got {getattr(W, 'shape', W)!r}")
-    out, n = W.shape
-    if tuple(H.shape) != (n, n):
-        raise ValueError(f"H must be [{n}, {n}] for W {tuple(W.shape)}, got {tuple(H.shape)}")
-    if not (bool(torch.isfinite(W).all()) and bool(torch.isfinite(H).all())):
-        raise ValueError("gptq: W and H must be finite, got NaN or inf values")
-    W0 = W.detach().float()
-    H64 = H.detach().double().clone()
-    dead = H64.diagonal() == 0
-    H64.diagonal()[dead] = 1.0
+    W0, H64, dead = checked_inputs(W, H, "gptq")
+    out, n = W0.shape
     Wk = W0.clone()
     Wk[:, dead] = 0.0
     perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lowbit.formats.gguf import dequantize_gguf, gguf_type, quantize_gguf
 from lowbit.formats.gguf.registry import code_grid
-from lowbit.methods.gptq import GptqStats, proxy_loss, upper_inverse_cholesky
+from lowbit.methods.gptq import GptqStats, checked_inputs, proxy_loss, upper_inverse_cholesky
 
 
 def gptq_gguf(W: Tensor, H: Tensor, type_name: str, imatrix: Tensor | np.ndarray | None = None,
@@ -38,20 +38,11 @@ def gptq_gguf(W: Tensor, H: Tensor, type_name: str, imatrix: Tensor | np.ndarray
     t = gguf_type(type_name)
     if t.set_codes is None:
         raise ValueError(f"gptq_gguf: {type_name} is not a uniform grid; GPTQ needs one")
-    if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
-        raise ValueError(f"W must be a 2-D float tensor [out, in], got {getattr(W, 'shape', W)!r}")
-    out, n = W.shape
+    W0, H64, dead = checked_inputs(W, H, "gptq_gguf")
+    out, n = W0.shape
     B = t.block_size
     if n % B:
         raise ValueError(f"gptq_gguf: {type_name} needs rows that are a multiple of {B}, got {n}")
-    if tuple(H.shape) != (n, n):
-        raise ValueError(f"H must be [{n}, {n}] for W {tuple(W.shape)}, got {tuple(H.shape)}")
-    if not (bool(torch.isfinite(W).all()) and bool(torch.isfinite(H).all())):
-        raise ValueError("gptq_gguf: W and H must be finite, got NaN or inf values")
-    W0 = W.detach().float()
-    H64 = H.detach().double().clone()
-    dead = H64.diagonal() == 0
-    H64.diagonal()[dead] = 1.0
     imp = (H64.diagonal() / H64.diagonal().max()).float() if imatrix is None else torch.as_tensor(imatrix).float()
     U, damp = upper_inverse_cholesky(H64, damp)
     Wt = W0.clone()
