@@ -7,12 +7,15 @@ then, per mix,
   lowbit rtn           lowbit export --type MIX (lowbit's scale search, llama.cpp's default weighting)
   lowbit imatrix       ... with lowbit's imatrix of the calibration text
   lowbit gptq          ... with GPTQ error compensation on each block's grid (Hessians of the same pass)
+  lowbit awq           AWQ scales searched for the mix's types and folded in, then as lowbit imatrix
+  lowbit awq+gptq      the same folded model, then as lowbit gptq
 Every file is read by llama-perplexity on the same tokens of WikiText-2 raw test (its tokenizer,
 its convention: windows of --ctx tokens, BOS first, the second half of each window scored) with
 --kl-divergence against the F32 file's stored log-probs. Calibration: --calib-chunks windows of
 --ctx tokens of wikitext-2 valid for both imatrices (llama-imatrix takes the first ones, lowbit a
 seeded sample). Quantize time counts the calibration pass in every row that uses it: llama-imatrix's for the
-llama.cpp+imatrix rows, lowbit's (imatrix and Hessians in one pass) for lowbit imatrix and gptq.
+llama.cpp+imatrix rows, lowbit's (imatrix and Hessians in one pass) for lowbit imatrix and gptq, and for
+the awq rows the AWQ search plus a calibration pass of the folded model (searched once per mix).
 
     python bench/gguf.py --model smollm2-135m            # every mix, about 30 minutes on 2 cores
     python bench/gguf.py --model gemma3-270m --mixes Q4_K_M Q8_0
@@ -36,7 +39,8 @@ import llamacpp_tools as llamacpp  # noqa: E402
 
 K_MIXES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q2_K")
 PLAIN_MIXES = ("Q8_0", "F16")
-ROWS_K = ("llama.cpp", "llama.cpp+imatrix", "lowbit rtn", "lowbit imatrix", "lowbit gptq")
+ROWS_K = ("llama.cpp", "llama.cpp+imatrix", "lowbit rtn", "lowbit imatrix", "lowbit gptq", "lowbit awq",
+          "lowbit awq+gptq")
 ROWS_PLAIN = ("llama.cpp", "lowbit rtn")
 PROMPT = "The capital of France is"
 
@@ -72,8 +76,28 @@ class LowbitSide:
     def __init__(self, model: str):
         from lowbit.models.load import load
 
+        self.model = model
         self.loaded = load(model)
         self._calibration, self.calib_seconds = None, 0.0
+        self._awq = None  # (mix, folded model, its calibration, seconds) of the last mix asked for
+
+    def awq(self, mix: str):
+        """A second copy of the model with the mix's AWQ plan folded in, and its calibration pass."""
+        if self._awq is None or self._awq[0] != mix:
+            from lowbit.data.text import read_text
+            from lowbit.export.gguf.awq import awq_gguf_plan
+            from lowbit.export.gguf.imatrix import calibrate, calibration_windows
+            from lowbit.methods.awq import apply_awq_plan
+            from lowbit.models.load import load
+
+            self._awq = None  # one folded copy at a time
+            loaded = load(self.model)
+            start = time.perf_counter()
+            samples = calibration_windows(loaded, read_text(str(CALIB_TEXT)))
+            apply_awq_plan(loaded.model, loaded.spec, awq_gguf_plan(loaded, mix, samples, progress=False))
+            calibration = calibrate(loaded, samples, hessians=True)
+            self._awq = (mix, loaded, calibration, time.perf_counter() - start)
+        return self._awq[1:]
 
     def calibration(self):
         if self._calibration is None:
@@ -89,13 +113,15 @@ class LowbitSide:
         """Write the row's file; returns seconds (including the shared calibration pass where used)."""
         from lowbit.export.gguf.writer import write_gguf
 
-        kwargs, extra = {}, 0.0
+        loaded, kwargs, extra = self.loaded, {}, 0.0
         if row in ("lowbit imatrix", "lowbit gptq"):
-            cal = self.calibration()
-            kwargs = {"imatrix": cal.imatrix, "hessians": cal.hessians if row == "lowbit gptq" else None}
-            extra = self.calib_seconds
+            cal, extra = self.calibration(), self.calib_seconds
+        elif row.startswith("lowbit awq"):
+            loaded, cal, extra = self.awq(mix)
+        if row != "lowbit rtn":
+            kwargs = {"imatrix": cal.imatrix, "hessians": cal.hessians if row.endswith("gptq") else None}
         start = time.perf_counter()
-        write_gguf(self.loaded, mix, out, **kwargs)
+        write_gguf(loaded, mix, out, **kwargs)
         return time.perf_counter() - start + extra
 
 

@@ -17,6 +17,7 @@ into the model is a separate, function-preserving step (lowbit.transforms).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,16 +69,22 @@ def scale_candidates(x_mean: Tensor, grid: int) -> list[tuple[float, Tensor]]:
     return out
 
 
-def search_scales(Ws: list[Tensor], H: Tensor, x_mean: Tensor, fmt: Format, grid: int = 20) -> tuple[Tensor, dict]:
+def search_scales(Ws: list[Tensor], H: Tensor, x_mean: Tensor, fmt: Format | Sequence[Format],
+                  grid: int = 20) -> tuple[Tensor, dict]:
     """Best scales s [in] for linears Ws (each [out_i, in]) sharing the input with Hessian H [in, in].
 
-    x_mean [in]: mean |x| per input channel. Returns s and {"alpha", "error", "error_unscaled"}.
+    x_mean [in]: mean |x| per input channel; fmt: one format for all Ws, or one per W.
+    Returns s and {"alpha", "error", "error_unscaled"}.
     """
+    fmts = list(fmt) if isinstance(fmt, Sequence) else [fmt] * len(Ws)
+    if len(fmts) != len(Ws):
+        raise ValueError(f"{len(fmts)} formats for {len(Ws)} linears")
     H = H.float()
     Ws = [W.detach().float() for W in Ws]
     best = None
     for alpha, s in scale_candidates(x_mean, grid):
-        err = sum(output_error(W, fmt.fake_quantize(W * s).div_(s), H) for W in Ws)  # Q(W·diag(s))·diag(s)⁻¹
+        # Q(W·diag(s))·diag(s)⁻¹ for each linear, on its own grid
+        err = sum(output_error(W, f.fake_quantize(W * s).div_(s), H) for W, f in zip(Ws, fmts))
         if alpha == 0.0:
             unscaled = err
         if best is None or err < best[0]:
@@ -129,11 +136,13 @@ def group_salience(layer: torch.nn.Module, group, x_mean: Tensor, head_dim: int 
 
 
 def search_layer(layer: torch.nn.Module, spec: ArchSpec, hessians: dict[str, Tensor], saliences: dict[str, Tensor],
-                 fmt: Format, config: AwqConfig, head_dim: int | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
+                 fmt: Format | Mapping[str, Format], config: AwqConfig,
+                 head_dim: int | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
     """AWQ scales of one decoder layer -> ({group source: s}, {group source: info}).
 
     hessians / saliences: per linear name, H [in, in] and mean |x| [in] of its input (the
-    walker's "hessian" and "mean_abs" statistics). Every group is searched on the layer's
+    walker's "hessian" and "mean_abs" statistics); fmt: one format, or one per linear name
+    (a GGUF mix gives attn_v a finer type than attn_q). Every group is searched on the layer's
     current (unscaled) weights; the scales of different groups touch different parameters,
     so they can be folded in any order.
     """
@@ -142,7 +151,8 @@ def search_layer(layer: torch.nn.Module, spec: ArchSpec, hessians: dict[str, Ten
         first = group.linears[0]
         Ws = [layer.get_submodule(name).weight for name in group.linears]
         x = group_salience(layer, group, saliences[first], head_dim)
-        scales[group.source], info[group.source] = search_scales(Ws, hessians[first], x, fmt, config.grid)
+        fmts = [fmt[name] for name in group.linears] if isinstance(fmt, Mapping) else fmt
+        scales[group.source], info[group.source] = search_scales(Ws, hessians[first], x, fmts, config.grid)
     return scales, info
 
 

@@ -132,7 +132,6 @@ def test_gptq_export_lowers_the_output_error_and_saves_a_llama_cpp_imatrix(llama
 @pytest.mark.parametrize("flags, message", [
     (["--method", "gptq"], "needs --calib"),
     (["--save-imatrix", "IM"], "needs --calib"),
-    (["--method", "awq"], "unknown --method awq"),
 ])
 def test_gptq_and_save_imatrix_bad_flags_are_one_line(llama_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "out.gguf"

@@ -100,14 +100,19 @@ def compute_imatrix(loaded, samples: torch.Tensor) -> dict[str, np.ndarray]:
     return calibrate(loaded, samples).imatrix
 
 
-def calibrate_on_text(loaded, text, hessians: bool = False) -> GGUFCalibration:
-    """`calibrate` over CALIB_SAMPLES windows of CALIB_SEQ_LEN tokens of `text` (a data.text.Text)."""
+def calibration_windows(loaded, text) -> torch.Tensor:
+    """CALIB_SAMPLES windows [n, seq_len] of CALIB_SEQ_LEN tokens (at most the model's context) of
+    `text` (a data.text.Text), seeded as every calibrated method's."""
     from ...data.calibration import CalibConfig
     from ...quantize import calibration_samples
 
     seq_len = min(CALIB_SEQ_LEN, getattr(loaded.model.config, "max_position_embeddings", CALIB_SEQ_LEN))
-    samples = calibration_samples(loaded, text, CalibConfig(samples=CALIB_SAMPLES, seq_len=seq_len))
-    return calibrate(loaded, samples, hessians)
+    return calibration_samples(loaded, text, CalibConfig(samples=CALIB_SAMPLES, seq_len=seq_len))
+
+
+def calibrate_on_text(loaded, text, hessians: bool = False) -> GGUFCalibration:
+    """`calibrate` over `calibration_windows` of `text`."""
+    return calibrate(loaded, calibration_windows(loaded, text), hessians)
 
 
 def write_imatrix(path: Path, calibration: GGUFCalibration, dataset: str) -> Path:
