@@ -10,7 +10,7 @@ Work is resumable: each quantized directory and each evaluated row is kept under
 a second run only does what is missing.
 
     python bench/weight_only.py --models smollm2-135m --settings "W4 g64" "W3 g64" \
-        --methods rtn gptq awq awq+gptq --samples 32 --windows 20
+        --methods rtn gptq awq awq+gptq awq-clip --samples 32 --windows 20
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ from common import CALIB_TEXT, EVAL_TEXT, lowbit_quantize, machine, table, write
 SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
     "W4 g128": (4, 128), "W4 g64": (4, 64), "W3 g128": (3, 128), "W3 g64": (3, 64), "W2 g64": (2, 64),
 }
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# row label -> lowbit quantize flags; "-clip" rows add the clip search (--clip mse: for awq, AWQ's
+# own clip factors minimising the output error on the calibration inputs)
+METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"], "awq": ["--method", "awq"],
+           "awq+gptq": ["--method", "awq+gptq"], "awq-clip": ["--method", "awq", "--clip", "mse"]}
 
 
 def row_key(model: str, setting: str, method: str) -> str:
@@ -48,7 +51,7 @@ def write_samples(model: str, args, path: Path) -> None:
 
 def quantize_lowbit(model: str, setting: str, method: str, args, out: Path) -> dict:
     bits, group = SETTINGS[setting]
-    flags = ["--method", method, "--bits", str(bits), "--group", str(group), "--sym"]
+    flags = [*METHODS[method], "--bits", str(bits), "--group", str(group), "--sym"]
     if method != "rtn":
         flags += ["--calib", str(args.calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                   "--seed", str(args.seed)]
