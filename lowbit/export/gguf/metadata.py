@@ -1,17 +1,17 @@
 """GGUF key/values: copied from the source GGUF, or written from an HF config + tokenizer the way
-llama.cpp's converter writes them (hyper-parameters per family, a byte-level BPE vocabulary).
+llama.cpp's converter writes them (hyper-parameters per family; the vocabulary in vocab.py).
 
 Keys describing the file itself (GGUF.*, general.architecture, general.file_type,
 general.quantization_version) are never copied; the writer sets them for the file it writes.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, TokenType
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from ...errors import LowbitError
+from .vocab import write_vocab
 
 NOT_COPIED = ("general.architecture", "general.file_type", "general.quantization_version")
 
@@ -72,42 +72,8 @@ def _hparams(writer: GGUFWriter, arch: str, config) -> None:
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
-def _bpe_vocab(writer: GGUFWriter, tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's "gpt2" model: tokens by id, types, merges, special ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise LowbitError("GGUF export from an HF directory needs a fast (tokenizer.json) tokenizer")
-    spec = json.loads(backend.to_str())
-    if spec["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise LowbitError(f"GGUF export from an HF directory supports byte-level BPE tokenizers only, "
-                          f"not {spec['model']['type']}")
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    special = set(tokenizer.all_special_ids)
-    # the embedding may have more rows than the tokenizer has tokens: pad as the converter does
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    types = [TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i not in by_id else TokenType.NORMAL
-             for i in range(vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    if not merges:  # llama.cpp requires tokenizer.ggml.merges, and GGUF cannot store an empty array
-        raise LowbitError("the tokenizer is a byte-level BPE without merges: llama.cpp cannot load it from a GGUF")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    writer.add_token_merges(merges)
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    if tokenizer.eos_token_id is not None:
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    post = json.dumps(spec.get("post_processor"))
-    writer.add_add_bos_token(tokenizer.bos_token is not None and f'"{tokenizer.bos_token}"' in post)
-
-
 def write_hf_metadata(writer: GGUFWriter, arch: str, config, tokenizer, name: str) -> None:
     """Metadata and vocabulary for a model that came from a Hugging Face directory."""
     writer.add_name(name)
     _hparams(writer, arch, config)
-    _bpe_vocab(writer, tokenizer, config.vocab_size)
+    write_vocab(writer, tokenizer, config.vocab_size)
