@@ -69,6 +69,13 @@ def scale_candidates(x_mean: Tensor, grid: int) -> list[tuple[float, Tensor]]:
     return out
 
 
+def scaled_fake_quantize(fmt, W: Tensor, s: Tensor) -> Tensor:
+    """Q(W·diag(s))·diag(s)⁻¹ for W [out, in], s [in]. A grid whose quantizer weighs input columns
+    (a GGUF type with an imatrix) defines fake_quantize_scaled(W, s) to see the scaled inputs too."""
+    own = getattr(fmt, "fake_quantize_scaled", None)
+    return own(W, s) if own is not None else fmt.fake_quantize(W * s).div_(s)
+
+
 def search_scales(Ws: list[Tensor], H: Tensor, x_mean: Tensor, fmt: Format | Sequence[Format],
                   grid: int = 20) -> tuple[Tensor, dict]:
     """Best scales s [in] for linears Ws (each [out_i, in]) sharing the input with Hessian H [in, in].
@@ -83,8 +90,7 @@ def search_scales(Ws: list[Tensor], H: Tensor, x_mean: Tensor, fmt: Format | Seq
     Ws = [W.detach().float() for W in Ws]
     best = None
     for alpha, s in scale_candidates(x_mean, grid):
-        # Q(W·diag(s))·diag(s)⁻¹ for each linear, on its own grid
-        err = sum(output_error(W, f.fake_quantize(W * s).div_(s), H) for W, f in zip(Ws, fmts))
+        err = sum(output_error(W, scaled_fake_quantize(f, W, s), H) for W, f in zip(Ws, fmts))
         if alpha == 0.0:
             unscaled = err
         if best is None or err < best[0]:

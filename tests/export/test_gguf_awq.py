@@ -8,12 +8,12 @@ import torch
 from gguf_support import read_tensors, with_merges
 
 from lowbit.cli.main import main
-from lowbit.export.gguf.awq import PROXIES, awq_gguf_plan, linear_types, proxy_format
+from lowbit.export.gguf.awq import PROXIES, GGUFGrid, awq_gguf_plan, linear_types, proxy_format
 from lowbit.formats import IntFormat
-from lowbit.formats.gguf import GGUF_TYPES, quantize_gguf
+from lowbit.formats.gguf import GGUF_TYPES, dequantize_gguf, quantize_gguf
 from lowbit.formats.gguf.layout import blocks_from_bytes
 from lowbit.formats.gguf.registry import code_grid
-from lowbit.methods.awq import output_error, search_scales
+from lowbit.methods.awq import output_error, scaled_fake_quantize, search_scales
 from lowbit.models.load import load
 
 UNIFORM = [name for name, t in GGUF_TYPES.items() if t.set_codes is not None]
@@ -55,6 +55,25 @@ def test_float_tensors_in_a_mix_are_judged_on_the_finest_grid():
     assert proxy_format("F16") == proxy_format("Q8_0") == IntFormat(8, True, 32, "absmax")
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K", "IQ4_NL"])
+def test_gguf_grid_quantizes_the_scaled_weight_weighted_by_the_scaled_inputs(type_name):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(8, 256, generator=g)
+    s = torch.rand(256, generator=g) + 0.5
+    imx = (torch.rand(256, generator=g) + 0.1).double().numpy()
+    grid = GGUFGrid(type_name, imx)
+    expected = dequantize_gguf(quantize_gguf(W * s, type_name, imatrix=imx / s.double().numpy() ** 2),
+                               type_name, (8, 256)) / s
+    assert torch.equal(scaled_fake_quantize(grid, W, s), expected)
+    assert torch.equal(grid.fake_quantize(W), dequantize_gguf(quantize_gguf(W, type_name, imatrix=imx), type_name, (8, 256)))
+    plain = GGUFGrid(type_name)  # no imatrix: llama.cpp's default weighting
+    assert torch.equal(plain.fake_quantize(W), dequantize_gguf(quantize_gguf(W, type_name), type_name, (8, 256)))
+    assert torch.equal(GGUFGrid("F16").fake_quantize(W), W)
+    # an integer Format has no own scaled quantizer: Q(W·diag(s))·diag(s)⁻¹ directly
+    fmt = IntFormat(4, False, 32)
+    assert torch.equal(scaled_fake_quantize(fmt, W, s), fmt.fake_quantize(W * s) / s)
+
+
 def test_search_scales_takes_one_format_per_linear():
     g = torch.Generator().manual_seed(3)
     X = torch.randn(512, 64, generator=g)
@@ -88,17 +107,21 @@ def test_linear_types_are_the_types_the_file_gets(llama_dir, tmp_path):
         assert written[tensor][0] == type_name, tensor
 
 
-def test_awq_plan_has_a_scale_per_group_and_keeps_the_model(llama_dir):
+@pytest.mark.parametrize("grid", ["gguf", "proxy"])
+def test_awq_plan_has_a_scale_per_group_and_keeps_the_model(llama_dir, grid):
     loaded = load(str(llama_dir))
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     samples = torch.randint(0, 259, (4, 24), generator=torch.Generator().manual_seed(0))
-    plan = awq_gguf_plan(loaded, "Q4_K_M", samples, progress=False)
+    plan = awq_gguf_plan(loaded, "Q4_K_M", samples, grid=grid, progress=False)
+    assert grid in plan.meta["format"]
     assert sorted(plan.scales) == list(range(loaded.dims.n_layers))
     for entries in plan.scales.values():
         assert set(entries) == {g.source for g in loaded.spec.groups}
         for s in entries.values():
             assert torch.isfinite(s).all() and (s > 0).all()
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())  # search only
+    with pytest.raises(ValueError, match="grid"):
+        awq_gguf_plan(loaded, "Q4_K_M", samples, grid="int", progress=False)
 
 
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])

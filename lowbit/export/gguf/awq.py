@@ -2,19 +2,24 @@
 model before the GGUF calibration pass and quantizers run.
 
 The search is lowbit's AWQ (methods/awq.py) through the calibration walker, with the float
-weights throughout (the model is left unchanged until the plan is applied). Each linear's
-candidate scalings are judged on an integer grid shaped like its GGUF type (PROXIES: same bits,
-same block width, same symmetric/affine kind): the GGUF quantizers search scales and mins per
-block and cost ~0.3 s a tensor, the integer grid a millisecond, and AWQ only needs to rank the
-α values. Each window's first token counts SINK_WEIGHT times in the Hessians, as in every
-other calibrated path.
+weights throughout (the model is left unchanged until the plan is applied). Each candidate
+scaling is judged by the output error of the real quantized tensors: GGUFGrid quantizes W·diag(s)
+with lowbit's GGUF quantizer of that tensor's type, weighted by the imatrix of the scaled inputs,
+as the export will (about 0.3 s a tensor: minutes for a model). grid="proxy" judges on an integer
+grid shaped like the type instead (PROXIES: same bits, block width, symmetric/affine kind; a
+millisecond a tensor). Each window's first token counts SINK_WEIGHT times in the Hessians, as in
+every other calibrated path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from ...errors import LowbitError
 from ...formats import Format, IntFormat
+from ...formats.gguf import dequantize_gguf, quantize_gguf
 from ...methods.awq import AwqConfig, AwqPlan, search_layer
 from .mixes import tensor_type
 from .names import family_for, gguf_name
@@ -41,6 +46,29 @@ def proxy_format(type_name: str) -> Format:
     return IntFormat(bits=bits, symmetric=symmetric, group_size=width, scale_rule=rule)
 
 
+@dataclass(frozen=True, eq=False)
+class GGUFGrid:
+    """A GGUF type as AWQ's quantizer: W [out, in] -> de-quantized GGUF bytes of W, weighted by
+    importance [in] (the imatrix, mean x^2 of the unscaled inputs; None: llama.cpp's default)."""
+
+    type_name: str
+    importance: np.ndarray | None = None
+
+    def _round_trip(self, W: torch.Tensor, importance) -> torch.Tensor:
+        if self.type_name in ("F32", "F16"):
+            return W.clone()
+        data = quantize_gguf(W, self.type_name, imatrix=importance)
+        return dequantize_gguf(data, self.type_name, tuple(W.shape))
+
+    def fake_quantize(self, W: torch.Tensor) -> torch.Tensor:
+        return self._round_trip(W, self.importance)
+
+    def fake_quantize_scaled(self, W: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Q(W·diag(s))·diag(s)⁻¹, Q weighted by the scaled inputs' mean square, importance / s²."""
+        imx = None if self.importance is None else self.importance / s.double().pow(2).numpy()
+        return self._round_trip(W * s, imx).div_(s)
+
+
 def linear_types(loaded, mix: str) -> dict[tuple[int, str], str]:
     """{(layer index, linear name in the layer): GGUF type the mix gives that weight}."""
     config, spec = loaded.model.config, loaded.spec
@@ -58,18 +86,21 @@ def linear_types(loaded, mix: str) -> dict[tuple[int, str], str]:
 
 @torch.no_grad()
 def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = AwqConfig(),
-                  sink_weight: float | None = None, progress: bool = True) -> AwqPlan:
+                  sink_weight: float | None = None, grid: str = "gguf", progress: bool = True) -> AwqPlan:
     """AWQ scales for every decoder layer of `loaded` for GGUF mix `mix`, from calibration
-    samples [N, L]. The model is not changed; fold the plan with methods.awq.apply_awq_plan."""
+    samples [N, L]; grid "gguf" (the types' own quantizers) or "proxy" (integer grids).
+    The model is not changed; fold the plan with methods.awq.apply_awq_plan."""
     from ...calibration.walker import walk
     from ...quantize import SINK_WEIGHT, sink_hessians
 
+    if grid not in ("gguf", "proxy"):
+        raise ValueError(f"grid must be 'gguf' or 'proxy', got {grid!r}")
     sink_weight = SINK_WEIGHT if sink_weight is None else float(sink_weight)
     spec, head_dim = loaded.spec, loaded.dims.head_dim
     types = linear_types(loaded, mix)
     if all(t not in PROXIES for t in types.values()):
         raise LowbitError(f"--method awq needs a quantized --type; {mix} leaves every linear in float")
-    plan = AwqPlan(meta={"method": "awq", "config": vars(config).copy(), "format": f"gguf {mix}",
+    plan = AwqPlan(meta={"method": "awq", "config": vars(config).copy(), "format": f"gguf {mix} ({grid} grid)",
                          "family": spec.family})
 
     def solve(index: int, layer: torch.nn.Module, stats: dict) -> None:
@@ -77,12 +108,16 @@ def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = A
         if sink_weight != 1.0:
             H0 = sink_hessians(loaded.model, layer, spec, samples[:, :1])
             H = {name: H[name] + (sink_weight - 1.0) * H0[name] for name in spec.linears}
-        fmts = {name: proxy_format(types[index, name]) for name in spec.linears}
+        if grid == "proxy":
+            fmts = {name: proxy_format(types[index, name]) for name in spec.linears}
+        else:
+            fmts = {name: GGUFGrid(types[index, name], stats[name].sq_mean.double().numpy()) for name in spec.linears}
         saliences = {name: stats[name].mean_abs for name in spec.linears}
         try:
             plan.scales[index], _ = search_layer(layer, spec, H, saliences, fmts, config, head_dim)
         except ValueError as e:
             raise LowbitError(f"layer {index}: AWQ: {e}") from None
 
-    walk(loaded.model, spec, samples, solve, {"hessian", "mean_abs"}, progress=progress)
+    wanted = {"hessian", "mean_abs", "sq_mean"} if grid == "gguf" else {"hessian", "mean_abs"}
+    walk(loaded.model, spec, samples, solve, wanted, progress=progress)
     return plan
