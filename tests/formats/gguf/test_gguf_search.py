@@ -6,7 +6,7 @@ random positive importance vector, lowbit's weighted error sum imp * (w - what)^
 that of gguf's reference quantizer where gguf has one (legacy types) and of a round-to-nearest
 baseline with absmax scales in the same byte format otherwise (K-quants, IQ4_NL). The
 comparison against llama.cpp's own K-quant search (through llama-cpp-python) is made later in
-bench/gguf.py.
+bench/gguf_vs_llamacpp.py.
 """
 import numpy as np
 import pytest

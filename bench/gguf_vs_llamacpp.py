@@ -17,8 +17,8 @@ seeded sample). Quantize time counts the calibration pass in every row that uses
 llama.cpp+imatrix rows, lowbit's (imatrix and Hessians in one pass) for lowbit imatrix and gptq, and for
 the awq rows the AWQ search plus a calibration pass of the folded model (searched once per mix).
 
-    python bench/gguf.py --model smollm2-135m            # every mix, about 30 minutes on 2 cores
-    python bench/gguf.py --model gemma3-270m --mixes Q4_K_M Q8_0
+    python bench/gguf_vs_llamacpp.py --model smollm2-135m            # every mix: ~35 min, plus ~10 min a mix for the awq rows
+    python bench/gguf_vs_llamacpp.py --model gemma3-270m --mixes Q4_K_M Q8_0
 
 Resumable: finished rows live in ~/.cache/lowbit/bench/gguf/<model>/rows.json (with the files);
 --fresh starts over. Writes bench/results/gguf_<model>.json and prints the table.
@@ -31,9 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# this file is named gguf.py: with its folder first on sys.path it would shadow the gguf package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE), str(HERE / "peers")]
+sys.path.append(str(Path(__file__).resolve().parent / "peers"))  # llamacpp_tools
 from common import CALIB_TEXT, EVAL_TEXT, REPO, machine, table, write_json  # noqa: E402
 import llamacpp_tools as llamacpp  # noqa: E402
 
