@@ -60,7 +60,9 @@ def check_ctx(model, ctx: int) -> None:
 
 def _logits(model, window: torch.Tensor) -> torch.Tensor:
     """[ctx-1, V] logits predicting tokens 1..ctx-1 of one [ctx] window."""
-    out = model(input_ids=window[None], use_cache=False)
+    # use_cache=True (a fresh cache per call, discarded): same logits, and with use_cache=False a
+    # 2048-token forward was 12% slower for SmolLM2 (7.3 vs 6.5 s) and 19% for Gemma 3 here
+    out = model(input_ids=window[None], use_cache=True)
     return out.logits[0, :-1]
 
 
