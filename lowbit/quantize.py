@@ -208,6 +208,23 @@ def sink_hessians(model: torch.nn.Module, layer: torch.nn.Module, spec, first_to
     return {name: stats[g.linears[0]].hessian for g in spec.groups for name in g.linears}
 
 
+def sink_weighted_hessians(model: torch.nn.Module, layer: torch.nn.Module, spec, stats: dict,
+                           first_tokens: torch.Tensor, sink_weight: float) -> dict:
+    """{linear: H + (w - 1) Σ x₀ᵀx₀} from the walker's stats of `layer`: each sample's first token
+    (the sink) counted w = sink_weight times. Linears sharing an input share one tensor."""
+    H = {name: stats[name].hessian for name in spec.linears}
+    if sink_weight == 1.0:
+        return H
+    H0 = sink_hessians(model, layer, spec, first_tokens)
+    done = {}
+    for name in spec.linears:
+        key = id(H[name])
+        if key not in done:
+            done[key] = H[name] + (sink_weight - 1.0) * H0[name]
+        H[name] = done[key]
+    return H
+
+
 def _calibrated_solve(loaded: Loaded, config: QuantizeConfig, names: set[str], reports: list,
                       plan: AwqPlan | None, first_tokens: torch.Tensor):
     """The walker's solve for config.steps: (AWQ search + fold) then GPTQ or RTN per linear."""
@@ -215,15 +232,7 @@ def _calibrated_solve(loaded: Loaded, config: QuantizeConfig, names: set[str], r
     use_gptq = "gptq" in config.steps
 
     def solve(index: int, layer: torch.nn.Module, stats: dict) -> None:
-        H = {name: stats[name].hessian for name in spec.linears}  # one tensor per group
-        if config.sink_weight != 1.0:  # H + (w - 1) Σ x₀ᵀx₀: the sink counted w times
-            H0 = sink_hessians(loaded.model, layer, spec, first_tokens)
-            done = {}
-            for name in spec.linears:
-                key = id(H[name])
-                if key not in done:
-                    done[key] = H[name] + (config.sink_weight - 1.0) * H0[name]
-                H[name] = done[key]
+        H = sink_weighted_hessians(loaded.model, layer, spec, stats, first_tokens, config.sink_weight)
         H_orig, s_of, clips = dict(H), {}, {}
         if plan is not None:
             try:

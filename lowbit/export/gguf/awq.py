@@ -91,7 +91,7 @@ def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = A
     samples [N, L]; grid "gguf" (the types' own quantizers) or "proxy" (integer grids).
     The model is not changed; fold the plan with methods.awq.apply_awq_plan."""
     from ...calibration.walker import walk
-    from ...quantize import SINK_WEIGHT, sink_hessians
+    from ...quantize import SINK_WEIGHT, sink_weighted_hessians
 
     if grid not in ("gguf", "proxy"):
         raise ValueError(f"grid must be 'gguf' or 'proxy', got {grid!r}")
@@ -104,10 +104,7 @@ def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = A
                          "family": spec.family})
 
     def solve(index: int, layer: torch.nn.Module, stats: dict) -> None:
-        H = {name: stats[name].hessian for name in spec.linears}  # a group's linears share one tensor
-        if sink_weight != 1.0:
-            H0 = sink_hessians(loaded.model, layer, spec, samples[:, :1])
-            H = {name: H[name] + (sink_weight - 1.0) * H0[name] for name in spec.linears}
+        H = sink_weighted_hessians(loaded.model, layer, spec, stats, samples[:, :1], sink_weight)
         if grid == "proxy":
             fmts = {name: proxy_format(types[index, name]) for name in spec.linears}
         else:
