@@ -25,9 +25,11 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
     "W4 g128": (4, 128), "W4 g64": (4, 64), "W3 g128": (3, 128), "W3 g64": (3, 64), "W2 g64": (2, 64),
 }
 # row label -> lowbit quantize flags; "-clip" rows add the clip search (--clip mse: for awq, AWQ's
-# own clip factors minimising the output error on the calibration inputs)
+# own clip factors minimising the output error on the calibration inputs); "awq-x" rows search
+# the scales mean|x|^α only (--no-duo), without AutoAWQ's weight-aware candidates
 METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"], "awq": ["--method", "awq"],
-           "awq+gptq": ["--method", "awq+gptq"], "awq-clip": ["--method", "awq", "--clip", "mse"]}
+           "awq+gptq": ["--method", "awq+gptq"], "awq-clip": ["--method", "awq", "--clip", "mse"],
+           "awq-x": ["--method", "awq", "--no-duo"], "awq-x-clip": ["--method", "awq", "--no-duo", "--clip", "mse"]}
 
 
 def row_key(model: str, setting: str, method: str) -> str:

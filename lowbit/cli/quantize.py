@@ -46,6 +46,10 @@ def add_parser(sub) -> None:
                    help="quantize columns by descending Hessian diagonal (groups stay static; default: off)")
     g.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of mean(diag H) (default: 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block (default: 128)")
+    a = p.add_argument_group("awq")
+    a.add_argument("--duo", action=argparse.BooleanOptionalAction, default=True,
+                   help="also try AutoAWQ's weight-aware scales mean|x|^a / mean(|W|/absmax)^(1-a) besides "
+                        "mean|x|^a (default: on; --no-duo halves the search)")
     p.add_argument("--save-plan", default=None, metavar="DIR",
                    help="awq: also write the AWQ plan (plan.json + plan.safetensors) to DIR")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (untied from the embedding)")
@@ -65,7 +69,7 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
         return QuantizeConfig(
             fmt=fmt, method=args.method, rtn=RtnConfig(clip=args.clip),
             gptq=GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order, clip=args.clip),
-            awq=AwqConfig(clip=args.clip == "mse"),
+            awq=AwqConfig(clip=args.clip == "mse", duo=args.duo),
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
             sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip))

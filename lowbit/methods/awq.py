@@ -1,7 +1,9 @@
 """AWQ (Lin et al., 2023): per-input-channel scales that protect the salient channels.
 
 For each spec group (linears sharing one input x, e.g. q/k/v after the attention norm) the
-search tries s = mean|x|^α / sqrt(max · min) for α on a grid in [0, 1] and keeps the s that
+search tries s = mean|x|^α for α on a grid in [0, 1] and, with `duo` (AutoAWQ's "duo
+scaling"), also s = mean|x|^α / w̄^(1−α), where w̄ is the mean over output rows of |W| relative
+to its group's absmax; every candidate is normalised by sqrt(max · min). It keeps the s that
 minimises the group's output error on the calibration tokens,
 
     Σ_linears ‖X Wᵀ − X (Q(W·diag(s))·diag(s)⁻¹)ᵀ‖²  =  Σ_linears tr(E H Eᵀ),
@@ -39,11 +41,13 @@ class AwqConfig:
     """AWQ options.
 
     grid: number of α values, linspace(0, 1, grid), >= 2.
+    duo: also try the weight-aware candidates mean|x|^α / w̄^(1−α) (twice the search).
     clip: also search per-group clip factors after scaling.
     clip_grid, clip_min: the clip factors tried, linspace(1, clip_min, clip_grid).
     """
 
     grid: int = 20
+    duo: bool = True
     clip: bool = False
     clip_grid: int = 20
     clip_min: float = 0.5
@@ -55,17 +59,33 @@ class AwqConfig:
                 raise ValueError(f"AwqConfig.{name} must be an int >= {lo}, got {v!r}")
         if not isinstance(self.clip, bool):
             raise ValueError(f"AwqConfig.clip must be True or False, got {self.clip!r}")
+        if not isinstance(self.duo, bool):
+            raise ValueError(f"AwqConfig.duo must be True or False, got {self.duo!r}")
         if isinstance(self.clip_min, bool) or not isinstance(self.clip_min, (int, float)) or not 0 < self.clip_min <= 1:
             raise ValueError(f"AwqConfig.clip_min must be in (0, 1], got {self.clip_min!r}")
 
 
-def scale_candidates(x_mean: Tensor, grid: int) -> list[tuple[float, Tensor]]:
-    """(α, s [in]) for α in linspace(0, 1, grid); s = x^α / sqrt(max(x^α) · min(x^α))."""
+def weight_salience(Ws: Sequence[Tensor], group_size: int) -> Tensor:
+    """AWQ's w̄ [in]: mean over the output rows of all Ws ([out_i, in]) of |W| / its group's absmax."""
+    W = torch.cat([W.detach().float().abs() for W in Ws])  # [Σ out_i, in]
+    g = group_size if group_size > 0 else W.shape[1]  # per-channel / per-tensor: a row is a group
+    Wg = grouping.to_groups(W, g, pad="zero")  # [out, G, w]
+    Wg = Wg / Wg.amax(-1, keepdim=True).clamp_min(1e-6)
+    return grouping.from_groups(Wg, g, tuple(W.shape)).mean(0)  # [out, G, w] -> [out, in] -> [in]
+
+
+def scale_candidates(x_mean: Tensor, grid: int, w_mean: Tensor | None = None) -> list[tuple[float, Tensor]]:
+    """(α, s [in]) for α in linspace(0, 1, grid); s = x^α, and with w_mean also x^α / w̄^(1−α)
+    (reported as α − 1, so a negative α marks a weight-aware candidate); every s is divided by
+    sqrt(max(s) · min(s))."""
     x = x_mean.float().clamp(min=MIN_SALIENCE)
     out = []
     for alpha in torch.linspace(0, 1, grid).tolist():
         s = x.pow(alpha)
         out.append((alpha, s / (s.max() * s.min()).sqrt()))
+        if w_mean is not None and alpha < 1.0:  # at α = 1 both are x
+            s = (x.pow(alpha) / (w_mean.float().pow(1.0 - alpha) + MIN_SALIENCE)).clamp(min=MIN_SALIENCE)
+            out.append((alpha - 1.0, s / (s.max() * s.min()).sqrt()))
     return out
 
 
@@ -77,11 +97,12 @@ def scaled_fake_quantize(fmt, W: Tensor, s: Tensor) -> Tensor:
 
 
 def search_scales(Ws: list[Tensor], H: Tensor, x_mean: Tensor, fmt: Format | Sequence[Format],
-                  grid: int = 20) -> tuple[Tensor, dict]:
+                  grid: int = 20, w_mean: Tensor | None = None) -> tuple[Tensor, dict]:
     """Best scales s [in] for linears Ws (each [out_i, in]) sharing the input with Hessian H [in, in].
 
-    x_mean [in]: mean |x| per input channel; fmt: one format for all Ws, or one per W.
-    Returns s and {"alpha", "error", "error_unscaled"}.
+    x_mean [in]: mean |x| per input channel; fmt: one format for all Ws, or one per W;
+    w_mean [in]: weight_salience, to add the weight-aware candidates (None: x^α only).
+    Returns s and {"alpha" (negative: weight-aware, see scale_candidates), "error", "error_unscaled"}.
     """
     fmts = list(fmt) if isinstance(fmt, Sequence) else [fmt] * len(Ws)
     if len(fmts) != len(Ws):
@@ -89,7 +110,7 @@ def search_scales(Ws: list[Tensor], H: Tensor, x_mean: Tensor, fmt: Format | Seq
     H = H.float()
     Ws = [W.detach().float() for W in Ws]
     best = None
-    for alpha, s in scale_candidates(x_mean, grid):
+    for alpha, s in scale_candidates(x_mean, grid, w_mean):
         err = sum(output_error(W, scaled_fake_quantize(f, W, s), H) for W, f in zip(Ws, fmts))
         if alpha == 0.0:
             unscaled = err
@@ -158,7 +179,11 @@ def search_layer(layer: torch.nn.Module, spec: ArchSpec, hessians: dict[str, Ten
         Ws = [layer.get_submodule(name).weight for name in group.linears]
         x = group_salience(layer, group, saliences[first], head_dim)
         fmts = [fmt[name] for name in group.linears] if isinstance(fmt, Mapping) else fmt
-        scales[group.source], info[group.source] = search_scales(Ws, hessians[first], x, fmts, config.grid)
+        w = None
+        if config.duo:
+            size = getattr(fmts[0] if isinstance(fmts, list) else fmts, "group_size", -1)
+            w = group_salience(layer, group, weight_salience(Ws, size), head_dim)
+        scales[group.source], info[group.source] = search_scales(Ws, hessians[first], x, fmts, config.grid, w)
     return scales, info
 
 

@@ -7,7 +7,7 @@ import torch
 from lowbit.calibration.stats import InputStats
 from lowbit.formats import IntFormat, MXFP4Format, NFFormat
 from lowbit.methods.awq import (AwqConfig, apply_awq_plan, awq_search, output_error, scale_candidates,
-                                scaled_hessian, search_clip, search_scales)
+                                scaled_hessian, search_clip, search_scales, weight_salience)
 from lowbit.models.load import load
 from lowbit.transforms import source_scales
 
@@ -32,6 +32,34 @@ def test_candidates_start_with_no_scaling_and_are_normalised():
     assert torch.allclose(cands[0][1], torch.ones(64))
     for _, s in cands:
         assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_weight_salience_is_relative_to_each_group_absmax():
+    W1 = torch.tensor([[1.0, -2.0, 4.0, 0.0], [0.0, 1.0, -1.0, 1.0]])
+    W2 = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    # groups of 2 columns; rows of |W| / group absmax: [.5, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]
+    assert torch.allclose(weight_salience([W1, W2], 2), torch.tensor([1.5, 2, 2, 1]) / 3)
+    # per channel: one group per row (absmax 4, 1, 3)
+    assert torch.allclose(weight_salience([W1, W2], -1), torch.tensor([0.25 / 3 + 1 / 3, 0.5 / 3 + 1 / 3,
+                                                                      2 / 3, 1 / 3]))
+
+
+def test_duo_candidates_add_weight_aware_scales_and_never_lose():
+    x, w = torch.rand(64) * 10 + 0.1, torch.rand(64) + 0.05
+    plain, duo = scale_candidates(x, 20), scale_candidates(x, 20, w)
+    assert len(duo) == 2 * 20 - 1 and [a for a, _ in plain] == [a for a, _ in duo if a >= 0]
+    s_w0 = dict(duo)[-1.0]  # α = 0: 1 / w̄, normalised
+    ref = 1 / (w + 1e-4)
+    assert torch.allclose(s_w0, ref / (ref.max() * ref.min()).sqrt(), rtol=1e-5)
+    X = _activations()
+    st = _stats(X)
+    g = torch.Generator().manual_seed(3)
+    Ws = [torch.randn(64, 128, generator=g) * 0.02]
+    Ws[0][:, 40] *= 8  # a column of large weights: the weight-aware term has something to see
+    fmt = IntFormat(3, True, 32)
+    _, a = search_scales(Ws, st.hessian, st.mean_abs, fmt, 20)
+    _, b = search_scales(Ws, st.hessian, st.mean_abs, fmt, 20, weight_salience(Ws, 32))
+    assert b["error"] <= a["error"] and b["error_unscaled"] == a["error_unscaled"]
 
 
 def test_output_error_is_the_error_on_the_tokens():
@@ -77,7 +105,7 @@ def test_scaled_hessian_is_the_hessian_of_the_scaled_input():
 
 
 def test_config_validation():
-    for bad in (dict(grid=1), dict(clip="yes"), dict(clip_min=0.0), dict(clip_grid=0)):
+    for bad in (dict(grid=1), dict(clip="yes"), dict(clip_min=0.0), dict(clip_grid=0), dict(duo=1)):
         with pytest.raises(ValueError):
             AwqConfig(**bad)
 
@@ -92,7 +120,7 @@ def test_whole_model_plan_is_tied_saveable_and_function_preserving(request, tmp_
     with torch.no_grad():
         before = model(input_ids=ids).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = awq_search(model, spec, samples, fmt, AwqConfig(grid=5, clip=True))
+    plan = awq_search(model, spec, samples, fmt, AwqConfig(grid=5, clip=True, duo=True))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # search leaves the model alone
     assert set(plan.scales) == set(range(loaded.dims.n_layers))
     layer0 = model.get_submodule(spec.layers)[0]

@@ -54,6 +54,11 @@ class GGUFGrid:
     type_name: str
     importance: np.ndarray | None = None
 
+    @property
+    def group_size(self) -> int:
+        """Width of the type's scale blocks (AWQ's weight salience is relative to them)."""
+        return PROXIES.get(self.type_name, PROXIES["Q8_0"])[2]
+
     def _round_trip(self, W: torch.Tensor, importance) -> torch.Tensor:
         if self.type_name in ("F32", "F16"):
             return W.clone()
@@ -84,8 +89,14 @@ def linear_types(loaded, mix: str) -> dict[tuple[int, str], str]:
     return out
 
 
+# x^α candidates only: each candidate costs a real GGUF round trip of the group (the search is
+# most of an export's time), and the GGUF benchmark rows were measured this way
+GGUF_AWQ = AwqConfig(duo=False)
+
+
 @torch.no_grad()
-def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = AwqConfig(),
+
+def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = GGUF_AWQ,
                   sink_weight: float | None = None, grid: str = "gguf", progress: bool = True) -> AwqPlan:
     """AWQ scales for every decoder layer of `loaded` for GGUF mix `mix`, from calibration
     samples [N, L]; grid "gguf" (the types' own quantizers) or "proxy" (integer grids).
