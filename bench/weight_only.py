@@ -10,7 +10,7 @@ Work is resumable: each quantized directory and each evaluated row is kept under
 a second run only does what is missing.
 
     python bench/weight_only.py --models smollm2-135m --settings "W4 g64" "W3 g64" \
-        --methods rtn gptq awq awq+gptq awq-clip --samples 32 --windows 20
+        --methods rtn gptq awq awq+gptq --samples 32 --windows 20
 """
 from __future__ import annotations
 
@@ -24,12 +24,16 @@ from common import CALIB_TEXT, EVAL_TEXT, lowbit_quantize, machine, table, write
 SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
     "W4 g128": (4, 128), "W4 g64": (4, 64), "W3 g128": (3, 128), "W3 g64": (3, 64), "W2 g64": (2, 64),
 }
-# row label -> lowbit quantize flags; "-clip" rows add the clip search (--clip mse: for awq, AWQ's
-# own clip factors minimising the output error on the calibration inputs); "awq-x" rows search
-# the scales mean|x|^α only (--no-duo), without AutoAWQ's weight-aware candidates
+# row label -> lowbit quantize flags. awq is AWQ with its defaults: scale candidates mean|x|^α
+# and AutoAWQ's weight-aware ones (duo), then AWQ's clip search on the output error, one sweep
+# over the groups on the whole error. The other awq rows take parts away: "-x" searches
+# mean|x|^α only (--no-duo), "-noclip" has no clip search, "-clip0" judges each group's clip
+# alone (--clip-sweeps 0).
 METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"], "awq": ["--method", "awq"],
-           "awq+gptq": ["--method", "awq+gptq"], "awq-clip": ["--method", "awq", "--clip", "mse"],
-           "awq-x": ["--method", "awq", "--no-duo"], "awq-x-clip": ["--method", "awq", "--no-duo", "--clip", "mse"]}
+           "awq+gptq": ["--method", "awq+gptq"],
+           "awq-noclip": ["--method", "awq", "--clip", "none"], "awq-clip0": ["--method", "awq", "--clip-sweeps", "0"],
+           "awq-x": ["--method", "awq", "--no-duo", "--clip", "none"],
+           "awq-x-clip0": ["--method", "awq", "--no-duo", "--clip-sweeps", "0"]}
 
 
 def row_key(model: str, setting: str, method: str) -> str:

@@ -4,7 +4,7 @@ Methods compose by configuration: a method name is "+"-joined steps,
   rtn        round to nearest (no calibration; walks the layers directly),
   gptq       GPTQ on each linear's Hessian,
   awq        AWQ scales searched per layer and folded into the model, then RTN (with AWQ's
-             clip factors when AwqConfig.clip, else RtnConfig's clip),
+             clip factors when AwqConfig.clip, the default, else RtnConfig's clip),
   awq+gptq   the same AWQ step, then GPTQ on the scaled weights with the scaled Hessians.
 Calibrated methods run through the calibration walker: each decoder layer's inputs come
 from the already-quantized layers before it; the solve below searches/folds the AWQ scales,

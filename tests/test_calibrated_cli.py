@@ -63,6 +63,19 @@ def test_calibrated_quantize_saves_and_evaluates(request, capsys, tmp_path, cali
     assert code == 0, err
 
 
+@pytest.mark.parametrize("flags, clip, duo, sweeps", [([], True, True, 1), (["--clip", "none", "--no-duo"], False, False, 1),
+                                                      (["--clip-sweeps", "0"], True, True, 0)])
+def test_awq_defaults_to_its_clip_search(capsys, tiny_llama_dir, tmp_path, calib, flags, clip, duo, sweeps):
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "awq", *SMALL, "--calib", calib,
+                           "--out", out, "--save-plan", tmp_path / "plan", *flags)
+    assert code == 0, err
+    awq = json.loads((out / "lowbit.json").read_text())["method"]["awq"]
+    assert (awq["clip"], awq["duo"], awq["clip_sweeps"]) == (clip, duo, sweeps)
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert bool(plan.get("clips")) == clip, plan.keys()
+
+
 def test_composition_is_configuration(tiny_llama_dir, calib):
     """awq+gptq = the AWQ step (same plan as awq alone on layer 0) followed by GPTQ."""
     from lowbit.data.text import read_text

@@ -25,10 +25,10 @@ def add_parser(sub) -> None:
                    help=f"quantization method (default: rtn; known: {', '.join(METHODS)}); awq+gptq = AWQ "
                         "scales folded in, then GPTQ")
     add_format_args(p)
-    p.add_argument("--clip", default="none", choices=("none", "mse"),
-                   help="clip search (default: none). mse: rtn and gptq pick each group's shrink factor "
-                        "minimising the weight error; awq searches clip factors minimising the output "
-                        "error on the calibration inputs")
+    p.add_argument("--clip", default=None, choices=("none", "mse"),
+                   help="clip search (default: mse for awq, as AutoAWQ; none for the others). mse: rtn and "
+                        "gptq pick each group's shrink factor minimising the weight error; awq picks clip "
+                        "factors minimising the output error on the calibration inputs")
     c = p.add_argument_group("calibration (gptq, awq, awq+gptq)")
     c.add_argument("--calib", default=None, metavar="PATH",
                    help="calibration text file (required for calibrated methods; the evaluation text is refused)")
@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     a.add_argument("--duo", action=argparse.BooleanOptionalAction, default=True,
                    help="also try AutoAWQ's weight-aware scales mean|x|^a / mean(|W|/absmax)^(1-a) besides "
                         "mean|x|^a (default: on; --no-duo halves the search)")
+    a.add_argument("--clip-sweeps", type=int, default=1,
+                   help="passes of AWQ's clip search over the groups on the whole output error; 0 judges "
+                        "each group alone (default: 1)")
     p.add_argument("--save-plan", default=None, metavar="DIR",
                    help="awq: also write the AWQ plan (plan.json + plan.safetensors) to DIR")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (untied from the embedding)")
@@ -61,15 +64,21 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _clip(args: argparse.Namespace) -> str:
+    """--clip, or its per-method default: AWQ's own clip search for awq (AutoAWQ applies it)."""
+    return args.clip or ("mse" if args.method == "awq" else "none")
+
+
 def _config(args: argparse.Namespace) -> QuantizeConfig:
     from ..data.calibration import CalibConfig
 
     fmt = format_from_args(args)
+    clip = _clip(args)
     try:
         return QuantizeConfig(
-            fmt=fmt, method=args.method, rtn=RtnConfig(clip=args.clip),
-            gptq=GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order, clip=args.clip),
-            awq=AwqConfig(clip=args.clip == "mse", duo=args.duo),
+            fmt=fmt, method=args.method, rtn=RtnConfig(clip=clip),
+            gptq=GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order, clip=clip),
+            awq=AwqConfig(clip=clip == "mse", duo=args.duo, clip_sweeps=args.clip_sweeps),
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
             sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip))
@@ -106,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     size = size_report(loaded.model)
     worst = max(result.linears, key=lambda r: r.rel_error)
-    label = config.method + ("+mse-clip" if args.clip == "mse" else "")
+    label = config.method + ("+mse-clip" if _clip(args) == "mse" else "")
     losses = [(r.proxy_loss, r.rtn_proxy_loss) for r in result.linears if r.proxy_loss is not None]
     gain = (sum(b for _, b in losses) / max(sum(a for a, _ in losses), 1e-30)) if losses else None
     print(table(["model", "method", "format", "linears", "bits/weight", "model bits/param", "seconds",

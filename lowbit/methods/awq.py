@@ -42,18 +42,22 @@ class AwqConfig:
 
     grid: number of α values, linspace(0, 1, grid), >= 2.
     duo: also try the weight-aware candidates mean|x|^α / w̄^(1−α) (twice the search).
-    clip: also search per-group clip factors after scaling.
+    clip: also search per-group clip factors after scaling (on by default, as in AutoAWQ;
+        awq+gptq leaves the rounding, and so the clipping, to GPTQ).
     clip_grid, clip_min: the clip factors tried, linspace(1, clip_min, clip_grid).
+    clip_sweeps: passes of the clip search over the groups on the whole output error
+        (0: each group judged alone, on its diagonal block of H).
     """
 
     grid: int = 20
     duo: bool = True
-    clip: bool = False
+    clip: bool = True
     clip_grid: int = 20
     clip_min: float = 0.5
+    clip_sweeps: int = 1
 
     def __post_init__(self) -> None:
-        for name, lo in (("grid", 2), ("clip_grid", 1)):
+        for name, lo in (("grid", 2), ("clip_grid", 1), ("clip_sweeps", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"AwqConfig.{name} must be an int >= {lo}, got {v!r}")
@@ -131,28 +135,51 @@ def _block_hessian(H: Tensor, group_size: int) -> Tensor:
     return Hp.view(G, w, G, w)[idx, :, idx, :]  # [G, w, G, w] -> the G diagonal blocks [G, w, w]
 
 
-def search_clip(W: Tensor, H: Tensor, fmt: Format, grid: int = 20, clip_min: float = 0.5) -> Tensor | None:
-    """Per (row, group) clip factor for W [out, in] minimising e_g H_gg e_gᵀ -> [out, n_groups].
+def search_clip(W: Tensor, H: Tensor, fmt: Format, grid: int = 20, clip_min: float = 0.5,
+                sweeps: int = 1) -> Tensor | None:
+    """Per (row, group) clip factor for W [out, in] -> [out, n_groups].
 
+    First each group alone: the factor minimising e_g H_gg e_gᵀ. Then `sweeps` passes of
+    coordinate descent on the whole output error tr(E H Eᵀ): group by group, each row takes the
+    factor minimising e_g H_gg e_gᵀ + 2 e_g · (E H)_g,others with the other groups' errors fixed
+    (correlated input channels couple the groups). The descent starts from the better of the
+    per-group choice and no clipping, and each step can only lower the total, so the result
+    is never worse than no clipping on tr(E H Eᵀ).
     None for per-tensor formats (one scale for all rows: nothing to choose per group).
     """
     if fmt.group_size < 0:
         return None
     W = W.detach().float()
-    Hb = _block_hessian(H.float(), fmt.group_size)  # [G, w, w]
+    H = H.float()
     shape = fmt.scale_shape(tuple(W.shape))
-    best_f, best_e = torch.ones(shape), None
-    for f in torch.linspace(1.0, clip_min, grid).tolist():
-        clip = torch.full(shape, f)
-        Eg = grouping.to_groups(W - fmt.fake_quantize(W, clip), fmt.group_size, pad="zero")  # [out, G, w]
-        Eg = Eg.transpose(0, 1)  # [G, out, w]
-        err = (Eg @ Hb).mul_(Eg).sum(-1).T  # [G, out, w] -> [out, G]: e_g H_gg e_gᵀ per row and group
-        if best_e is None:
-            best_e = err
-            continue
-        better = err < best_e
-        best_e, best_f = torch.where(better, err, best_e), torch.where(better, clip, best_f)
-    return best_f
+    factors = torch.linspace(1.0, clip_min, grid)
+    # E_f = W - Q(W; f) for every factor: rows and groups quantize independently, so any choice
+    # of one factor per (row, group) assembles its error from these slices
+    E_f = torch.stack([W - fmt.fake_quantize(W, torch.full(shape, float(f))) for f in factors])  # [F, out, in]
+    Hb = _block_hessian(H, fmt.group_size)  # [G, w, w]
+    Eg = grouping.to_groups(E_f.flatten(0, 1), fmt.group_size, pad="zero")  # [F*out, in] -> [F*out, G, w]
+    Eg = Eg.view(grid, W.shape[0], *Eg.shape[1:]).transpose(1, 2)  # [F, G, out, w]
+    err = (Eg @ Hb).mul_(Eg).sum(-1)  # [F, G, out]: e_g H_gg e_gᵀ per factor, group and row
+    best = err.argmin(0).T  # [out, G] factor index
+    G = best.shape[1]
+    if G > 1 and sweeps > 0:
+        bounds = [(g * Hb.shape[-1], min((g + 1) * Hb.shape[-1], W.shape[1])) for g in range(G)]
+        rows = torch.arange(W.shape[0])
+        E = torch.empty_like(W)
+        for g, (a, b) in enumerate(bounds):
+            E[:, a:b] = E_f[best[:, g], rows, a:b]
+        per_row = lambda E: (E @ H).mul_(E).sum(-1)  # noqa: E731 -- [out]: each row's share of tr(E H Eᵀ)
+        unclipped = per_row(E_f[0]) < per_row(E)  # rows where no clipping beats the per-group choice
+        best[unclipped] = 0
+        E[unclipped] = E_f[0][unclipped]
+        for _ in range(sweeps):
+            for g, (a, b) in enumerate(bounds):
+                cross = E @ H[:, a:b] - E[:, a:b] @ H[a:b, a:b]  # [out, w]: the other groups' pull on g
+                e = E_f[:, :, a:b]  # [F, out, w]
+                total = (e @ H[a:b, a:b]).mul_(e).sum(-1) + 2 * (e * cross).sum(-1)  # [F, out]
+                best[:, g] = total.argmin(0)
+                E[:, a:b] = E_f[best[:, g], rows, a:b]
+    return factors[best]
 
 
 def group_salience(layer: torch.nn.Module, group, x_mean: Tensor, head_dim: int | None) -> Tensor:
@@ -225,7 +252,8 @@ def clips_for(layer, spec: ArchSpec, hessians: dict[str, Tensor], scales: dict[s
         s = scales[group.source]
         H = scaled_hessian(hessians[group.linears[0]], s)
         for name in group.linears:
-            c = search_clip(layer.get_submodule(name).weight.float() * s, H, fmt, config.clip_grid, config.clip_min)
+            c = search_clip(layer.get_submodule(name).weight.float() * s, H, fmt, config.clip_grid, config.clip_min,
+                            config.clip_sweeps)
             if c is not None:
                 clips[name] = c
     return clips

@@ -87,7 +87,7 @@ def test_search_beats_unscaled_on_salient_channels(fmt):
 
 @pytest.mark.parametrize("fmt", [IntFormat(4, True, 32), IntFormat(3, False, 64), IntFormat(4, True, 0),
                                  MXFP4Format()], ids=lambda f: f.name)
-def test_clip_search_never_worse_per_group(fmt):
+def test_clip_search_never_worse_than_no_clip(fmt):
     X = _activations(512, 96)
     H = _stats(X).hessian
     W = torch.randn(40, 96, generator=torch.Generator().manual_seed(2)) * 0.02
@@ -98,6 +98,16 @@ def test_clip_search_never_worse_per_group(fmt):
     assert search_clip(W, H, IntFormat(4, True, -1)) is None  # per tensor: nothing to choose per group
 
 
+def test_clip_sweeps_lower_the_whole_output_error_on_correlated_inputs():
+    X = _activations(512, 128)
+    X = X + 3 * X[:, :1]  # one direction shared by every channel: the groups' errors interact
+    H = _stats(X).hessian.float()
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(5)) * 0.02
+    fmt = IntFormat(3, True, 32)
+    errors = [output_error(W, fmt.fake_quantize(W, search_clip(W, H, fmt, 16, 0.5, sweeps)), H) for sweeps in (0, 1, 2)]
+    assert errors[1] < errors[0] and errors[2] <= errors[1] * (1 + 1e-6)
+
+
 def test_scaled_hessian_is_the_hessian_of_the_scaled_input():
     X = _activations(128, 32).double()
     s = torch.rand(32, dtype=torch.float64) + 0.5
@@ -105,7 +115,7 @@ def test_scaled_hessian_is_the_hessian_of_the_scaled_input():
 
 
 def test_config_validation():
-    for bad in (dict(grid=1), dict(clip="yes"), dict(clip_min=0.0), dict(clip_grid=0), dict(duo=1)):
+    for bad in (dict(grid=1), dict(clip="yes"), dict(clip_min=0.0), dict(clip_grid=0), dict(duo=1), dict(clip_sweeps=-1)):
         with pytest.raises(ValueError):
             AwqConfig(**bad)
 

@@ -90,8 +90,9 @@ def linear_types(loaded, mix: str) -> dict[tuple[int, str], str]:
 
 
 # x^α candidates only: each candidate costs a real GGUF round trip of the group (the search is
-# most of an export's time), and the GGUF benchmark rows were measured this way
-GGUF_AWQ = AwqConfig(duo=False)
+# most of an export's time), and the GGUF benchmark rows were measured this way; the GGUF
+# quantizers pick their own block scales, so there is no AWQ clip search
+GGUF_AWQ = AwqConfig(duo=False, clip=False)
 
 
 @torch.no_grad()
