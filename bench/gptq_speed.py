@@ -104,10 +104,11 @@ def main() -> None:
           f"solve {parts['solve_seconds']:.1f} + re-run {parts['forward_seconds']:.1f} (+ sink passes, write-back); "
           f"one plain calibration forward {fwd:.1f} s -> bound 2 x (forward + solves) = {bound:.1f} s: "
           f"{'within' if lb['within_bound'] else 'OVER'}")
-    print(f"{args.model}, W{args.bits} g{args.group} sym, {args.samples} x {args.seq_len} calibration tokens, "
-          f"{args.threads} threads per process")
+    print(f"{args.model}, W{args.bits} g{args.group} sym, {args.samples} x {args.seq_len} calibration tokens of "
+          f"{CALIB_TEXT} (seed {args.seed}), {args.threads} threads per process")
     write_json(Path(args.json), {"bench": "gptq_speed", "model": args.model, "bits": args.bits, "group": args.group,
-                                 "samples": args.samples, "seq_len": args.seq_len, "threads": args.threads,
+                                 "calib_text": str(CALIB_TEXT), "samples": args.samples, "seq_len": args.seq_len,
+                                 "seed": args.seed, "tokens": args.samples * args.seq_len, "threads": args.threads,
                                  "forward_peak_rss_mib": fwd_rss, "machine": machine(), "rows": rows})
 
 

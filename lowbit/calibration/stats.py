@@ -14,8 +14,8 @@ class InputStats:
     """Statistics of the inputs x [tokens, in] seen by one linear (or one group sharing an input).
 
     hessian:  H = Σ xᵀx over all tokens, [in, in] (float64), when requested; each batch's
-              product is taken in float32 for float32/16 inputs (a float64 matmul costs ~2x on CPU and one batch's
-              sums are well within float32's precision), the running sum is float64
+              product is taken in float32 for float32/16 inputs (float64 matmuls are slower
+              on CPU, and one batch's sums fit float32's precision), the running sum in float64
     absmax:   max |x_j| per input channel, [in]
     mean_abs: Σ |x_j| / tokens per channel, [in]   (AWQ's activation salience)
     sq_mean:  Σ x_j² / tokens per channel, [in]    (the imatrix)

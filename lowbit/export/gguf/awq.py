@@ -96,7 +96,6 @@ GGUF_AWQ = AwqConfig(duo=False, clip=False)
 
 
 @torch.no_grad()
-
 def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = GGUF_AWQ,
                   sink_weight: float | None = None, grid: str = "gguf", progress: bool = True) -> AwqPlan:
     """AWQ scales for every decoder layer of `loaded` for GGUF mix `mix`, from calibration
