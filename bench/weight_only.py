@@ -28,8 +28,10 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
 # and AutoAWQ's weight-aware ones (duo), then AWQ's clip search on the output error, one sweep
 # over the groups on the whole error. The other awq rows take parts away: "-x" searches
 # mean|x|^α only (--no-duo), "-noclip" has no clip search, "-clip0" judges each group's clip
-# alone (--clip-sweeps 0).
-METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"], "awq": ["--method", "awq"],
+# alone (--clip-sweeps 0). gptq walks each layer once, solving each group when the calibration
+# reaches it (the default walk); gptq-2pass captures the float layer and re-runs it quantized.
+METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"],
+           "gptq-2pass": ["--method", "gptq", "--walk", "two-pass"], "awq": ["--method", "awq"],
            "awq+gptq": ["--method", "awq+gptq"],
            "awq-noclip": ["--method", "awq", "--clip", "none"], "awq-clip0": ["--method", "awq", "--clip-sweeps", "0"],
            "awq-x": ["--method", "awq", "--no-duo", "--clip", "none"],

@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .calibration.walker import walk
 from .data.calibration import CalibConfig
 from .errors import LowbitError
 from .formats import Format
 from .log import logger
 from .methods.awq import AwqConfig, AwqPlan, clips_for, output_error, scaled_hessian, search_layer
-from .methods.gptq import GptqConfig, gptq
+from .methods.gptq import GptqConfig, gptq_shared
 from .methods.rtn import RtnConfig, rtn
 from .models.load import Loaded
 from .nn.qlinear import QuantLinear
@@ -40,6 +40,7 @@ CALIBRATED = ("gptq", "awq", "awq+gptq")
 # error for the others' made SmolLM2 W4 g64 worse than RTN (4 windows: 42.4 vs 36.0, FP 24.2);
 # counting each sample's first token this many times gave 30.1.
 SINK_WEIGHT = 100.0
+WALKS = ("auto", "sequential", "two-pass")   # calibration/walker.py; auto: choose_walk
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class QuantizeConfig:
     sink_weight: float = SINK_WEIGHT    # weight of each sample's first token in the Hessians
     quantize_head: bool = False
     skip: tuple[str, ...] = ()          # fnmatch patterns on full module names kept in float
+    walk: str = "auto"                  # one of WALKS
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -62,6 +64,10 @@ class QuantizeConfig:
         if isinstance(self.sink_weight, bool) or not isinstance(self.sink_weight, (int, float)) \
                 or not 0 <= self.sink_weight < float("inf"):
             raise ValueError(f"sink weight must be a finite number >= 0, got {self.sink_weight!r}")
+        if self.walk not in WALKS:
+            raise ValueError(f"unknown walk {self.walk!r} (known: {', '.join(WALKS)})")
+        if self.walk == "sequential" and "awq" in self.steps:
+            raise ValueError("AWQ needs the two-pass walk (its v → o scales fold into v before v is quantized)")
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -81,6 +87,7 @@ class QuantizeConfig:
         if self.calibrated:
             d["calibration"] = vars(self.calib).copy()
             d["sink_weight"] = self.sink_weight
+            d["walk"] = self.walk
         return d
 
 
@@ -162,9 +169,11 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
         plan = AwqPlan(meta={"method": config.method, "config": vars(config.awq).copy(),
                              "format": config.fmt.to_dict(), "family": loaded.spec.family}) \
             if "awq" in config.steps else None
-        solve = _calibrated_solve(loaded, config, set(names), reports, plan, samples[:, :1])
+        solve = _calibrated_solve(loaded, config, set(names), reports, plan)
         wanted = {"hessian", "mean_abs"} if plan is not None else {"hessian"}
-        timings = tuple(_walk(loaded, samples, solve, wanted, offload, progress))
+        timings = tuple(walk(loaded.model, loaded.spec, samples, solve, wanted, offload=offload, progress=progress,
+                             sequential=choose_walk(config, loaded.dims, samples, offload) == "sequential",
+                             sink_weight=config.sink_weight))
     rest = [n for n in names if not config.calibrated or n == loaded.spec.head]
     for name in tqdm(rest, desc=f"rtn {config.fmt.name}", unit="linear", disable=not progress, leave=False):
         linear = loaded.model.get_submodule(name)
@@ -175,64 +184,39 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     return QuantizeResult(config, tuple(reports), seconds, plan, timings)
 
 
-@contextmanager
-def _one_thread():
-    """GPTQ's column loop is thousands of small tensor ops: intra-op threads only add
-    synchronisation (on a busy 2-core machine they made a 1536x576 solve 6x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def choose_walk(config: QuantizeConfig, dims, samples: torch.Tensor, offload: Path | None = None) -> str:
+    """The walk config.walk asks for; "auto" is sequential unless AWQ, --offload, or the samples'
+    intermediates would take over a quarter of the available memory (then two-pass)."""
+    if config.walk == "sequential" and offload is not None:
+        raise LowbitError("--walk sequential keeps every sample's activations in memory: it cannot --offload")
+    if config.walk != "auto":
+        return config.walk
+    if "awq" in config.steps or offload is not None:
+        return "two-pass"
+    # alive per token while a group is solved: the MLP's product and a few hidden-size tensors
+    need = samples.numel() * 4 * (dims.intermediate + 4 * dims.hidden)
+    available = available_memory()
+    walk = "sequential" if need <= available / 4 else "two-pass"
+    logger.info("walk: %s (the sequential walk would hold ~%.1f GiB of %.1f GiB available)", walk,
+                need / 2**30, available / 2**30)
+    return walk
 
 
-def _walk(loaded: Loaded, samples, solve, wanted, offload, progress):
-    from .calibration.walker import walk
+def available_memory() -> int:
+    """Bytes of memory available to new allocations."""
+    import psutil
 
-    return walk(loaded.model, loaded.spec, samples, solve, wanted, offload=offload, progress=progress)
-
-
-def sink_hessians(model: torch.nn.Module, layer: torch.nn.Module, spec, first_tokens: torch.Tensor) -> dict:
-    """Σ xᵀx over the first position of each sample, per linear of `layer` -> {name: H [in, in]}.
-
-    A position-0 hidden state depends on its token alone (causal attention), so running the
-    model as it is now (earlier layers already quantized) on first_tokens [N, 1] gives the
-    inputs `layer` sees at position 0, at the cost of N one-token forward passes.
-    """
-    from .calibration.capture import capture_inputs
-
-    sources = [g.linears[0] for g in spec.groups]
-    with capture_inputs(layer, sources, {"hessian"}) as stats:
-        model(input_ids=first_tokens, use_cache=False, logits_to_keep=1)
-    return {name: stats[g.linears[0]].hessian for g in spec.groups for name in g.linears}
-
-
-def sink_weighted_hessians(model: torch.nn.Module, layer: torch.nn.Module, spec, stats: dict,
-                           first_tokens: torch.Tensor, sink_weight: float) -> dict:
-    """{linear: H + (w - 1) Σ x₀ᵀx₀} from the walker's stats of `layer`: each sample's first token
-    (the sink) counted w = sink_weight times. Linears sharing an input share one tensor."""
-    H = {name: stats[name].hessian for name in spec.linears}
-    if sink_weight == 1.0:
-        return H
-    H0 = sink_hessians(model, layer, spec, first_tokens)
-    done = {}
-    for name in spec.linears:
-        key = id(H[name])
-        if key not in done:
-            done[key] = H[name] + (sink_weight - 1.0) * H0[name]
-        H[name] = done[key]
-    return H
+    return int(psutil.virtual_memory().available)
 
 
 def _calibrated_solve(loaded: Loaded, config: QuantizeConfig, names: set[str], reports: list,
-                      plan: AwqPlan | None, first_tokens: torch.Tensor):
+                      plan: AwqPlan | None):
     """The walker's solve for config.steps: (AWQ search + fold) then GPTQ or RTN per linear."""
     spec, fmt, head_dim = loaded.spec, config.fmt, loaded.dims.head_dim
     use_gptq = "gptq" in config.steps
 
     def solve(index: int, layer: torch.nn.Module, stats: dict) -> None:
-        H = sink_weighted_hessians(loaded.model, layer, spec, stats, first_tokens, config.sink_weight)
+        H = {name: st.hessian for name, st in stats.items()}   # sink-weighted by the walker
         H_orig, s_of, clips = dict(H), {}, {}
         if plan is not None:
             try:
@@ -251,18 +235,15 @@ def _calibrated_solve(loaded: Loaded, config: QuantizeConfig, names: set[str], r
             plan.scales[index] = scales
             if clips:
                 plan.clips[index] = clips
-        for name in spec.linears:
+        todo = [name for name in stats if f"{spec.layers}.{index}.{name}" in names]  # whole layer or one group
+        solved = _gptq_by_input(index, layer, todo, H, config) if use_gptq else {}
+        for name in todo:
             full = f"{spec.layers}.{index}.{name}"
-            if full not in names:
-                continue
             linear = layer.get_submodule(name)
             W_f = linear.weight.detach()
             try:
                 if use_gptq:
-                    with _one_thread():
-                        q, st = gptq(W_f, H[name], fmt, block_size=config.gptq.block_size, damp=config.gptq.damp,
-                                     act_order=config.gptq.act_order, static_groups=config.gptq.static_groups,
-                                     clip=config.gptq.clip)
+                    q, st = solved[name]
                     loss, rtn_loss = st.proxy_loss, st.rtn_proxy_loss
                 else:
                     q = fmt.quantize(W_f, clips[name]) if name in clips else rtn(W_f, fmt, config.rtn)
@@ -275,3 +256,21 @@ def _calibrated_solve(loaded: Loaded, config: QuantizeConfig, names: set[str], r
             reports.append(_write(layer, name, full, q, linear.bias, W_f, fmt, (loss, rtn_loss)))
 
     return solve
+
+
+def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict, config: QuantizeConfig) -> dict:
+    """GPTQ of the named linears, one solve per shared input (same H tensor): {name: (QTensor, GptqStats)}."""
+    by_input: dict[int, list[str]] = {}
+    for name in names:
+        by_input.setdefault(id(H[name]), []).append(name)
+    out, g = {}, config.gptq
+    for group in by_input.values():
+        try:
+            # with the process's intra-op threads: nothing else runs while a group is solved
+            results = gptq_shared([layer.get_submodule(n).weight for n in group], H[group[0]], config.fmt,
+                                  block_size=g.block_size, damp=g.damp, act_order=g.act_order,
+                                  static_groups=g.static_groups, clip=g.clip)
+        except ValueError as e:
+            raise LowbitError(f"layer {index} {', '.join(group)}: {e}") from None
+        out.update(zip(group, results))
+    return out

@@ -92,21 +92,28 @@ def test_composition_is_configuration(tiny_llama_dir, calib):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sink_hessians_are_the_first_positions_statistics(tiny_gemma3_dir):
+def test_sink_weight_counts_each_samples_first_position(tiny_gemma3_dir):
+    """H with sink weight w = plain H + (w - 1) x H of one-token runs of the first tokens."""
     from lowbit.calibration.walker import walk
-    from lowbit.quantize import sink_hessians
 
     loaded = load(str(tiny_gemma3_dir))
-    spec, first = loaded.spec, torch.randint(0, 256, (3, 1), generator=torch.Generator().manual_seed(4))
-    expected = {}
-    walk(loaded.model, spec, first, lambda i, layer, st: expected.update({i: st}), {"hessian"}, progress=False)
-    for i, layer in enumerate(loaded.model.get_submodule(spec.layers)):
-        with torch.no_grad():
-            got = sink_hessians(loaded.model, layer, spec, first)
+    spec = loaded.spec
+    samples = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(4))
+
+    def hessians(ids, w):
+        got = {}
+        walk(loaded.model, spec, ids, lambda i, layer, st: got.update({i: st}), {"hessian"}, progress=False,
+             sink_weight=w)
+        return got
+
+    plain, weighted, first = hessians(samples, 1.0), hessians(samples, 7.0), hessians(samples[:, :1], 1.0)
+    for i in plain:
         for name in spec.linears:
-            want = expected[i][name].hessian
+            want = plain[i][name].hessian + 6.0 * first[i][name].hessian
+            got = weighted[i][name].hessian
+            assert not torch.allclose(got, plain[i][name].hessian)
             # batched vs one-token float32 forwards differ in rounding: bound relative to H's scale
-            torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_sink_weight_validated_and_recorded():
@@ -156,6 +163,33 @@ def test_nan_in_a_layer_is_named(capsys, tiny_llama_dir, tmp_path, calib):
                                "--out", tmp_path / "o")
         assert_one_line_error(code, err, "layer 1")
         assert not (tmp_path / "o").exists()
+
+
+def test_walk_choice_validated_and_recorded(capsys, monkeypatch, tiny_llama_dir, tmp_path, calib):
+    with pytest.raises(ValueError, match="two-pass"):
+        QuantizeConfig(fmt=IntFormat(4, True, 32), method="awq+gptq", walk="sequential")
+    import lowbit.quantize as q
+
+    dims, samples = load(str(tiny_llama_dir)).dims, torch.zeros(4, 64, dtype=torch.long)
+    config = QuantizeConfig(fmt=IntFormat(4, True, 32), method="gptq")
+    assert q.choose_walk(config, dims, samples) == "sequential"
+    assert q.choose_walk(config, dims, samples, tmp_path) == "two-pass"        # auto: offload needs two passes
+    assert q.choose_walk(QuantizeConfig(fmt=IntFormat(4, True, 32), method="awq"), dims, samples) == "two-pass"
+    need = samples.numel() * 4 * (dims.intermediate + 4 * dims.hidden)
+    monkeypatch.setattr(q, "available_memory", lambda: 3 * need)             # would take a third: too much
+    assert q.choose_walk(config, dims, samples) == "two-pass"
+    assert q.choose_walk(QuantizeConfig(fmt=IntFormat(4, True, 32), method="gptq", walk="sequential"),
+                         dims, samples) == "sequential"
+    monkeypatch.undo()
+    assert q.available_memory() > 0
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "gptq", *SMALL, "--calib", calib,
+                           "--walk", "sequential", "--offload", tmp_path, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--offload")
+    assert not (tmp_path / "o").exists()
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "gptq", *SMALL, "--calib", calib,
+                           "--walk", "two-pass", "--out", tmp_path / "q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "q" / "lowbit.json").read_text())["method"]["walk"] == "two-pass"
 
 
 @needs_eval_text

@@ -21,10 +21,13 @@ class InputStats:
     sq_mean:  Σ x_j² / tokens per channel, [in]    (the imatrix)
     moments:  Σ x_j, Σ x_j², Σ x_j³, Σ x_j⁴ per channel, [4, in] (for kurtosis)
     tokens:   how many token vectors were accumulated
+    sink_weight: in H only, the first position of each sample (inputs [batch, seq, in]) counts
+              this many times: the attention sink (see lowbit.quantize.SINK_WEIGHT)
     """
 
     in_features: int
     wanted: frozenset = field(default_factory=lambda: frozenset({"absmax", "mean_abs"}))
+    sink_weight: float = 1.0
     tokens: int = 0
     hessian: Tensor | None = None
     absmax: Tensor | None = None
@@ -40,15 +43,25 @@ class InputStats:
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        """Add a batch of inputs x [..., in] (any leading shape)."""
-        x = x.detach().reshape(-1, self.in_features)       # [..., in] -> [tokens, in]
-        if not torch.isfinite(x).all():
-            raise FloatingPointError("non-finite values (NaN/Inf) in the captured activations")
+        """Add a batch of inputs x [..., in] (any leading shape; [batch, seq, in] for the sink)."""
+        x_in = x.detach()
+        x = x_in.reshape(-1, self.in_features)             # [..., in] -> [tokens, in]
         n = x.shape[0]
         if "hessian" in self.wanted:
             xf = x if x.dtype == torch.float64 else x.float()   # float64 inputs stay float64
-            h = (xf.T @ xf).double()
-            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+            h = xf.T @ xf                                      # [in, in]
+            # diag(h) = Σ x_j²: a NaN/Inf anywhere in x shows there, at 1/tokens of the cost of x
+            if not torch.isfinite(h.diagonal()).all():
+                raise FloatingPointError("non-finite values (NaN/Inf) in the captured activations")
+            if self.sink_weight != 1.0 and x_in.dim() >= 3:
+                x0 = xf.view(*x_in.shape)[..., 0, :].reshape(-1, self.in_features)   # [batch.., in]: position 0
+                h.add_(x0.T @ x0, alpha=self.sink_weight - 1.0)
+            if self.hessian is None:
+                self.hessian = h.double()
+            else:
+                self.hessian.add_(h)                           # float64 += float32, no float64 temporary
+        elif not torch.isfinite(x).all():
+            raise FloatingPointError("non-finite values (NaN/Inf) in the captured activations")
         if "absmax" in self.wanted:
             m = x.abs().amax(0).float()
             self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)

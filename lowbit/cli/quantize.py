@@ -8,7 +8,7 @@ from ..errors import LowbitError
 from ..methods.awq import AwqConfig
 from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
-from ..quantize import CALIBRATED, METHODS, SINK_WEIGHT, QuantizeConfig, quantize
+from ..quantize import CALIBRATED, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
 from .common import add_format_args, format_from_args
 from .table import table
 
@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed of the window positions (default: 0)")
     c.add_argument("--offload", default=None, metavar="DIR",
                    help="keep the calibration activations in files under DIR instead of memory (default: memory)")
+    c.add_argument("--walk", default="auto", choices=WALKS,
+                   help="sequential: one forward per layer, each group solved when every sample reaches it "
+                        "(keeps all samples' intermediates in memory); two-pass: capture, solve all, re-run "
+                        "(AWQ needs it). Default auto: sequential unless AWQ or --offload")
     c.add_argument("--allow-eval-text", action="store_true", help="allow calibrating on the evaluation text")
     c.add_argument("--sink-weight", type=float, default=SINK_WEIGHT,
                    help="count each sample's first token (the attention sink) this many times in the Hessians "
@@ -81,7 +85,7 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
             awq=AwqConfig(clip=clip == "mse", duo=args.duo, clip_sweeps=args.clip_sweeps),
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
-            sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip))
+            sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip), walk=args.walk)
     except ValueError as e:
         raise LowbitError(str(e)) from None
 

@@ -182,8 +182,18 @@ def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: floa
     Dead columns (H_jj == 0: the input channel was always 0) get H_jj = 1 and W[:, j] = 0,
     so their codes encode 0. Pure: no hooks, I/O or device moves; W and H are not modified.
     """
-    GptqConfig(block_size, damp, act_order, static_groups, clip)  # validates the options
     start = time.perf_counter()
+    q, damp = _gptq_codes(W, H, fmt, block_size, damp, act_order, static_groups, clip)
+    W0 = W.detach().float()
+    loss = proxy_loss(W0, fmt.dequantize(q), H)
+    rtn_loss = proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H)
+    return q, GptqStats(loss, rtn_loss, time.perf_counter() - start, damp)
+
+
+def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float, act_order: bool,
+                static_groups: bool, clip: str) -> tuple[QTensor, float]:
+    """gptq's solve without its statistics: (QTensor, the damping finally used)."""
+    GptqConfig(block_size, damp, act_order, static_groups, clip)  # validates the options
     W0, H64, dead = checked_inputs(W, H, "gptq")
     out, n = W0.shape
     Wk = W0.clone()
@@ -242,7 +252,34 @@ def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: floa
             codes[i1 + i] = c
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later blocks
 
-    q = QTensor(codes[inv].T.contiguous(), scales, zeros, (out, n), fmt)  # [in, out] in natural order -> [out, in]
-    loss = proxy_loss(W0, fmt.dequantize(q), H)
-    rtn_loss = proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H)
-    return q, GptqStats(loss, rtn_loss, time.perf_counter() - start, damp)
+    return QTensor(codes[inv].T.contiguous(), scales, zeros, (out, n), fmt), damp  # [in, out] -> [out, in]
+
+
+def gptq_shared(Ws: list[Tensor], H: Tensor, fmt: Format, *, block_size: int = 128, damp: float = 0.01,
+                act_order: bool = False, static_groups: bool = True,
+                clip: str = "none") -> list[tuple[QTensor, GptqStats]]:
+    """GPTQ of several weights [out_i, in] that read the same input (one H [in, in]), in one solve.
+
+    GPTQ treats rows independently (each row's error feedback uses only that row), so stacking
+    the weights row-wise gives each weight its own result with a third (q/k/v) or half (gate/up)
+    of the column steps. Formats with one scale per tensor couple the rows: those are solved
+    one by one. Returns [(QTensor, GptqStats)] in the order of Ws.
+    """
+    options = dict(block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups, clip=clip)
+    n = Ws[0].shape[-1]
+    if len(Ws) == 1 or fmt.scale_shape((1, n))[0] != 1 or fmt.scale_shape((2, n))[0] != 2:
+        return [gptq(W, H, fmt, **options) for W in Ws]
+    start = time.perf_counter()
+    q, damp = _gptq_codes(torch.cat([W.detach().float() for W in Ws]), H, fmt, **options)  # [Σ out_i, in]
+    seconds = time.perf_counter() - start
+    results, r0 = [], 0
+    for W in Ws:
+        r1 = r0 + W.shape[0]
+        part = QTensor(q.codes[r0:r1].contiguous(), q.scales[r0:r1].contiguous(),
+                       None if q.zeros is None else q.zeros[r0:r1].contiguous(), (r1 - r0, n), fmt)
+        W0 = W.detach().float()
+        loss = proxy_loss(W0, fmt.dequantize(part), H)
+        rtn_loss = proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H)
+        results.append((part, GptqStats(loss, rtn_loss, seconds * (r1 - r0) / q.shape[0], damp)))
+        r0 = r1
+    return results

@@ -1,6 +1,7 @@
 """InputStats: streamed statistics equal the statistics of all tokens at once."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lowbit.calibration.stats import InputStats
@@ -27,3 +28,12 @@ def test_float64_inputs_stay_exact():
     st.update(X[:100])
     st.update(X[100:])
     torch.testing.assert_close(st.hessian, X.T @ X, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("wanted", [{"hessian"}, {"absmax"}, {"hessian", "mean_abs"}])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_refused(wanted, bad):
+    x = torch.randn(2, 16, 8)
+    x[1, 5, 3] = bad
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        InputStats(8, wanted).update(x)

@@ -102,7 +102,7 @@ def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = G
     samples [N, L]; grid "gguf" (the types' own quantizers) or "proxy" (integer grids).
     The model is not changed; fold the plan with methods.awq.apply_awq_plan."""
     from ...calibration.walker import walk
-    from ...quantize import SINK_WEIGHT, sink_weighted_hessians
+    from ...quantize import SINK_WEIGHT
 
     if grid not in ("gguf", "proxy"):
         raise ValueError(f"grid must be 'gguf' or 'proxy', got {grid!r}")
@@ -115,7 +115,7 @@ def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = G
                          "family": spec.family})
 
     def solve(index: int, layer: torch.nn.Module, stats: dict) -> None:
-        H = sink_weighted_hessians(loaded.model, layer, spec, stats, samples[:, :1], sink_weight)
+        H = {name: st.hessian for name, st in stats.items()}   # sink-weighted by the walker
         if grid == "proxy":
             fmts = {name: proxy_format(types[index, name]) for name in spec.linears}
         else:
@@ -127,5 +127,5 @@ def awq_gguf_plan(loaded, mix: str, samples: torch.Tensor, config: AwqConfig = G
             raise LowbitError(f"layer {index}: AWQ: {e}") from None
 
     wanted = {"hessian", "mean_abs", "sq_mean"} if grid == "gguf" else {"hessian", "mean_abs"}
-    walk(loaded.model, spec, samples, solve, wanted, progress=progress)
+    walk(loaded.model, spec, samples, solve, wanted, progress=progress, sink_weight=sink_weight)
     return plan
