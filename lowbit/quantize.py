@@ -110,6 +110,7 @@ class QuantizeResult:
     seconds: float
     plan: AwqPlan | None = None         # the AWQ scales (and clips) that were folded in
     timings: tuple = ()                 # walker LayerTiming per layer (calibrated methods)
+    walk: str | None = None             # the walk used (calibrated methods): "sequential" | "two-pass"
 
 
 def quantized_names(loaded: Loaded, config: QuantizeConfig) -> list[str]:
@@ -164,16 +165,16 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     if config.quantize_head:
         _untie_head(loaded)
     names = quantized_names(loaded, config)
-    reports, plan, timings = [], None, ()
+    reports, plan, timings, used = [], None, (), None
     if config.calibrated:
         plan = AwqPlan(meta={"method": config.method, "config": vars(config.awq).copy(),
                              "format": config.fmt.to_dict(), "family": loaded.spec.family}) \
             if "awq" in config.steps else None
         solve = _calibrated_solve(loaded, config, set(names), reports, plan)
         wanted = {"hessian", "mean_abs"} if plan is not None else {"hessian"}
+        used = choose_walk(config, loaded.dims, samples, offload)
         timings = tuple(walk(loaded.model, loaded.spec, samples, solve, wanted, offload=offload, progress=progress,
-                             sequential=choose_walk(config, loaded.dims, samples, offload) == "sequential",
-                             sink_weight=config.sink_weight))
+                             sequential=used == "sequential", sink_weight=config.sink_weight))
     rest = [n for n in names if not config.calibrated or n == loaded.spec.head]
     for name in tqdm(rest, desc=f"rtn {config.fmt.name}", unit="linear", disable=not progress, leave=False):
         linear = loaded.model.get_submodule(name)
@@ -181,7 +182,7 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
         reports.append(_write(loaded.model, name, name, rtn(W_f, config.fmt, config.rtn), linear.bias, W_f, config.fmt))
     seconds = time.perf_counter() - start
     logger.info("quantized %d linears in %.1f s", len(reports), seconds)
-    return QuantizeResult(config, tuple(reports), seconds, plan, timings)
+    return QuantizeResult(config, tuple(reports), seconds, plan, timings, used)
 
 
 def choose_walk(config: QuantizeConfig, dims, samples: torch.Tensor, offload: Path | None = None) -> str:

@@ -51,6 +51,7 @@ def test_calibrated_quantize_saves_and_evaluates(request, capsys, tmp_path, cali
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["method"]["method"] == method
     assert manifest["method"]["calibration"]["samples"] == 4
+    assert manifest["method"]["walk"] == ("sequential" if method == "gptq" else "two-pass")
     assert manifest["method"]["calibration"]["text_sha256"]
     assert ("gptq" in manifest["method"]) == ("gptq" in method) and ("awq" in manifest["method"]) == ("awq" in method)
     summary = json.loads((tmp_path / "s.json").read_text())

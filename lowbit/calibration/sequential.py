@@ -9,8 +9,8 @@ group's statistics also come from the already-quantized groups before it in the 
 (GPTQ's "true sequential" order).
 
 Coroutines, not threads: everything stays on the walker's thread, so torch keeps one pool of
-intra-op threads (with a thread per sample, the idle pools of the paused threads slowed the
-solves between them by about 1.6x). The cost is memory: every sample's intermediate tensors
+intra-op threads (with a thread per sample, the idle pools of the paused threads slowed down
+the solves between them). The cost is memory: every sample's intermediate tensors
 are alive while a group is solved (lowbit.quantize.choose_walk weighs that).
 """
 from __future__ import annotations

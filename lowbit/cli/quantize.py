@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.linears:
         raise LowbitError("no linear was quantized (check --skip)")
     method = config.to_dict()
+    if result.walk:
+        method["walk"] = result.walk                  # what "auto" resolved to
     if text is not None:
         method["calibration"].update(text=text.origin, text_sha256=text.sha256)
     out = save_quantized(loaded, method, args.out, overwrite=args.overwrite)
