@@ -110,7 +110,7 @@ def _first_layer_inputs(model, spec: ArchSpec, samples: torch.Tensor, store: Act
         kw.update(past_key_values=None, use_cache=False)
         if causal_skip and _plain_causal(kw.get("attention_mask")):
             # SDPA given no mask takes its causal path, which skips the masked half of the
-            # scores (same outputs, ~25% less layer time on SmolLM2); sliding-window masks stay
+            # scores (same outputs; a test checks it); sliding-window masks stay
             kw["attention_mask"] = None
     return kwargs
 

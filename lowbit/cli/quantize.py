@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     c.add_argument("--walk", default="auto", choices=WALKS,
                    help="sequential: one forward per layer, each group solved when every sample reaches it "
                         "(keeps all samples' intermediates in memory); two-pass: capture, solve all, re-run "
-                        "(AWQ needs it). Default auto: sequential unless AWQ or --offload")
+                        "(AWQ needs it). Default auto: sequential unless AWQ, --offload, or the samples' activations "
+                        "would take over a quarter of the available memory")
     c.add_argument("--allow-eval-text", action="store_true", help="allow calibrating on the evaluation text")
     c.add_argument("--sink-weight", type=float, default=SINK_WEIGHT,
                    help="count each sample's first token (the attention sink) this many times in the Hessians "

@@ -184,10 +184,14 @@ def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: floa
     """
     start = time.perf_counter()
     q, damp = _gptq_codes(W, H, fmt, block_size, damp, act_order, static_groups, clip)
-    W0 = W.detach().float()
-    loss = proxy_loss(W0, fmt.dequantize(q), H)
-    rtn_loss = proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H)
-    return q, GptqStats(loss, rtn_loss, time.perf_counter() - start, damp)
+    return q, _stats(W, q, H, time.perf_counter() - start, damp)
+
+
+def _stats(W: Tensor, q: QTensor, H: Tensor, seconds: float, damp: float) -> GptqStats:
+    """GPTQ's output error on H beside that of plain RTN of the same weight."""
+    W0, fmt = W.detach().float(), q.fmt
+    return GptqStats(proxy_loss(W0, fmt.dequantize(q), H), proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H),
+                     seconds, damp)
 
 
 def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float, act_order: bool,
@@ -277,9 +281,6 @@ def gptq_shared(Ws: list[Tensor], H: Tensor, fmt: Format, *, block_size: int = 1
         r1 = r0 + W.shape[0]
         part = QTensor(q.codes[r0:r1].contiguous(), q.scales[r0:r1].contiguous(),
                        None if q.zeros is None else q.zeros[r0:r1].contiguous(), (r1 - r0, n), fmt)
-        W0 = W.detach().float()
-        loss = proxy_loss(W0, fmt.dequantize(part), H)
-        rtn_loss = proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H)
-        results.append((part, GptqStats(loss, rtn_loss, seconds * (r1 - r0) / q.shape[0], damp)))
+        results.append((part, _stats(W, part, H, seconds * (r1 - r0) / q.shape[0], damp)))
         r0 = r1
     return results
