@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--work", default=str(Path.home() / ".cache/lowbit/bench/gptq_speed"))
     p.add_argument("--json", default="bench/results/gptq_speed.json")
     args = p.parse_args()
-    from peers.common import run_peer, write_samples
+    from peers.common import failure_reason, run_peer, write_samples
 
     work = Path(args.work) / args.model
     samples = work / f"calib-{args.samples}x{args.seq_len}-seed{args.seed}.safetensors"
@@ -97,7 +97,7 @@ def main() -> None:
                          "wall_seconds": r["quantize_seconds"], "cpu_seconds": r["quantize_cpu_seconds"],
                          "peak_rss_mib": r["peak_rss_mib"]})
         except Exception as e:  # a peer that cannot run is a row saying why
-            rows.append({"tool": peer, "method": peer, "error": f"{type(e).__name__}: {str(e).splitlines()[-1][:200]}"})
+            rows.append({"tool": peer, "method": peer, "error": failure_reason(e, 200)})
     base = rows[0]["wall_seconds"]
     for r in rows:
         if r.get("wall_seconds"):

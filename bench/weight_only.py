@@ -70,13 +70,13 @@ def quantize_lowbit(model: str, setting: str, method: str, args, out: Path) -> d
 
 def quantize_peer(model: str, setting: str, peer: str, args, samples: Path, out: Path) -> dict:
     """A peer's row: its de-quantized directory, or the reason it could not run."""
-    from peers.common import run_peer
+    from peers.common import failure_reason, run_peer
 
     bits, group = SETTINGS[setting]
     try:
         record = run_peer(peer, model, {"bits": bits, "group": group, "sym": True}, samples, out)
     except Exception as e:  # a peer failing is a result to report, not a crash of the benchmark
-        return {"tool": peer, "method": peer, "error": f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"}
+        return {"tool": peer, "method": peer, "error": failure_reason(e)}
     record.setdefault("tool", peer)
     record.setdefault("method", peer)
     record["dir"] = str(out)

@@ -75,3 +75,13 @@ def test_every_peer_names_its_pinned_version():
         doc = (PEERS_DIR / peer.script).read_text()
         pinned = peer.requirements[0].split("==")[1]
         assert pinned in doc.split('"""')[1], f"{peer.script} docstring does not state version {pinned}"
+
+
+def test_failure_reason_finds_the_exception_behind_a_listing():
+    # llm-compressor prints the offending layers after its ValueError: the row must name the error
+    common = _peers_common()
+    log = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: columns not divisible by 128",
+           *[f"  - model.layers.{i}.mlp.up_proj (columns=576, group_size=128)" for i in range(30)]]
+    reason = common.failure_reason(RuntimeError("peer exited 1:\n" + "\n".join(log)))
+    assert reason == "RuntimeError: ValueError: columns not divisible by 128"
+    assert common.failure_reason(RuntimeError("exited 1:\nsomething broke")) == "RuntimeError: something broke"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ DATA = REPO.parent / "shared" / "data"
 EVAL_TEXT = DATA / "wikitext-2-raw" / "test.txt"
 CALIB_TEXT = DATA / "wikitext-2" / "valid.txt"
 RESULTS = REPO / "bench" / "results" / "peers"
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:")  # "ValueError: ..." in a log
 # files of the float directory that describe the model but are not its weights
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
@@ -149,7 +151,9 @@ def run_peer(name: str, model: str, setting: dict, samples_file: Path, out_dir: 
     load_before = os.getloadavg()[0]
     wall, cpu, rss, code = run_measured(["nice", "-n", "5", *argv], env, log)
     if code != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        lines = log.read_text(errors="replace").strip().splitlines()
+        raised = [line for line in lines if EXCEPTION_LINE.match(line.strip())][-1:]
+        tail = lines[-15:] + [line for line in raised if line not in lines[-15:]]
         raise RuntimeError(f"{name} exited {code}:\n" + "\n".join(tail))
     for file in COPIED_FILES:
         if (source / file).is_file():
@@ -159,6 +163,14 @@ def run_peer(name: str, model: str, setting: dict, samples_file: Path, out_dir: 
                   load_average_before=load_before, load_average_after=os.getloadavg()[0], float_dir=str(source))
     (out_dir / "peer.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def failure_reason(error: Exception, limit: int = 300) -> str:
+    """One line for a peer's failure row: the last exception line of its log tail (a list of
+    layer names printed after it would otherwise hide it), else the message's last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return f"{type(error).__name__}: {(raised or lines)[-1][:limit]}"
 
 
 def lowbit_eval(directory: Path, model: str, windows: int, ctx: int = 2048, text: Path = EVAL_TEXT) -> dict:
