@@ -7,6 +7,24 @@ import torch
 from torch import Tensor
 
 STATS = ("hessian", "absmax", "mean_abs", "sq_mean", "moments")
+GRAM_BLOCK = 192  # column block of gram(): 576 = 3 blocks, 1536 = 8 (SmolLM2's input widths)
+
+
+def gram(x: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """xᵀx [in, in] of x [tokens, in], computing only the blocks on and above the diagonal.
+
+    The product is symmetric, so block row i needs only x_iᵀ x[:, i:]; the blocks below the
+    diagonal are copies. With k blocks that is (k + 1) / 2k of the full product's work.
+    """
+    n = x.shape[1]
+    if n <= block:
+        return x.T @ x
+    h = torch.empty(n, n, dtype=x.dtype)
+    for i in range(0, n, block):
+        h[i:i + block, i:] = x[:, i:i + block].T @ x[:, i:]    # block row i, from the diagonal on
+    for i in range(block, n, block):
+        h[i:i + block, :i] = h[:i, i:i + block].T              # below the diagonal: the mirror
+    return h
 
 
 @dataclass
@@ -49,7 +67,7 @@ class InputStats:
         n = x.shape[0]
         if "hessian" in self.wanted:
             xf = x if x.dtype == torch.float64 else x.float()   # float64 inputs stay float64
-            h = xf.T @ xf                                      # [in, in]
+            h = gram(xf)                                       # [in, in]
             # diag(h) = Σ x_j²: a NaN/Inf anywhere in x shows there, at 1/tokens of the cost of x
             if not torch.isfinite(h.diagonal()).all():
                 raise FloatingPointError("non-finite values (NaN/Inf) in the captured activations")

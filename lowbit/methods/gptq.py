@@ -96,11 +96,8 @@ def column_quantizer(fmt: Format) -> ColumnQuantizer:
     """
     if isinstance(fmt, IntFormat):
         def quant_int(w, scale, zero):
-            s = scale.view(-1, 1, 1)  # [R] -> grouped layout [R, 1, 1]: one group of width 1
-            z = None if zero is None else zero.view(-1, 1, 1)
-            u = fmt._encode(w.view(-1, 1, 1), s, z)
-            codes = u.view(-1).to(torch.uint8)
-            return codes, fmt._decode_(u, s, z).view(-1)
+            u = fmt._encode(w, scale, zero)  # elementwise, so [out] against [R] broadcasts
+            return u.to(torch.uint8), fmt._decode_(u, scale, zero)
         return quant_int
     if isinstance(fmt, NFFormat):
         levels = nf_levels(fmt.bits)
@@ -144,17 +141,34 @@ def _float_params(fmt: Format, scales: Tensor, zeros: Tensor | None) -> tuple[Te
 
 
 # --- the solver -------------------------------------------------------------------------------
+def lower_triangular_inverse(L: Tensor, base: int = 192) -> Tensor:
+    """L⁻¹ [n, n] of a lower-triangular L [n, n] with a nonzero diagonal, by halves:
+    L = [[A, 0], [B, C]] has L⁻¹ = [[A⁻¹, 0], [-C⁻¹ B A⁻¹, C⁻¹]]. Matrix products do most of
+    the work, about half that of a triangular solve against the identity."""
+    n = L.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+    k = n // 2
+    A_inv, C_inv = lower_triangular_inverse(L[:k, :k], base), lower_triangular_inverse(L[k:, k:], base)
+    L_inv = torch.zeros_like(L)
+    L_inv[:k, :k], L_inv[k:, k:] = A_inv, C_inv
+    L_inv[k:, :k] = -(C_inv @ L[k:, :k]) @ A_inv
+    return L_inv
+
+
 def upper_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
     """H [in, in] float64 (dead columns fixed) -> (U upper [in, in] float32 with UᵀU = (H + λI)⁻¹, damp)."""
     mean_diag = float(H.diagonal().mean())
     for _ in range(DAMP_RETRIES + 1):
         Hd = H.float()
         Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # With J the order reversal, J H J = L Lᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is
+        # upper triangular with a positive diagonal: the factor wanted, from one Cholesky and one
+        # triangular inverse instead of Cholesky, full inverse and Cholesky again
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            U = lower_triangular_inverse(L).flip(0, 1).contiguous()
+            if bool(torch.isfinite(U).all()):
                 return U, damp
         damp = max(damp * 10, 1e-6)
     raise ValueError(f"gptq: H is not positive definite even with damp {damp:g}")
@@ -235,6 +249,7 @@ def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float,
         W1 = Wt[i1:i2].clone()  # [b, out] the block, updated column by column
         Err1 = torch.zeros_like(W1)  # [b, out] scaled errors (w - q) / U_jj, for the lazy update
         U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal().tolist()  # U_jj as Python floats: no 0-d tensor per column
         for i in range(i2 - i1):
             g = gid[i1 + i]
             if fparams[g] is None:  # the group's first column: its current weights give the parameters
@@ -250,9 +265,8 @@ def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float,
                 fparams[g] = (fs[:, 0], None if fz is None else fz[:, 0])
             w = W1[i]
             c, w_q = quant(w, *fparams[g])
-            err = (w - w_q).div_(U1[i, i])
-            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # OBS update of the rest of the block
-            Err1[i] = err
+            err = torch.sub(w, w_q, out=Err1[i]).div_(d[i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)  # OBS update of the rest of the block
             codes[i1 + i] = c
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later blocks
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.calibration.stats import InputStats
+from lowbit.calibration.stats import InputStats, gram
 
 
 def test_hessian_of_float32_batches_matches_the_float64_sum():
@@ -37,3 +37,12 @@ def test_non_finite_inputs_are_refused(wanted, bad):
     x[1, 5, 3] = bad
     with pytest.raises(FloatingPointError, match="NaN/Inf"):
         InputStats(8, wanted).update(x)
+
+
+@pytest.mark.parametrize("width", [5, 192, 193, 576, 1000])
+@pytest.mark.parametrize("block", [64, 192])
+def test_gram_equals_the_full_product(width, block):
+    # the blocks on and above the diagonal are computed, the rest mirrored: the same matrix
+    x = torch.randn(300, width, dtype=torch.float64)
+    h = gram(x, block)
+    torch.testing.assert_close(h, x.T @ x, rtol=1e-12, atol=1e-10)

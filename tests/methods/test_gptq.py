@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lowbit.formats import FP8Format, IntFormat, MXFP4Format, NFFormat
-from lowbit.methods.gptq import GptqConfig, column_quantizer, gptq, gptq_shared, proxy_loss
+from lowbit.methods.gptq import (GptqConfig, column_quantizer, gptq, gptq_shared, lower_triangular_inverse,
+                                 proxy_loss, upper_inverse_cholesky)
 
 
 def _weights(out, n, seed=0):
@@ -149,3 +150,24 @@ def test_shared_input_per_tensor_scale_is_solved_alone():
     for W, (q, _) in zip(Ws, gptq_shared(Ws, H, fmt)):
         q_alone, _ = gptq(W, H, fmt)
         assert torch.equal(q.codes, q_alone.codes) and torch.equal(q.scales, q_alone.scales)
+
+
+@pytest.mark.parametrize("n", [5, 192, 193, 700])
+def test_lower_triangular_inverse(n):
+    L = torch.linalg.cholesky(_hessian(n, tokens=4 * n, outliers=(3,)))   # float64, lower, positive diagonal
+    L_inv = lower_triangular_inverse(L, base=64)
+    assert torch.equal(L_inv, L_inv.tril())
+    torch.testing.assert_close(L_inv @ L, torch.eye(n, dtype=L.dtype), rtol=0, atol=1e-9)
+
+
+def test_upper_inverse_cholesky_factors_the_damped_inverse():
+    n = 400
+    H = _hessian(n)
+    U, damp = upper_inverse_cholesky(H, 0.01)
+    assert damp == 0.01 and U.dtype == torch.float32 and torch.equal(U, U.triu())
+    assert bool((U.diagonal() > 0).all())                    # the unique Cholesky factor
+    Hd = H.clone()
+    Hd.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    inv = torch.linalg.inv(Hd)
+    err = (U.double().T @ U.double() - inv).abs().max() / inv.abs().max()
+    assert err < 1e-5                                         # float32 factorisation of a float64 target
