@@ -30,12 +30,17 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
 # mean|x|^α only (--no-duo), "-noclip" has no clip search, "-clip0" judges each group's clip
 # alone (--clip-sweeps 0). gptq walks each layer once, solving each group when the calibration
 # reaches it (the default walk); gptq-2pass captures the float layer and re-runs it quantized.
+# "-signed" rows use --scale-rule signed: all 2^b codes of the symmetric grid (llama.cpp's Q4_0
+# rule) instead of absmax's 2^b - 1, at the same bits per weight.
+SIGNED = ["--scale-rule", "signed"]
 METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"],
            "gptq-2pass": ["--method", "gptq", "--walk", "two-pass"], "awq": ["--method", "awq"],
            "awq+gptq": ["--method", "awq+gptq"],
            "awq-noclip": ["--method", "awq", "--clip", "none"], "awq-clip0": ["--method", "awq", "--clip-sweeps", "0"],
            "awq-x": ["--method", "awq", "--no-duo", "--clip", "none"],
-           "awq-x-clip0": ["--method", "awq", "--no-duo", "--clip-sweeps", "0"]}
+           "awq-x-clip0": ["--method", "awq", "--no-duo", "--clip-sweeps", "0"],
+           "rtn-signed": ["--method", "rtn", *SIGNED], "gptq-signed": ["--method", "gptq", *SIGNED],
+           "awq-signed": ["--method", "awq", *SIGNED], "awq+gptq-signed": ["--method", "awq+gptq", *SIGNED]}
 
 
 def row_key(model: str, setting: str, method: str) -> str:
@@ -60,7 +65,7 @@ def write_samples(model: str, args, path: Path) -> None:
 def quantize_lowbit(model: str, setting: str, method: str, args, out: Path) -> dict:
     bits, group = SETTINGS[setting]
     flags = [*METHODS[method], "--bits", str(bits), "--group", str(group), "--sym"]
-    if method != "rtn":
+    if not method.startswith("rtn"):
         flags += ["--calib", str(args.calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                   "--seed", str(args.seed)]
     q = lowbit_quantize(model, flags, out, args.threads)
@@ -170,7 +175,7 @@ def main() -> None:
                     if not samples.exists():
                         write_samples(model, args, samples)
                     record = quantize_peer(model, setting, method, args, samples, out)
-                if method != "rtn":
+                if not method.startswith("rtn"):
                     record["calibration"] = calib_id
                 state[key] = {**record, "model": model, "setting": setting}
                 save_state()

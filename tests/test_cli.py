@@ -47,6 +47,35 @@ def test_asym_where_unsupported(capsys, tiny_llama_dir, tmp_path):
     assert_one_line_error(code, err, "--asym")
 
 
+@pytest.mark.parametrize("flags", [["--format", "nf4"], ["--asym"]])
+def test_scale_rule_where_unsupported(capsys, tiny_llama_dir, tmp_path, flags):
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, *flags, "--scale-rule", "absmax_half",
+                           "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--scale-rule absmax_half")
+    assert not (tmp_path / "o").exists()
+
+
+def test_scale_rule_signed_uses_every_code(capsys, tiny_llama_dir, tmp_path):
+    """2-bit symmetric: the default grid has 3 codes (-1, 0, 1); signed adds -2, and the saved
+    format says so, so the directory reloads to the same grid."""
+    from lowbit.models.load import load
+
+    used = {}
+    for rule in ("absmax", "signed"):
+        out = tmp_path / rule
+        code, stdout, _ = run_cli(capsys, "quantize", tiny_llama_dir, "--bits", 2, "--group", 32,
+                                  "--scale-rule", rule, "--out", out)
+        assert code == 0
+        manifest = json.loads((out / "lowbit.json").read_text())
+        formats = {json.dumps(e["format"], sort_keys=True) for e in manifest["tensors"].values()}
+        assert [json.loads(f)["scale_rule"] for f in formats] == [rule]
+        model = load(str(out)).model
+        linear = model.model.layers[0].mlp.down_proj
+        used[rule] = set(linear.codes.unique().tolist())
+    assert used["absmax"] == {1, 2, 3}          # stored u = c + 2: c in {-1, 0, 1}
+    assert used["signed"] == {0, 1, 2, 3}        # c = -2 too
+
+
 def test_out_is_a_file(capsys, tiny_llama_dir, tmp_path):
     (tmp_path / "f").write_text("x")
     code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--out", tmp_path / "f")

@@ -34,10 +34,12 @@ def make_format(
     bits: int | None = None,
     group_size: int | None = None,
     symmetric: bool = True,
+    scale_rule: str = "absmax",
 ) -> Format:
     """Build a format from CLI-style arguments.
 
-    family "int":  IntFormat(bits, symmetric, group_size); defaults bits=4, group_size=64.
+    family "int":  IntFormat(bits, symmetric, group_size, scale_rule); defaults bits=4,
+        group_size=64. scale_rule "absmax_half" (symmetric only) uses all 2**bits codes.
     family "nf":   NFFormat(bits 2..4, group_size); defaults 4 / 64; symmetric must be True.
     "fp8-e4m3" / "fp8-e5m2": FP8 has no group scales, so group_size > 0 or None -> per output
         channel, 0 -> per channel, -1 -> per tensor; bits must be None or 8.
@@ -46,7 +48,10 @@ def make_format(
     None means "the family's default"; anything else is validated (ValueError).
     """
     if family == "int":
-        return IntFormat(4 if bits is None else bits, symmetric, 64 if group_size is None else group_size)
+        return IntFormat(4 if bits is None else bits, symmetric, 64 if group_size is None else group_size,
+                         scale_rule)
+    if scale_rule != "absmax":
+        raise ValueError(f"scale_rule applies to family 'int' only, not {family!r}")
     if family == "nf":
         if symmetric is not True:
             raise ValueError("symmetric must be True for family 'nf' (NF has no asymmetric variant)")

@@ -10,7 +10,7 @@ from torch import Tensor
 from lowbit.formats import grouping
 from lowbit.formats.base import Format, QTensor, fp16_scale
 
-SCALE_RULES = ("absmax", "absmax_half")
+SCALE_RULES = ("absmax", "absmax_half", "signed")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,11 @@ class IntFormat(Format):
         and s = (max - min) / (2**bits - 1), max = max(w.max, 0), min = min(w.min, 0).
     scale_rule (symmetric only): "absmax" s = absmax / qmax, codes in [-qmax, qmax]
         (qmax = 2**(bits-1) - 1); "absmax_half" s = absmax / (qmax + 0.5), codes in
-        [-qmax-1, qmax] (the compressed-tensors convention).
+        [-qmax-1, qmax] (the compressed-tensors convention; -qmax-1 is reached only by w = -absmax,
+        so in effect a clip of qmax / (qmax + 0.5)); "signed" s = -m / (qmax + 1) with m the
+        group's entry of largest magnitude, sign included (llama.cpp's Q4_0 rule): m lands on
+        code -qmax-1, so all 2**bits codes are used, qmax + 1 levels on m's side and qmax on the
+        other; scales may be negative.
     Scales are rounded up to float16 before the codes are computed (see fp16_scale).
     """
 
@@ -44,14 +48,14 @@ class IntFormat(Format):
             raise ValueError(f"IntFormat.symmetric must be True or False, got {self.symmetric!r}")
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"IntFormat.scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
-        if self.scale_rule == "absmax_half" and not self.symmetric:
-            raise ValueError("IntFormat.scale_rule 'absmax_half' needs symmetric=True, got symmetric=False")
+        if self.scale_rule != "absmax" and not self.symmetric:
+            raise ValueError(f"IntFormat.scale_rule {self.scale_rule!r} needs symmetric=True, got symmetric=False")
 
     @property
     def name(self) -> str:
         g = {0: "ch", -1: "tensor"}.get(self.group_size, f"g{self.group_size}")
         kind = "sym" if self.symmetric else "asym"
-        suffix = "-half" if self.scale_rule == "absmax_half" else ""
+        suffix = {"absmax": "", "absmax_half": "-half", "signed": "-signed"}[self.scale_rule]
         return f"int{self.bits}-{g}-{kind}{suffix}"
 
     @property
@@ -78,6 +82,11 @@ class IntFormat(Format):
             absmax = grouping.group_absmax(Wg)
             if clip is not None:
                 absmax = absmax * clip
+            if self.scale_rule == "signed":
+                # the sign of the largest-magnitude entry; -1 maps it onto code -(qmax + 1)
+                m = Wg.gather(-1, Wg.abs().argmax(dim=-1, keepdim=True))
+                sign = torch.where(m > 0, -1.0, 1.0)
+                return sign * fp16_scale(absmax / (qmax + 1)), None
             denom = qmax + 0.5 if self.scale_rule == "absmax_half" else qmax
             return fp16_scale(absmax / denom), None
         hi = grouping.check_finite(Wg.amax(dim=-1, keepdim=True)).clamp(min=0)  # keep 0 representable
@@ -94,7 +103,7 @@ class IntFormat(Format):
         qmax = self._offset - 1
         W_qg = Wg / scale
         if zero is None:
-            lo = -qmax - 1 if self.scale_rule == "absmax_half" else -qmax
+            lo = -qmax if self.scale_rule == "absmax" else -qmax - 1
             return W_qg.round_().clamp_(lo, qmax).add_(self._offset)
         return W_qg.round_().add_(zero).clamp_(0, (1 << self.bits) - 1)
 

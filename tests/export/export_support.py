@@ -21,10 +21,11 @@ from lowbit.quantize import QuantizeConfig, quantize
 PEER_SCRIPT = Path(__file__).with_name("peer_run.py")
 
 
-def quantized_dir(src: Path, out: Path, bits: int, group: int, symmetric: bool, **config) -> Path:
+def quantized_dir(src: Path, out: Path, bits: int, group: int, symmetric: bool, scale_rule: str = "absmax",
+                  **config) -> Path:
     """RTN-quantize the model at `src` into a lowbit directory `out`."""
     loaded = load(str(src))
-    fmt = make_format("int", bits=bits, group_size=group, symmetric=symmetric)
+    fmt = make_format("int", bits=bits, group_size=group, symmetric=symmetric, scale_rule=scale_rule)
     quantize(loaded, QuantizeConfig(fmt=fmt, **config), progress=False)
     return save_quantized(loaded, {"method": "rtn"}, out)
 

@@ -52,14 +52,15 @@ def test_regular_grid_keeps_w_dq(group, symmetric):
     assert torch.equal(grid.dequantize(), fmt.dequantize(q))
 
 
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 32, False), (4, 64, True), (8, 0, False),
-                                                  (2, 32, True)])
-def test_compressed_tensors_decodes_to_lowbit_w_dq(tiny_llama_dir, tmp_path, bits, group, symmetric):
+@pytest.mark.parametrize("bits,group,symmetric,rule", [(4, 32, True, "absmax"), (4, 32, False, "absmax"),
+                                                       (4, 64, True, "absmax"), (8, 0, False, "absmax"),
+                                                       (2, 32, True, "absmax"), (4, 32, True, "signed")])
+def test_compressed_tensors_decodes_to_lowbit_w_dq(tiny_llama_dir, tmp_path, bits, group, symmetric, rule):
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationConfig
 
-    q = quantized_dir(tiny_llama_dir, tmp_path / "q", bits, group, symmetric)
+    q = quantized_dir(tiny_llama_dir, tmp_path / "q", bits, group, symmetric, rule)
     out = tmp_path / "ct"
     _export("compressed-tensors", q, out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -84,10 +85,12 @@ def test_compressed_tensors_decodes_to_lowbit_w_dq(tiny_llama_dir, tmp_path, bit
     assert "lm_head.weight" not in tensors                                       # tied: the embedding carries it
 
 
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 32, False), (4, 64, False), (3, 32, True),
-                                                  (8, 0, True), (2, -1, False)])
-def test_gptq_decodes_to_lowbit_w_dq(tiny_llama_dir, tmp_path, bits, group, symmetric):
-    q = quantized_dir(tiny_llama_dir, tmp_path / "q", bits, group, symmetric)
+@pytest.mark.parametrize("bits,group,symmetric,rule", [(4, 32, True, "absmax"), (4, 32, False, "absmax"),
+                                                       (4, 64, False, "absmax"), (3, 32, True, "absmax"),
+                                                       (8, 0, True, "absmax"), (2, -1, False, "absmax"),
+                                                       (4, 32, True, "signed")])
+def test_gptq_decodes_to_lowbit_w_dq(tiny_llama_dir, tmp_path, bits, group, symmetric, rule):
+    q = quantized_dir(tiny_llama_dir, tmp_path / "q", bits, group, symmetric, rule)
     out = tmp_path / "gptq"
     _export("gptq", q, out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]

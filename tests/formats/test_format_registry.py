@@ -27,6 +27,7 @@ def test_make_format_names():
     assert make_format("nf").name == "nf4-g64"
     assert make_format("nf", 3, 128).name == "nf3-g128"
     assert make_format("fp8-e4m3").name == "fp8-e4m3-ch"
+    assert make_format("int", 2, 64, True, "absmax_half").name == "int2-g64-sym-half"
     assert make_format("fp8-e4m3", group_size=64).name == "fp8-e4m3-ch"
     assert make_format("fp8-e5m2", group_size=-1).name == "fp8-e5m2-tensor"
     assert make_format("mxfp4") == MXFP4Format()
@@ -34,7 +35,9 @@ def test_make_format_names():
 
 
 @pytest.mark.parametrize("args", [("int", 1), ("int", 9), ("int", 4, -2), ("foo",), ("nf", 5),
-                                  ("mxfp4", 4, 64), ("mxfp4", 8), ("fp8-e4m3", 4), ("nf", 4, 64, False)])
+                                  ("mxfp4", 4, 64), ("mxfp4", 8), ("fp8-e4m3", 4), ("nf", 4, 64, False),
+                                  ("int", 4, 64, False, "absmax_half"), ("nf", 4, 64, True, "absmax_half"),
+                                  ("int", 4, 64, True, "minmax")])
 def test_make_format_invalid(args):
     with pytest.raises(ValueError):
         make_format(*args)

@@ -49,6 +49,38 @@ def test_symmetric_scale_rules(rule):
     assert bool(((W_f - fmt.dequantize(q)).abs() <= s.repeat_interleave(32, 1) / 2 + 1e-7).all())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_signed_scale_rule_uses_every_code(bits):
+    """llama.cpp's Q4_0 rule: the largest-magnitude entry m lands exactly on code -2^(b-1)
+    (s = -m / 2^(b-1)), so each group has qmax + 1 levels on m's side and qmax on the other."""
+    torch.manual_seed(bits)
+    W_f = torch.randn(64, 128)
+    W_f[0, :32] = 0.0                                # an all-zero group: scale 1, codes at the middle
+    fmt = IntFormat(bits, True, 32, "signed")
+    q = fmt.quantize(W_f)
+    half = 1 << (bits - 1)
+    Wg = W_f.reshape(64, 4, 32)                       # [out, groups, width]
+    m = Wg.gather(-1, Wg.abs().argmax(-1, keepdim=True)).squeeze(-1)  # [64, 4] signed extreme
+    s = q.scales.float()
+    live = m != 0
+    assert bool((s[live].sign() == -m[live].sign()).all())
+    assert bool((s[live].abs() >= m[live].abs() / half).all())            # fp16 rounded up
+    assert torch.allclose(s[live].abs(), m[live].abs() / half, rtol=1e-3)
+    codes = q.codes.reshape(64, 4, 32).int() - half   # [out, groups, width] signed codes
+    assert int(codes.min()) >= -half and int(codes.max()) <= half - 1
+    assert bool((codes.amin(-1)[live] == -half).all())                   # every live group reaches -2^(b-1)
+    assert s[0, 0] == 1 and bool((codes[0, 0] == 0).all())
+    W_e = (W_f - fmt.dequantize(q)).abs().reshape(64, 4, 32)
+    step = s.abs().unsqueeze(-1)                      # [64, 4] -> [64, 4, 1]
+    inside = (Wg / step).abs() <= half - 0.5          # not clamped at the short side
+    assert bool((W_e[inside] <= step.expand_as(W_e)[inside] / 2 * (1 + 1e-5)).all())
+    assert bool((W_e <= step * (1 + 1e-5)).all())
+    # one more level than absmax's 2^b - 1 at no extra bits: a smaller error on Gaussian weights
+    mse = {rule: float(((W_f - IntFormat(bits, True, 32, rule).fake_quantize(W_f)) ** 2).mean())
+           for rule in ("absmax", "signed")}
+    assert mse["signed"] < 0.85 * mse["absmax"]
+
+
 def test_ragged_last_group_uses_only_its_columns():
     torch.manual_seed(0)
     W_f = torch.randn(8, 576)
@@ -121,7 +153,8 @@ def test_fake_quantize_matches_and_group_sum_ignores_padding():
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=1), dict(bits=9), dict(group_size=-2),
-                                    dict(scale_rule="minmax"), dict(symmetric=False, scale_rule="absmax_half")])
+                                    dict(scale_rule="minmax"), dict(symmetric=False, scale_rule="absmax_half"),
+                                    dict(symmetric=False, scale_rule="signed")])
 def test_invalid_config_raises(kwargs):
     with pytest.raises(ValueError):
         IntFormat(**kwargs)

@@ -70,8 +70,8 @@ def test_output_error_is_the_error_on_the_tokens():
     assert output_error(W, W_q, _stats(X).hessian.float()) == pytest.approx(direct, rel=1e-4)
 
 
-@pytest.mark.parametrize("fmt", [IntFormat(4, True, 64), IntFormat(3, False, 32), NFFormat(4, 64)],
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [IntFormat(4, True, 64), IntFormat(3, False, 32), NFFormat(4, 64),
+                                 IntFormat(3, True, 32, "signed")], ids=lambda f: f.name)
 def test_search_beats_unscaled_on_salient_channels(fmt):
     X = _activations()
     st = _stats(X)

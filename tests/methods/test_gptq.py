@@ -25,7 +25,8 @@ def _hessian(n, tokens=2048, seed=1, outliers=(3, 17)):
 
 
 FORMATS = [IntFormat(4, True, 32), IntFormat(4, True, 64), IntFormat(4, False, 32), IntFormat(4, False, 64),
-           IntFormat(3, True, 64), IntFormat(3, False, 64)]
+           IntFormat(3, True, 64), IntFormat(3, False, 64), IntFormat(2, True, 32, "absmax_half"),
+           IntFormat(3, True, 64, "signed"), IntFormat(2, True, 32, "signed")]
 
 
 @pytest.mark.parametrize("fmt", FORMATS + [NFFormat(4, 64), IntFormat(4, True, 0), IntFormat(4, False, -1),
