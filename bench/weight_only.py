@@ -7,7 +7,8 @@ RSS are its own; peers run in their own virtual environments (bench/peers/) and 
 de-quantized float directory that lowbit evaluates exactly like its own.
 
 Work is resumable: each quantized directory and each evaluated row is kept under --work, so
-a second run only does what is missing.
+a second run only does what is missing; the rows already in --json count as done too, so results
+committed from an earlier machine survive a fresh cache.
 
     python bench/weight_only.py --models smollm2-135m --settings "W4 g64" "W3 g64" \
         --methods rtn gptq awq awq+gptq --samples 32 --windows 20
@@ -88,8 +89,20 @@ def quantize_peer(model: str, setting: str, peer: str, args, samples: Path, out:
     return record
 
 
-def evaluate_rows(model: str, rows: list[dict], args) -> None:
-    """ppl and KLD vs the float model for rows with a directory and no result yet (in place)."""
+def load_state(state_file: Path, json_file: Path) -> dict:
+    """Rows by key: the work folder's record, then any evaluated lowbit row of the result JSON
+    it lacks (peer rows come from their own result files, see peer_rows)."""
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if json_file.exists():
+        for r in json.loads(json_file.read_text()).get("rows", []):
+            if "result_file" not in r and ("ppl" in r or "error" in r):
+                state.setdefault(row_key(r["model"], r["setting"], r["method"]), r)
+    return state
+
+
+def evaluate_rows(model: str, rows: list[dict], args, save) -> None:
+    """ppl and KLD vs the float model for rows with a directory and no result yet (in place);
+    `save()` after each batch, so an interrupted run keeps what it measured."""
     from lowbit.data.text import read_text
     from lowbit.eval.perplexity import evaluate_many, tokenize
     from lowbit.models.load import load
@@ -108,6 +121,7 @@ def evaluate_rows(model: str, rows: list[dict], args) -> None:
             r.update(ppl=res.ppl, kld=res.kld.mean, kld_p99=res.kld.p99, top1_changed=res.kld.top1_changed,
                      tokens=res.tokens, windows=res.windows, eval_seconds=res.seconds)
         del models
+        save()
 
 
 def peer_rows(models: list[str], settings: list[str], folder: Path) -> list[dict]:
@@ -152,7 +166,7 @@ def main() -> None:
     start = time.time()
     work = Path(args.work)
     state_file = work / "rows.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    state = load_state(state_file, Path(args.json))
     calib_id = f"{Path(args.calib).name}:{args.samples}x{args.seq_len}:seed{args.seed}"
 
     def save_state() -> None:
@@ -182,20 +196,21 @@ def main() -> None:
                 print(f"[{model}] {setting} {method}: {record.get('error') or 'quantized'}", flush=True)
         rows = [r for k, r in state.items() if k.startswith(model + "|")]
         for r in rows:
-            if r.get("windows") not in (None, args.windows):
+            if r.get("windows") not in (None, args.windows) and "dir" in r:
                 for k in ("ppl", "kld", "kld_p99", "top1_changed"):
                     r.pop(k, None)
         for r in rows:
             r.setdefault("model", model)
             r.setdefault("setting", "FP")
-        evaluate_rows(model, rows, args)
+        evaluate_rows(model, rows, args, save_state)
         save_state()
 
-    rows = [r for k, r in state.items() if k.split("|")[0] in args.models]
-    rows = [r for r in rows if r["method"] == "fp" or r["setting"] in args.settings]
-    rows += peer_rows(args.models, args.settings, Path(args.peer_results))
+    # the JSON keeps every measured row (all models and settings); the table shows this run's
+    rows = [r for r in state.values() if "ppl" in r or "error" in r]
+    rows += peer_rows(sorted({r["model"] for r in rows} | set(args.models)), list(SETTINGS), Path(args.peer_results))
     fp_ppl = {r["model"]: r["ppl"] for r in rows if r["method"] == "fp"}
-    rtn_ppl = {(r["model"], r["setting"]): r["ppl"] for r in rows if r["method"] == "rtn" and r.get("ppl") is not None}
+    rtn_ppl = {(r["model"], r["setting"]): r["ppl"] for r in rows
+               if r["tool"] == "lowbit" and r["method"] == "rtn" and r.get("ppl") is not None}
     for r in rows:
         if r.get("ppl") is not None:
             rise = r["ppl"] - fp_ppl[r["model"]]
@@ -205,10 +220,11 @@ def main() -> None:
     order = {s: i for i, s in enumerate(["FP", *SETTINGS])}
     rows.sort(key=lambda r: (r["model"], order.get(r["setting"], 99), r.get("ppl") or float("inf")))
     headers = ["model", "setting", "tool", "method", "ppl", "Δppl / RTN's", "KLD", "bits/w", "quant s", "RSS MiB"]
+    shown = [r for r in rows if r["model"] in args.models and (r["method"] == "fp" or r["setting"] in args.settings)]
     print(table(headers, [[r["model"], r["setting"], r["tool"], r["method"], r.get("ppl") or r.get("error", "-")[:60],
                            "-" if r.get("share_of_rtn_increase") is None else f"{r['share_of_rtn_increase']:.2f}",
                            r.get("kld"), r.get("bits_per_weight"), r.get("quantize_seconds"), r.get("peak_rss_mib")]
-                          for r in rows]))
+                          for r in shown]))
     print(f"eval: {args.text}, ctx {args.ctx}, first {args.windows} windows; calibration {calib_id} from "
           f"{args.calib}; KLD = mean KL(P_fp || P_q) in nats; Δppl / RTN's = ppl increase as a share of "
           f"RTN's at the same setting")

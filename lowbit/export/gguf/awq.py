@@ -25,8 +25,11 @@ from .mixes import tensor_type
 from .names import family_for, gguf_name
 
 # GGUF type -> the integer grid AWQ judges it on: (bits, symmetric, block width). The symmetric
-# types store codes in [-2^(b-1), 2^(b-1) - 1] with d = absmax / 2^(b-1) ("absmax_half"); Q8_0
-# uses [-127, 127] ("absmax"). IQ4_NL's non-uniform 16 levels are judged as a 4-bit grid.
+# types store codes in [-2^(b-1), 2^(b-1) - 1]; the proxy takes d = absmax / 2^(b-1)
+# ("absmax_half"), a stand-in: Q4_0/Q5_0's own rule is "signed" (d = -m / 2^(b-1), m the
+# largest-magnitude weight, sign kept) and the K-quants search d. The GGUF AWQ results in the
+# README were measured with this proxy. Q8_0 uses [-127, 127] ("absmax"). IQ4_NL's non-uniform
+# 16 levels are judged as a 4-bit grid.
 PROXIES = {
     "Q8_0": (8, True, 32, "absmax"),
     "Q4_0": (4, True, 32, "absmax_half"), "Q4_1": (4, False, 32, "absmax"),
