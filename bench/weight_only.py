@@ -220,7 +220,9 @@ def main() -> None:
     order = {s: i for i, s in enumerate(["FP", *SETTINGS])}
     rows.sort(key=lambda r: (r["model"], order.get(r["setting"], 99), r.get("ppl") or float("inf")))
     headers = ["model", "setting", "tool", "method", "ppl", "Δppl / RTN's", "KLD", "bits/w", "quant s", "RSS MiB"]
-    shown = [r for r in rows if r["model"] in args.models and (r["method"] == "fp" or r["setting"] in args.settings)]
+    # rows measured on other windows stay in the JSON (each row says its windows) but not in this table
+    shown = [r for r in rows if r["model"] in args.models and (r["method"] == "fp" or r["setting"] in args.settings)
+             and r.get("windows") in (None, args.windows)]
     print(table(headers, [[r["model"], r["setting"], r["tool"], r["method"], r.get("ppl") or r.get("error", "-")[:60],
                            "-" if r.get("share_of_rtn_increase") is None else f"{r['share_of_rtn_increase']:.2f}",
                            r.get("kld"), r.get("bits_per_weight"), r.get("quantize_seconds"), r.get("peak_rss_mib")]
