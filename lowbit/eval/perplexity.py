@@ -6,11 +6,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from .kld import KldResult, token_kld
+from .kld import KldResult, ReferenceWindow, token_scores
 
 CONVENTION = (
     "GPTQ convention: the whole text tokenized once with the tokenizer's defaults (a BOS token "
@@ -83,18 +82,19 @@ def evaluate_many(models: dict, ids: torch.Tensor, ctx: int, windows: int | None
     kls = {name: [] for name in models}
     changes = {name: [] for name in models}
     for index, window in enumerate(tqdm(rows, desc="eval", unit="window", disable=not progress, leave=False)):
-        ref_logits = _logits(reference, window) if reference is not None else None
+        ref = ReferenceWindow(_logits(reference, window)) if reference is not None else None
         for name, model in models.items():
-            logits = ref_logits if model is reference else _logits(model, window)
-            loss = F.cross_entropy(logits.float(), window[1:], reduction="mean").item()
+            logits = ref.logits if model is reference else _logits(model, window)
+            nll, kl, changed = token_scores(logits, window[1:], ref)
+            loss = nll.double().mean().item()
             if not math.isfinite(loss):
                 raise LowbitError(f"{name}: window {index} has a non-finite loss (NaN/Inf in the model)")
             losses[name].append(loss)
-            if ref_logits is not None:
-                kl, changed = token_kld(ref_logits, logits)
+            if ref is not None:
                 kls[name].append(kl)
                 changes[name].append(changed)
             del logits
+        del ref
     seconds = time.perf_counter() - start
     results = {}
     for name, window_nll in losses.items():
