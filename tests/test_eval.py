@@ -62,22 +62,21 @@ def test_token_kld_matches_definition():
     assert torch.equal(changed, a.argmax(-1) != b.argmax(-1))
 
 
-@pytest.mark.parametrize("scale", [1e-3, 0.3])
-def test_token_scores_match_cross_entropy_and_token_kld(scale):
-    """The fast path evaluation uses equals the definitions, for a close model (KL ~4e-7, where
-    float32 cancellation would show) and a distant one (~0.04); chunks that do not divide T.
-    KL is held to the float64 definition at least as tightly as token_kld is (~1e-6)."""
+@pytest.mark.parametrize("scale, atol, rtol", [(1e-3, 5e-7, 0.0), (0.3, 0.0, 1e-3)])
+def test_token_scores_match_cross_entropy_and_token_kld(scale, atol, rtol):
+    """The fast path evaluation uses equals the definitions, for a close model (KL ~4e-7 per
+    token, where float32 cancellation would show: held within 5e-7 nats of float64, tighter than
+    token_kld's own ~6e-7) and a distant one (~0.04: within 0.1%); chunks that do not divide T."""
     g = torch.Generator().manual_seed(1)
     ref_logits = 4 * torch.randn(301, 5000, generator=g)
     logits = ref_logits + scale * torch.randn(301, 5000, generator=g)
     targets = torch.randint(0, 5000, (301,), generator=g)
     nll, kl, changed = token_scores(logits, targets, ReferenceWindow(ref_logits, chunk=64))
-    kl_def, changed_def = token_kld(ref_logits, logits)
+    changed_def = token_kld(ref_logits, logits)[1]
     lp_ref, lp = ref_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
     kl_f64 = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
     assert torch.allclose(nll, F.cross_entropy(logits, targets, reduction="none"), rtol=1e-5, atol=1e-5)
-    assert torch.allclose(kl.double(), kl_f64, rtol=1e-4, atol=2e-6)
-    assert torch.allclose(kl_def.double(), kl_f64, rtol=1e-4, atol=2e-6)
+    assert torch.allclose(kl.double(), kl_f64, rtol=rtol, atol=atol)
     assert torch.equal(changed, changed_def)
     nll_alone, none_kl, none_changed = token_scores(logits, targets)
     assert torch.equal(nll_alone, nll) and none_kl is None and none_changed is None
