@@ -227,6 +227,8 @@ def cli(script: str, description: str) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="OMP threads of the peer process (default 1: "
+                   "bench/weight_only.py's peer rows run one thread each)")
     p.add_argument("--out", required=True, help="directory for the de-quantized model")
     p.add_argument("--no-eval", action="store_true",
                    help="quantize only; evaluate later, several at once: python bench/peers/common.py FILES")
@@ -241,7 +243,7 @@ def cli(script: str, description: str) -> None:
     try:
         if not samples.exists():
             write_samples(a.model, a.samples, a.seq_len, a.seed, samples)
-        row.update(run_peer(a.peer, a.model, setting, samples, Path(a.out)))
+        row.update(run_peer(a.peer, a.model, setting, samples, Path(a.out), threads=a.threads))
     except Exception as e:  # a peer that cannot run is a result row saying why, not a silent gap
         row["error"] = f"{type(e).__name__}: {e}"
         _write(json_path, row)

@@ -30,6 +30,12 @@ def quantized_dir(src: Path, out: Path, bits: int, group: int, symmetric: bool, 
     return save_quantized(loaded, {"method": "rtn"}, out)
 
 
+def negative_scale_share(path: Path) -> float:
+    """Share of the negative group scales over every QuantLinear of the lowbit directory at `path`."""
+    scales = [m.scales.flatten() for m in load(str(path)).model.modules() if isinstance(m, QuantLinear)]
+    return (torch.cat(scales) < 0).float().mean().item()
+
+
 def lowbit_weights(path: Path) -> dict[str, torch.Tensor]:
     """name -> W_dq [out, in] float32 of every QuantLinear of the lowbit directory at `path`."""
     model = load(str(path)).model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_support import lowbit_weights, quantized_dir, run_peer
+from export_support import lowbit_weights, negative_scale_share, quantized_dir, run_peer
 from support import EVAL_TEXT, REPO, needs_eval_text, needs_smollm2
 
 from lowbit.export.registry import export, targets
@@ -52,10 +52,12 @@ IDS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group,symmetric", [(32, True), (32, False), (64, True)])
-def test_transformers_loads_compressed_tensors(tiny_llama_dir, tmp_path, group, symmetric):
+@pytest.mark.parametrize("group,symmetric,rule", [(32, True, "absmax"), (32, False, "absmax"), (64, True, "absmax"),
+                                                   (64, True, "signed")])  # signed: negative scales
+def test_transformers_loads_compressed_tensors(tiny_llama_dir, tmp_path, group, symmetric, rule):
     pytest.importorskip("compressed_tensors")
-    q = quantized_dir(tiny_llama_dir, tmp_path / "q", 4, group, symmetric)
+    q = quantized_dir(tiny_llama_dir, tmp_path / "q", 4, group, symmetric, rule)
+    assert (negative_scale_share(q) > 0.3) == (rule == "signed")
     result = run_peer(sys.executable, "transformers", _export("compressed-tensors", q, tmp_path / "ct"),
                       {"ids": IDS, "mode": "logits"}, tmp_path)
     expected = _logits(q, IDS)
@@ -63,9 +65,10 @@ def test_transformers_loads_compressed_tensors(tiny_llama_dir, tmp_path, group, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", [32, 64])
-def test_gptqmodel_loads_gptq(tiny_llama_dir, tmp_path, gptqmodel_python, group):
-    q = quantized_dir(tiny_llama_dir, tmp_path / "q", 4, group, True)
+@pytest.mark.parametrize("group,rule", [(32, "absmax"), (64, "absmax"), (64, "signed")])  # signed: negative scales
+def test_gptqmodel_loads_gptq(tiny_llama_dir, tmp_path, gptqmodel_python, group, rule):
+    q = quantized_dir(tiny_llama_dir, tmp_path / "q", 4, group, True, rule)
+    assert (negative_scale_share(q) > 0.3) == (rule == "signed")
     result = run_peer(gptqmodel_python, "gptqmodel", _export("gptq", q, tmp_path / "gptq"),
                       {"ids": IDS, "mode": "logits"}, tmp_path, env=GPTQ_ENV)
     expected = lowbit_weights(q)
