@@ -12,8 +12,15 @@ group size --group along the input dimension, lm_head / tied embedding left floa
 The model is quantized in float32 on the CPU (GPTQMODEL_CPU_WORKERS=2 is set by the driver).
 Calibration: lowbit's own token windows as {"input_ids", "attention_mask"} rows, in their order
 (calibration_sort None).
-De-quantization: each quantized module's own forward applied to the identity matrix gives
-W^T (+ bias), i.e. exactly the weights its runtime kernel multiplies by.
+De-quantization, as a user meets the model: the quantized model is saved (GPTQ / AWQ format),
+loaded back with GPTQModel.load (torch kernels, float16), and each linear is de-quantized by
+GPTQModel's own code (dequantize_weight with its float16 scales widened to float32: exact), or,
+where a kernel has no such method, by its forward applied to the identity matrix. Why not read
+the model in memory right after quantize(): GPTQModel 7.6 keeps the zero-points there in the v1
+layout its save writes (zero − 1), while its torch kernel decodes v2, so every code comes out one
+step too high (SmolLM2 W4 g64: relative weight error 0.38–0.47 against RTN's 0.11, ppl 2.6e9).
+The other tensors (norms and embeddings; AWQ folds its scales into the norms) come from the
+quantized model in memory, in float32.
 Storage bits per weight: every buffer the quantized linears hold (qweight, qzeros, scales,
 g_idx) at its dtype, over the weights they stand for.
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 
 from common import cli, read_samples, worker_args, write_dequantized
 
@@ -42,15 +50,23 @@ def _config(method: str, bits: int, group: int, sym: bool):
     raise ValueError(f"unknown GPTQModel method {method!r}")
 
 
-def _dequantized_linear(module, dtype):
-    """W [out, in] as the module's runtime sees it: forward(I) = I @ W^T + b."""
+def _dequantized_linear(module):
+    """W [out, in] float32 of a loaded quantized linear: GPTQModel's own dequantize_weight with
+    float32 scales (the stored float16 scales widen exactly), else forward(I) = I @ W^T + b."""
     import torch
 
-    eye = torch.eye(module.in_features, dtype=dtype)
+    if hasattr(module, "dequantize_weight") and hasattr(module, "g_idx"):
+        fp16_scales = module.scales
+        module.scales = fp16_scales.float()
+        try:
+            return module.dequantize_weight().t().float().contiguous()    # [in, out] -> [out, in]
+        finally:
+            module.scales = fp16_scales
+    eye = torch.eye(module.in_features, dtype=module.scales.dtype)
     out = module(eye)                               # [in, out]
     if getattr(module, "bias", None) is not None:
         out = out - module.bias.to(out.dtype)
-    return out.T.contiguous()
+    return out.T.float().contiguous()
 
 
 def worker() -> None:
@@ -69,23 +85,34 @@ def worker() -> None:
     backend = BACKEND.AWQ_TORCH if a.method == "awq" else BACKEND.AUTO
     model.quantize(calibration, batch_size=1, backend=backend, calibration_sort=None)
 
-    tensors, stored, bits, weights, quantized = {}, {}, 0, 0, 0
-    with torch.no_grad():
-        for name, module in model.model.named_modules():
-            if not isinstance(module, BaseQuantLinear):
+    stored, bits, weights, quantized = {}, 0, 0, 0
+    for module in model.model.modules():
+        if not isinstance(module, BaseQuantLinear):
+            continue
+        for key, buf in module.named_buffers(recurse=False):
+            if key.startswith("wf_"):                # unpacking helper constants, not stored
                 continue
-            tensors[name + ".weight"] = _dequantized_linear(module, torch.float32)
-            for key, buf in module.named_buffers(recurse=False):
-                if key.startswith("wf_"):            # unpacking helper constants, not stored
-                    continue
-                bits += buf.numel() * buf.element_size() * 8
-                stored[key] = str(buf.dtype)
-            weights += module.in_features * module.out_features
-            quantized += 1
-            backend_name = type(module).__name__
-        tensors.update({k: v for k, v in model.model.state_dict().items() if k not in tensors})
+            bits += buf.numel() * buf.element_size() * 8
+            stored[key] = str(buf.dtype)
+        weights += module.in_features * module.out_features
+        quantized += 1
     if not weights:
         raise RuntimeError("GPTQModel left no quantized linear in the model")
+    # norms and embeddings in float32 from memory; the linears from the saved checkpoint (docstring)
+    tensors = {k: v.float() for k, v in model.model.state_dict().items() if v.is_floating_point()}
+    with tempfile.TemporaryDirectory(dir=a.out) as saved, torch.no_grad():
+        model.save(saved)
+        del model
+        kernel = BACKEND.AWQ_TORCH if a.method == "awq" else BACKEND.TORCH
+        loaded = GPTQModel.load(saved, device="cpu", backend=kernel, dtype=torch.float16).model.eval()
+        reloaded = 0
+        for name, module in loaded.named_modules():
+            if isinstance(module, BaseQuantLinear):
+                tensors[name + ".weight"] = _dequantized_linear(module)
+                backend_name = type(module).__name__
+                reloaded += 1
+    if reloaded != quantized:
+        raise RuntimeError(f"GPTQModel quantized {quantized} linears but its saved checkpoint loads {reloaded}")
     params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
               if f.name in ("damp_percent", "damp_auto_increment", "desc_act", "act_group_aware", "static_groups",
                             "mse", "true_sequential", "format", "method", "pack_dtype")}
