@@ -85,3 +85,33 @@ def test_failure_reason_finds_the_exception_behind_a_listing():
     reason = common.failure_reason(RuntimeError("peer exited 1:\n" + "\n".join(log)))
     assert reason == "RuntimeError: ValueError: columns not divisible by 128"
     assert common.failure_reason(RuntimeError("exited 1:\nsomething broke")) == "RuntimeError: something broke"
+
+
+@pytest.mark.slow
+def test_gptqmodel_peer_hands_over_the_weights_it_quantized(tiny_llama_dir, tmp_path):
+    """GPTQModel quantizes the tiny Llama; the weights it hands over must be close to the float
+    weights: within 2x lowbit RTN's relative error on each linear (GPTQ trades weight error for
+    output error, but not by that much). Read in memory right after quantize(), GPTQModel 7.6's
+    weights had every code one step off (zero-points in its save layout): ~3.5x RTN's error."""
+    from safetensors.torch import load_file
+
+    from lowbit.formats import make_format
+
+    common = _peers_common()
+    try:
+        common._venv_module().ensure_venv("gptqmodel", list(common.PEERS["gptqmodel-gptq"].requirements))
+    except Exception as e:                      # no wheel, a failed build: say which
+        pytest.skip(f"GPTQModel environment could not be created: {type(e).__name__}: {e}")
+    samples = common.write_samples(str(tiny_llama_dir), 4, 64, 0, tmp_path / "calib.safetensors")
+    common.run_peer("gptqmodel-gptq", str(tiny_llama_dir), {"bits": 4, "group": 32, "sym": True}, samples,
+                    tmp_path / "peer", threads=2)
+    W_peer = load_file(str(tmp_path / "peer" / "model.safetensors"))
+    W_float = load_file(str(tiny_llama_dir / "model.safetensors"))
+    rtn = make_format("int", bits=4, group_size=32)
+    linears = [k for k in W_float if k.endswith("proj.weight")]
+    assert len(linears) == 2 * 7
+    for key in linears:
+        W_f, W_dq = W_float[key].float(), W_peer[key]
+        peer_error = ((W_dq - W_f).norm() / W_f.norm()).item()
+        rtn_error = ((rtn.fake_quantize(W_f) - W_f).norm() / W_f.norm()).item()
+        assert 0 < peer_error < 2 * rtn_error, (key, peer_error, rtn_error)
