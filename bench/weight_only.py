@@ -36,7 +36,7 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
 SIGNED = ["--scale-rule", "signed"]
 METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"],
            "gptq-2pass": ["--method", "gptq", "--walk", "two-pass"], "awq": ["--method", "awq"],
-           "awq+gptq": ["--method", "awq+gptq"],
+           "awq+gptq": ["--method", "awq+gptq"], "gptq-sink1": ["--method", "gptq", "--sink-weight", "1"],
            "awq-noclip": ["--method", "awq", "--clip", "none"], "awq-clip0": ["--method", "awq", "--clip-sweeps", "0"],
            "awq-x": ["--method", "awq", "--no-duo", "--clip", "none"],
            "awq-x-clip0": ["--method", "awq", "--no-duo", "--clip-sweeps", "0"],
