@@ -30,7 +30,8 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
 # over the groups on the whole error. The other awq rows take parts away: "-x" searches
 # mean|x|^α only (--no-duo), "-noclip" has no clip search, "-clip0" judges each group's clip
 # alone (--clip-sweeps 0). gptq walks each layer once, solving each group when the calibration
-# reaches it (the default walk); gptq-2pass captures the float layer and re-runs it quantized.
+# reaches it (the default walk); gptq-2pass captures the float layer and re-runs it quantized;
+# gptq-sink1 takes the textbook Hessian sum xᵀx (no extra weight on the attention-sink token).
 # "-signed" rows use --scale-rule signed: all 2^b codes of the symmetric grid (llama.cpp's Q4_0
 # rule) instead of absmax's 2^b - 1, at the same bits per weight.
 SIGNED = ["--scale-rule", "signed"]
