@@ -33,7 +33,8 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
 # reaches it (the default walk); gptq-2pass captures the float layer and re-runs it quantized;
 # gptq-sink1 takes the textbook Hessian sum xᵀx (no extra weight on the attention-sink token).
 # "-signed" rows use --scale-rule signed: all 2^b codes of the symmetric grid (llama.cpp's Q4_0
-# rule) instead of absmax's 2^b - 1, at the same bits per weight.
+# rule) instead of absmax's 2^b - 1, at the same bits per weight; gptq-signed-act adds --act-order
+# (columns by descending Hessian diagonal, groups kept static, as llm-compressor's default).
 SIGNED = ["--scale-rule", "signed"]
 METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"],
            "gptq-2pass": ["--method", "gptq", "--walk", "two-pass"], "awq": ["--method", "awq"],
@@ -42,7 +43,8 @@ METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"],
            "awq-x": ["--method", "awq", "--no-duo", "--clip", "none"],
            "awq-x-clip0": ["--method", "awq", "--no-duo", "--clip-sweeps", "0"],
            "rtn-signed": ["--method", "rtn", *SIGNED], "gptq-signed": ["--method", "gptq", *SIGNED],
-           "awq-signed": ["--method", "awq", *SIGNED], "awq+gptq-signed": ["--method", "awq+gptq", *SIGNED]}
+           "awq-signed": ["--method", "awq", *SIGNED], "awq+gptq-signed": ["--method", "awq+gptq", *SIGNED],
+           "gptq-signed-act": ["--method", "gptq", *SIGNED, "--act-order"]}
 
 
 def row_key(model: str, setting: str, method: str) -> str:
