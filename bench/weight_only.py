@@ -34,7 +34,7 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
 # gptq-sink1 takes the textbook Hessian sum xᵀx (no extra weight on the attention-sink token).
 # "-signed" rows use --scale-rule signed: all 2^b codes of the symmetric grid (llama.cpp's Q4_0
 # rule) instead of absmax's 2^b - 1, at the same bits per weight; gptq-signed-act adds --act-order
-# (columns by descending Hessian diagonal, groups kept static, as llm-compressor's default).
+# (columns by descending Hessian diagonal, groups kept static, as in the llm-compressor peer rows).
 SIGNED = ["--scale-rule", "signed"]
 METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"],
            "gptq-2pass": ["--method", "gptq", "--walk", "two-pass"], "awq": ["--method", "awq"],
