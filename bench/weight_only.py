@@ -127,8 +127,9 @@ def evaluate_rows(model: str, rows: list[dict], args, save) -> None:
         save()
 
 
-def peer_rows(models: list[str], settings: list[str], folder: Path) -> list[dict]:
-    """Rows of the peer result files bench/peers/ wrote (evaluated by lowbit eval, same windows)."""
+def peer_rows(models: list[str], settings: list[str], folder: Path, windows: tuple[int, int]) -> list[dict]:
+    """Rows of the peer result files bench/peers/ wrote (evaluated by lowbit eval, same windows).
+    A row calibrated on other than `windows` (samples, seq_len) says so in its method label."""
     by_grid = {grid: label for label, grid in SETTINGS.items() if label in settings}
     rows = []
     for f in sorted(folder.glob("*.json")):
@@ -137,8 +138,11 @@ def peer_rows(models: list[str], settings: list[str], folder: Path) -> list[dict
         label = by_grid.get((grid.get("bits"), grid.get("group")))
         if r.get("model") not in models or label is None:
             continue
+        used = r.get("calibration_windows")     # [samples, seq_len] the peer ran on; none when data-free
+        method = r["peer"] if not used or tuple(used) == tuple(windows) else \
+            f"{r['peer']} (calibration {used[0]} x {used[1]})"
         rows.append({"model": r["model"], "setting": label, "tool": f"{r.get('tool', r['peer'])} {r.get('tool_version', '')}".strip(),
-                     "method": r["peer"], "bits_per_weight": r.get("bits_per_weight"),
+                     "method": method, "bits_per_weight": r.get("bits_per_weight"),
                      "quantize_seconds": r.get("quantize_seconds"), "peak_rss_mib": r.get("peak_rss_mib"),
                      **{k: r[k] for k in ("ppl", "kld", "kld_p99", "top1_changed", "error", "note") if k in r},
                      "windows": r.get("eval_windows"), "result_file": str(f)})
@@ -210,7 +214,8 @@ def main() -> None:
 
     # the JSON keeps every measured row (all models and settings); the table shows this run's
     rows = [r for r in state.values() if "ppl" in r or "error" in r]
-    rows += peer_rows(sorted({r["model"] for r in rows} | set(args.models)), list(SETTINGS), Path(args.peer_results))
+    rows += peer_rows(sorted({r["model"] for r in rows} | set(args.models)), list(SETTINGS), Path(args.peer_results),
+                      (args.samples, args.seq_len))
     fp_ppl = {r["model"]: r["ppl"] for r in rows if r["method"] == "fp"}
     rtn_ppl = {(r["model"], r["setting"]): r["ppl"] for r in rows
                if r["tool"] == "lowbit" and r["method"] == "rtn" and r.get("ppl") is not None}

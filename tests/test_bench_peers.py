@@ -59,6 +59,25 @@ def test_write_dequantized_refuses_a_wrong_shape(tiny_llama_dir, tmp_path):
         common.write_dequantized(str(tiny_llama_dir), bad, str(tmp_path), {})
 
 
+def test_write_dequantized_keeps_the_float_original_of_a_tensor_only_cast(tiny_llama_dir, tmp_path):
+    # GPTQModel's AWQ runs in bfloat16: the embedding it hands back is the float one, cast; a norm
+    # AWQ scaled is new. The first must come back in float32 exactly, the second as the peer's.
+    from safetensors.torch import load_file
+
+    common = _peers_common()
+    ref = load_file(str(tiny_llama_dir / "model.safetensors"))
+    emb, norm = "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"
+    assert ref[emb].dtype == torch.float32
+    scaled = (ref[norm] * 1.5).to(torch.bfloat16)
+    common.write_dequantized(str(tiny_llama_dir), {emb: ref[emb].to(torch.bfloat16), norm: scaled},
+                             str(tmp_path), {})
+    out = load_file(str(tmp_path / "model.safetensors"))
+    assert not torch.equal(ref[emb].to(torch.bfloat16).float(), ref[emb])     # the cast does lose bits
+    assert torch.equal(out[emb], ref[emb])
+    assert torch.equal(out[norm], scaled.float())
+    assert json.loads((tmp_path / "peer.json").read_text())["tensors_changed_kinds"] == ["input_layernorm"]
+
+
 def test_run_measured_sees_the_childs_memory_and_cpu(tmp_path):
     common = _peers_common()
     # the child touches 300 MiB and spins a little: both must show in what wait4 reports

@@ -245,7 +245,8 @@ def cli(script: str, description: str) -> None:
             write_samples(a.model, a.samples, a.seq_len, a.seed, samples)
         row.update(run_peer(a.peer, a.model, setting, samples, Path(a.out), threads=a.threads))
     except Exception as e:  # a peer that cannot run is a result row saying why, not a silent gap
-        row["error"] = f"{type(e).__name__}: {e}"
+        row["error"] = failure_reason(e)                # one line for the table
+        row["error_log_tail"] = str(e)
         _write(json_path, row)
         print(row["error"], file=sys.stderr)
         sys.exit(1)
@@ -296,6 +297,9 @@ def write_dequantized(float_dir: str, tensors: dict, out: str, report: dict) -> 
     de-quantized tensor of the same name where the peer has one, plus out/peer.json = report.
 
     Why the whole state dict and not only the linears: AWQ folds its scales into the norms.
+    A peer that ran in a narrower dtype (GPTQModel's AWQ runs in bfloat16) hands back tensors it
+    never changed, only cast (the embeddings): where a peer tensor equals the float tensor cast to
+    its dtype, the float tensor is kept, so the row measures the quantization, not the cast.
     Refuses a peer tensor whose shape differs, and counts how many tensors the peer changed.
     """
     import torch
@@ -310,9 +314,12 @@ def write_dequantized(float_dir: str, tensors: dict, out: str, report: dict) -> 
             if new is None:
                 merged[key] = ref
                 continue
-            new = new.detach().to("cpu", torch.float32).contiguous()
+            new = new.detach().to("cpu")
             if new.shape != ref.shape:
                 raise ValueError(f"{key}: peer tensor {tuple(new.shape)} vs float {tuple(ref.shape)}")
+            if new.dtype != ref.dtype and torch.equal(new, ref.to(new.dtype)):
+                new = ref                           # only cast, never changed: keep the original
+            new = new.to(torch.float32).contiguous()
             if not torch.equal(new, ref):
                 changed.append(key)
             merged[key] = new

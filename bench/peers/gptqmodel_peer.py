@@ -7,9 +7,11 @@ group size --group along the input dimension, lm_head / tied embedding left floa
         activation, GAR), static_groups False, mse 0 (no grid search), true_sequential True;
         stored in the GPTQ format (int32-packed codes and zero-points, float16 scales, g_idx)
   (both with offload_to_disk False: the model stays in memory)
-  awq   AWQConfig with FORMAT.GEMM (int32-packed codes and zero-points, float16 scales), built
-        and run through the portable torch kernel (BACKEND.AWQ_TORCH)
-The model is quantized in float32 on the CPU (GPTQMODEL_CPU_WORKERS=2 is set by the driver).
+  awq   AWQConfig with FORMAT.GEMM (int32-packed codes and zero-points, scales in the model's
+        dtype: bfloat16 here), built and run through the portable torch kernel (BACKEND.AWQ_TORCH)
+The model is quantized on the CPU (GPTQMODEL_CPU_WORKERS=2 is set by the driver), in float32 for
+GPTQ and in bfloat16 for AWQ (its AWQ kernel refuses to pack a float32 model; float16 is ~50x
+slower than bfloat16 on this CPU).
 Calibration: lowbit's own token windows as {"input_ids", "attention_mask"} rows, in their order
 (calibration_sort None).
 De-quantization, as a user meets the model: the quantized model is saved (GPTQ / AWQ format),
@@ -20,7 +22,8 @@ the model in memory right after quantize(): GPTQModel 7.6 keeps the zero-points 
 layout its save writes (zero − 1), while its torch kernel decodes v2, so every code comes out one
 step too high (SmolLM2 W4 g64: relative weight error 0.38–0.47 against RTN's 0.11, ppl 2.6e9).
 The other tensors (norms and embeddings; AWQ folds its scales into the norms) come from the
-quantized model in memory, in float32.
+quantized model in memory, where the peer changed them (write_dequantized keeps the float32
+original of a tensor AWQ's bfloat16 run only cast).
 Storage bits per weight: every buffer the quantized linears hold (qweight, qzeros, scales,
 g_idx) at its dtype, over the weights they stand for.
 
@@ -81,7 +84,10 @@ def worker() -> None:
     config = _config(a.method, a.bits, a.group, a.sym)
     ids = read_samples(a.samples_file)                       # [N, L] int64
     calibration = [{"input_ids": row[None, :], "attention_mask": torch.ones_like(row)[None, :]} for row in ids]
-    model = GPTQModel.load(a.float_dir, config, device="cpu", dtype=torch.float32)
+    # its AWQ kernel (AwqTorchLinear) refuses to pack float32; of the two it takes, bfloat16 is the
+    # one a CPU computes fast (float16 matmuls run ~50x slower than float32 here, bfloat16 ~3x faster)
+    dtype = torch.bfloat16 if a.method == "awq" else torch.float32
+    model = GPTQModel.load(a.float_dir, config, device="cpu", dtype=dtype)
     backend = BACKEND.AWQ_TORCH if a.method == "awq" else BACKEND.AUTO
     model.quantize(calibration, batch_size=1, backend=backend, calibration_sort=None)
 
@@ -99,7 +105,8 @@ def worker() -> None:
     if not weights:
         raise RuntimeError("GPTQModel left no quantized linear in the model")
     # norms and embeddings in float32 from memory; the linears from the saved checkpoint (docstring)
-    tensors = {k: v.float() for k, v in model.model.state_dict().items() if v.is_floating_point()}
+    # (in their own dtype: write_dequantized keeps the float original of a tensor only cast to bfloat16)
+    tensors = {k: v.clone() for k, v in model.model.state_dict().items() if v.is_floating_point()}
     with tempfile.TemporaryDirectory(dir=a.out) as saved, torch.no_grad():
         model.save(saved)
         del model

@@ -5,7 +5,11 @@ group size --group along the input dimension, lm_head / tied embedding left floa
   gptq  GPTQModifier: dampening_frac 0.01, block_size 128, actorder "static" (its default: columns
         processed in activation order, groups kept contiguous, so no g_idx is stored)
   awq   AWQModifier (duo_scaling True, n_grid 20, the built-in Llama mappings; no clip search)
-        followed by QuantizationModifier (min/max observer) — the library's two-step AWQ recipe
+        followed by QuantizationModifier (min/max observer) — the library's two-step AWQ recipe.
+        Slow on a CPU: each of the 20 grid points re-runs the mapping's parent module (the whole
+        attention block for q/k/v) on every calibration token; 8 x 2048 windows of SmolLM2 took
+        3757 s on one thread, 32 x 2048 (4x the tokens) would take about four hours (result file
+        bench/results/peers/llmcompressor-awq_smollm2-135m_w4g64.json)
   rtn   QuantizationModifier alone: min/max scales, round to nearest, no calibration data
 Calibration: lowbit's own token windows, passed as a pre-tokenized dataset in their order.
 Storage bits per weight are counted from the compressed checkpoint llm-compressor itself saves
