@@ -27,6 +27,34 @@ def _peers_common():
     return module
 
 
+
+def _peer_environment_or_skip(common, name: str) -> None:
+    """Create peer `name`'s environment, or skip the test saying why (no wheel, a failed build)."""
+    peer = common.PEERS[name]
+    try:
+        common._venv_module().ensure_venv(peer.venv, list(peer.requirements))
+    except Exception as e:
+        pytest.skip(f"{name} environment could not be created: {type(e).__name__}: {e}")
+
+
+def _assert_each_linear_within_2x_rtn(float_dir: Path, peer_dir: Path, group: int = 32) -> None:
+    """Every linear the peer handed over differs from the float weight, by less than twice lowbit's
+    4-bit RTN relative error at the same group size."""
+    from safetensors.torch import load_file
+
+    from lowbit.formats import make_format
+
+    W_peer = load_file(str(peer_dir / "model.safetensors"))
+    W_float = load_file(str(float_dir / "model.safetensors"))
+    rtn = make_format("int", bits=4, group_size=group)
+    linears = [k for k in W_float if k.endswith("proj.weight")]
+    assert len(linears) == 2 * 7
+    for key in linears:
+        W_f, W_dq = W_float[key].float(), W_peer[key]
+        peer_error = ((W_dq - W_f).norm() / W_f.norm()).item()
+        rtn_error = ((rtn.fake_quantize(W_f) - W_f).norm() / W_f.norm()).item()
+        assert 0 < peer_error < 2 * rtn_error, (key, peer_error, rtn_error)
+
 def test_dequantized_directory_reproduces_the_quantized_model(tiny_llama_dir, tmp_path):
     from lowbit.formats import make_format
     from lowbit.models.load import load
@@ -112,25 +140,65 @@ def test_gptqmodel_peer_hands_over_the_weights_it_quantized(tiny_llama_dir, tmp_
     weights: within 2x lowbit RTN's relative error on each linear (GPTQ trades weight error for
     output error, but not by that much). Read in memory right after quantize(), GPTQModel 7.6's
     weights had every code one step off (zero-points in its save layout): ~3.5x RTN's error."""
-    from safetensors.torch import load_file
-
-    from lowbit.formats import make_format
-
     common = _peers_common()
-    try:
-        common._venv_module().ensure_venv("gptqmodel", list(common.PEERS["gptqmodel-gptq"].requirements))
-    except Exception as e:                      # no wheel, a failed build: say which
-        pytest.skip(f"GPTQModel environment could not be created: {type(e).__name__}: {e}")
+    _peer_environment_or_skip(common, "gptqmodel-gptq")
     samples = common.write_samples(str(tiny_llama_dir), 4, 64, 0, tmp_path / "calib.safetensors")
     common.run_peer("gptqmodel-gptq", str(tiny_llama_dir), {"bits": 4, "group": 32, "sym": True}, samples,
                     tmp_path / "peer", threads=2)
+    _assert_each_linear_within_2x_rtn(tiny_llama_dir, tmp_path / "peer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, bits_per_weight", [("hqq", 4 + 2 * 16 / 32), ("torchao-intx", 8 + (32 + 8) / 32),
+                                                   ("bitsandbytes-nf4", 4 + 32 / 32)])
+def test_data_free_peer_hands_over_its_weights_and_storage(name, bits_per_weight, tiny_llama_dir, tmp_path):
+    """Each calibration-free peer quantizes the tiny Llama at 4 bits, group 32: every linear comes
+    back changed and within 2x lowbit RTN's relative error (all three are RTN-like grids), the
+    rest untouched, and the storage it reports is what its layout holds (hqq: float16 scale and
+    zero; torchao: int8 codes unpacked, float32 scale, int8 zero-point; bitsandbytes: packed NF4
+    codes, float32 absmax)."""
+    from safetensors.torch import load_file
+
+    common = _peers_common()
+    _peer_environment_or_skip(common, name)
+    samples = common.write_samples(str(tiny_llama_dir), 2, 32, 0, tmp_path / "calib.safetensors")
+    record = common.run_peer(name, str(tiny_llama_dir), {"bits": 4, "group": 32, "sym": True}, samples,
+                             tmp_path / "peer", threads=2)
+    assert record["quantized_linears"] == 2 * 7
+    assert record["bits_per_weight"] == pytest.approx(bits_per_weight)
+    _assert_each_linear_within_2x_rtn(tiny_llama_dir, tmp_path / "peer")
     W_peer = load_file(str(tmp_path / "peer" / "model.safetensors"))
     W_float = load_file(str(tiny_llama_dir / "model.safetensors"))
-    rtn = make_format("int", bits=4, group_size=32)
-    linears = [k for k in W_float if k.endswith("proj.weight")]
-    assert len(linears) == 2 * 7
-    for key in linears:
-        W_f, W_dq = W_float[key].float(), W_peer[key]
-        peer_error = ((W_dq - W_f).norm() / W_f.norm()).item()
-        rtn_error = ((rtn.fake_quantize(W_f) - W_f).norm() / W_f.norm()).item()
-        assert 0 < peer_error < 2 * rtn_error, (key, peer_error, rtn_error)
+    for key in [k for k in W_float if not k.endswith("proj.weight")]:
+        assert torch.equal(W_peer[key], W_float[key].float()), key      # norms and embeddings untouched
+
+
+@pytest.mark.slow
+def test_bitsandbytes_peer_refuses_a_width_it_does_not_have(tiny_llama_dir, tmp_path):
+    common = _peers_common()
+    _peer_environment_or_skip(common, "bitsandbytes-nf4")
+    samples = common.write_samples(str(tiny_llama_dir), 2, 32, 0, tmp_path / "calib.safetensors")
+    with pytest.raises(RuntimeError, match="no 3-bit weight format") as info:
+        common.run_peer("bitsandbytes-nf4", str(tiny_llama_dir), {"bits": 3, "group": 64, "sym": True}, samples,
+                        tmp_path / "peer")
+    assert common.failure_reason(info.value).startswith("RuntimeError: ValueError: bitsandbytes has no 3-bit")
+
+
+@pytest.mark.slow
+def test_autoround_peer_hands_over_decoded_weights_and_refuses_skipped_layers(tiny_gemma3_dir, tiny_llama_dir,
+                                                                               tmp_path):
+    """auto-round's SignRound on the tiny Gemma 3 (every shape a multiple of 32, as its packing
+    wants): each linear comes back as scale x integer code, within 2x lowbit RTN's relative error
+    (its rounding moves by at most half a step and its clips stay near min/max). On the tiny Llama
+    (k/v with 48 rows) it skips k and v: the row must fail, not compare a partly float model."""
+    common = _peers_common()
+    _peer_environment_or_skip(common, "autoround")
+    samples = common.write_samples(str(tiny_gemma3_dir), 4, 64, 0, tmp_path / "calib.safetensors")
+    record = common.run_peer("autoround", str(tiny_gemma3_dir), {"bits": 4, "group": 32, "sym": True}, samples,
+                             tmp_path / "peer", threads=2)
+    assert record["quantized_linears"] == 2 * 7 and record["hyperparameters"]["iters"] == 200
+    _assert_each_linear_within_2x_rtn(tiny_gemma3_dir, tmp_path / "peer")
+    samples = common.write_samples(str(tiny_llama_dir), 4, 64, 0, tmp_path / "calib_llama.safetensors")
+    with pytest.raises(RuntimeError, match="left 4 decoder linears unquantized"):
+        common.run_peer("autoround", str(tiny_llama_dir), {"bits": 4, "group": 32, "sym": True}, samples,
+                        tmp_path / "peer_llama", threads=2)

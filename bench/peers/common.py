@@ -58,6 +58,9 @@ class Peer:
 LLMC = ("llmcompressor==0.14.0.1",)
 GPTQMODEL = ("gptqmodel==7.6.0",)
 HQQ = ("hqq==0.2.8.post1", "transformers==4.57.6")
+TORCHAO = ("torchao==0.18.0", "transformers==4.57.6")
+BITSANDBYTES = ("bitsandbytes==0.50.2", "transformers==4.57.6")
+AUTOROUND = ("auto-round==0.16.1",)
 PEERS = {
     "llmcompressor-gptq": Peer("llmcompressor_peer.py", "llmcompressor", LLMC, "gptq"),
     "llmcompressor-awq": Peer("llmcompressor_peer.py", "llmcompressor", LLMC, "awq"),
@@ -65,6 +68,9 @@ PEERS = {
     "gptqmodel-gptq": Peer("gptqmodel_peer.py", "gptqmodel", GPTQMODEL, "gptq"),
     "gptqmodel-awq": Peer("gptqmodel_peer.py", "gptqmodel", GPTQMODEL, "awq"),
     "hqq": Peer("hqq_peer.py", "hqq", HQQ, "hqq"),
+    "torchao-intx": Peer("torchao_peer.py", "torchao", TORCHAO, "intx"),
+    "bitsandbytes-nf4": Peer("bitsandbytes_peer.py", "bitsandbytes", BITSANDBYTES, "nf4"),
+    "autoround": Peer("autoround_peer.py", "autoround", AUTOROUND, "signround"),
 }
 
 
@@ -196,6 +202,9 @@ def evaluate_results(model: str, result_files: list[Path], windows: int, ctx: in
 
     rows = {str(f): json.loads(Path(f).read_text()) for f in result_files}
     todo = {f: r for f, r in rows.items() if "error" not in r and "dir" in r}
+    if not todo:                    # only failure rows: nothing to load, no reference pass to pay for
+        print("no quantized model to evaluate in", ", ".join(rows))
+        return
     fp = load(model)
     ids = tokenize(fp.tokenizer, read_text(EVAL_TEXT).text)
     models = {f: load(r["dir"]).model for f, r in todo.items()}
@@ -261,6 +270,15 @@ def cli(script: str, description: str) -> None:
     _write(json_path, row)
     print(json.dumps({k: row.get(k) for k in ("peer", "tool_version", "method", "ppl", "kld", "bits_per_weight",
                                                 "quantize_seconds", "peak_rss_mib")}))
+
+
+def main(script: str, description: str, worker) -> None:
+    """A peer script's entry point: its worker inside the peer's environment (--worker, started by
+    run_peer), else the command line in lowbit's environment."""
+    if "--worker" in sys.argv:
+        worker()
+    else:
+        cli(Path(script).name, description)
 
 
 def _write(path: Path, payload: dict) -> None:

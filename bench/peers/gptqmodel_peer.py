@@ -33,10 +33,9 @@ g_idx) at its dtype, over the weights they stand for.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 
-from common import cli, read_samples, worker_args, write_dequantized
+from common import main, read_samples, worker_args, write_dequantized
 
 
 def _config(method: str, bits: int, group: int, sym: bool):
@@ -135,7 +134,4 @@ def worker() -> None:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker()
-    else:
-        cli("gptqmodel_peer.py", __doc__)
+    main(__file__, __doc__, worker)

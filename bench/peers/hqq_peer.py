@@ -14,9 +14,7 @@ Storage bits per weight: the packed codes (W_q; 4-bit two per uint8, 3-bit ten p
 """
 from __future__ import annotations
 
-import sys
-
-from common import cli, worker_args, write_dequantized
+from common import main, worker_args, write_dequantized
 
 
 def worker() -> None:
@@ -56,7 +54,4 @@ def worker() -> None:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker()
-    else:
-        cli("hqq_peer.py", __doc__)
+    main(__file__, __doc__, worker)

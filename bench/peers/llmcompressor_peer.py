@@ -22,11 +22,10 @@ model is quantized in float32 —, zero-points only when asymmetric, a weight_sh
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from common import cli, read_samples, worker_args, write_dequantized
+from common import main, read_samples, worker_args, write_dequantized
 
 
 def _cpu_pin_memory_patch() -> None:
@@ -124,7 +123,4 @@ def worker() -> None:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker()
-    else:
-        cli("llmcompressor_peer.py", __doc__)
+    main(__file__, __doc__, worker)
