@@ -202,3 +202,24 @@ def test_autoround_peer_hands_over_decoded_weights_and_refuses_skipped_layers(ti
     with pytest.raises(RuntimeError, match="left 4 decoder linears unquantized"):
         common.run_peer("autoround", str(tiny_llama_dir), {"bits": 4, "group": 32, "sym": True}, samples,
                         tmp_path / "peer_llama", threads=2)
+
+
+@pytest.mark.slow
+def test_quanto_peer_records_the_groups_it_chose_and_refuses_others(tiny_llama_dir, tmp_path):
+    """optimum-quanto picks its own group: 96 columns are not over 128, so one group per row; 160
+    columns take 32 (128, 96 and 64 do not divide 160). The weights stay within 2x lowbit RTN's
+    error at group 128, the storage is 4-bit codes plus float32 scale and shift per group, and a
+    group it cannot be asked for fails the row."""
+    common = _peers_common()
+    _peer_environment_or_skip(common, "quanto")
+    samples = common.write_samples(str(tiny_llama_dir), 2, 32, 0, tmp_path / "calib.safetensors")
+    record = common.run_peer("quanto", str(tiny_llama_dir), {"bits": 4, "group": 128, "sym": True}, samples,
+                             tmp_path / "peer", threads=2)
+    assert record["groups_used"] == {"96": 12, "32": 2}            # 6 linears of 96 columns and down_proj per layer
+    weights = {"96": 96 * (96 * 2 + 48 * 2 + 160 * 2), "32": 160 * 96}   # per layer: q, o, k, v, gate, up | down
+    expected = sum(n * (4 + 64 / int(g)) for g, n in weights.items()) / sum(weights.values())
+    assert record["bits_per_weight"] == pytest.approx(expected)
+    _assert_each_linear_within_2x_rtn(tiny_llama_dir, tmp_path / "peer", group=128)
+    with pytest.raises(RuntimeError, match="group 64 cannot be asked for"):
+        common.run_peer("quanto", str(tiny_llama_dir), {"bits": 4, "group": 64, "sym": True}, samples,
+                        tmp_path / "peer64")

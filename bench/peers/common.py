@@ -61,6 +61,7 @@ HQQ = ("hqq==0.2.8.post1", "transformers==4.57.6")
 TORCHAO = ("torchao==0.18.0", "transformers==4.57.6")
 BITSANDBYTES = ("bitsandbytes==0.50.2", "transformers==4.57.6")
 AUTOROUND = ("auto-round==0.16.1",)
+QUANTO = ("optimum-quanto==0.2.7", "transformers==4.57.6")
 PEERS = {
     "llmcompressor-gptq": Peer("llmcompressor_peer.py", "llmcompressor", LLMC, "gptq"),
     "llmcompressor-awq": Peer("llmcompressor_peer.py", "llmcompressor", LLMC, "awq"),
@@ -71,6 +72,7 @@ PEERS = {
     "torchao-intx": Peer("torchao_peer.py", "torchao", TORCHAO, "intx"),
     "bitsandbytes-nf4": Peer("bitsandbytes_peer.py", "bitsandbytes", BITSANDBYTES, "nf4"),
     "autoround": Peer("autoround_peer.py", "autoround", AUTOROUND, "signround"),
+    "quanto": Peer("quanto_peer.py", "quanto", QUANTO, "qint"),
 }
 
 
