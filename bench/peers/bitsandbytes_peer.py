@@ -4,7 +4,7 @@ NF4 is a fixed 16-level grid (normal-distribution quantiles, scaled by each bloc
 bitsandbytes quantizes the *flattened* weight in blocks of G consecutive values, so a block is a
 group of one row only when G divides the columns. SmolLM2's 576 columns at G = 128: blocks
 straddle rows, as the library does it, and its CPU dequantize_4bit then decodes them wrongly
-(the note in bench/results/peers/bitsandbytes-nf4_smollm2-135m_w4g128.json). Calls:
+(bench/peers/bitsandbytes_blocks.py measures it). Calls:
 bitsandbytes.functional.quantize_4bit(W, blocksize=G, quant_type="nf4") and dequantize_4bit (what
 its CPU matmul multiplies by), with transformers' BitsAndBytesConfig defaults otherwise: no double
 quantization, so one float32 absmax per block.

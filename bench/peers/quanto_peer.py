@@ -2,7 +2,7 @@
 
 `quantize(model, weights=qintB)` then `freeze(model)`, its defaults kept: asymmetric grid with a
 float32 scale and a float32 shift per group, min/max (MaxOptimizer), 4-bit codes packed two per
-byte. Only qint2, qint4 and qint8 exist (no 3-bit: those settings are failure rows). Its group size
+byte. Only qint2, qint4 and qint8 exist (a 3-bit run fails, saying so). Its group size
 cannot be asked for: each linear takes 128, or, when 128 does not divide the columns, the largest
 of 96, 64, 32 that does (SmolLM2's 576 columns get 96, its MLP down projection 128), so a row sits
 at the setting whose group is 128 and records the groups it used; a run asking for any other
