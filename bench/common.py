@@ -58,8 +58,36 @@ def machine() -> dict:
             "load_average_1min": os.getloadavg()[0]}
 
 
+# a row is "the same measurement" when these agree (the measured values included: a re-measured row
+# does not inherit the conditions of the old one)
+ROW_IDENTITY = ("model", "setting", "method", "mix", "row", "tool", "bits", "group", "group_size", "ppl", "kld",
+                "wall_seconds", "seconds")
+
+
+def _identity(row: dict) -> tuple:
+    return tuple((k, json.dumps(row.get(k))) for k in ROW_IDENTITY if k in row)
+
+
 def write_json(path: Path, payload: dict) -> None:
+    """Write a bench's JSON. The conditions a number was measured under ("conditions", "notes": what
+    ran beside it, threads, ...) are facts about that measurement, added by hand where a script did not
+    record them: a rewrite keeps them at the top level and on every row that is the same measurement
+    (same identity and measured values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        for key in ("conditions", "notes"):
+            if key in old and key not in payload:
+                payload[key] = old[key]
+        kept = {_identity(r): r for r in old.get("rows", []) if isinstance(r, dict)}
+        for row in payload.get("rows", []):
+            before = kept.get(_identity(row)) if isinstance(row, dict) else None
+            for key in ("conditions", "notes"):
+                if before and key in before and key not in row:
+                    row[key] = before[key]
     path.write_text(json.dumps(payload, indent=1))
 
 

@@ -4,24 +4,26 @@ For one model: lowbit exports the float model as an F32 GGUF (the reference for 
 then, per mix,
   llama.cpp            llama-quantize F32.gguf -> MIX (no importance matrix)
   llama.cpp+imatrix    the same with llama-imatrix's own imatrix of the calibration text
-  lowbit rtn           lowbit export --type MIX (lowbit's scale search, llama.cpp's default weighting)
-  lowbit imatrix       ... with lowbit's imatrix of the calibration text
-  lowbit gptq          ... with GPTQ error compensation on each block's grid (Hessians of the same pass)
-  lowbit awq           AWQ scales searched for the mix's types and folded in, then as lowbit imatrix
-  lowbit awq+gptq      the same folded model, then as lowbit gptq
-Every file is read by llama-perplexity on the same tokens of WikiText-2 raw test (its tokenizer,
-its convention: windows of --ctx tokens, BOS first, the second half of each window scored) with
---kl-divergence against the F32 file's stored log-probs. Calibration: --calib-chunks windows of
---ctx tokens of wikitext-2 valid for both imatrices (llama-imatrix takes the first ones, lowbit a
-seeded sample). Quantize time counts the calibration pass in every row that uses it: llama-imatrix's for the
-llama.cpp+imatrix rows, lowbit's (imatrix and Hessians in one pass) for lowbit imatrix and gptq, and for
-the awq rows the AWQ search plus a calibration pass of the folded model (searched once per mix).
+  lowbit rtn           lowbit quantize --format gguf --type MIX --method rtn (llama.cpp's default weighting)
+  lowbit imatrix       ... --method imatrix (each type's search weighted by its input's mean x²)
+  lowbit gptq          ... --method gptq (GPTQ error compensation on each block's grid)
+  lowbit awq           ... --method awq (AWQ scales judged on the mix's real types, folded in; then imatrix)
+  lowbit awq+gptq      ... --method awq+gptq
+  lowbit X (float inputs)   the same method with --inputs float: every layer calibrated on the float
+                       model's activations (the old one-step export's convention) instead of the
+                       already-quantized layers' outputs (the walker's, lowbit's default)
+then `lowbit export DIR --format gguf`, which copies the blocks. Every file is read by llama-perplexity
+on the same tokens of WikiText-2 raw test (its tokenizer, its convention: windows of --ctx tokens, BOS
+first, the second half of each window scored) with --kl-divergence against the F32 file's stored
+log-probs. Calibration: --calib-chunks windows of --ctx tokens of wikitext-2 valid (llama-imatrix takes
+the first ones, lowbit a seeded sample). Quantize time counts the calibration in every row that uses it.
 
-    python bench/gguf_vs_llamacpp.py --model smollm2-135m            # every mix: ~35 min, plus ~10 min a mix for the awq rows
-    python bench/gguf_vs_llamacpp.py --model gemma3-270m --mixes Q4_K_M Q8_0
+    python bench/gguf_vs_llamacpp.py --model smollm2-135m            # every mix and row: hours on 2 cores
+    python bench/gguf_vs_llamacpp.py --model smollm2-135m --mixes Q4_K_M --rows "lowbit gptq" "lowbit gptq (float inputs)"
 
 Resumable: finished rows live in ~/.cache/lowbit/bench/gguf/<model>/rows.json (with the files);
---fresh starts over. Writes bench/results/gguf_<model>.json and prints the table.
+--fresh starts over. Rows of bench/results/gguf_<model>.json that this run did not redo are kept
+(each says when and how it was measured). Writes that JSON and prints the table.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ import llamacpp_tools as llamacpp  # noqa: E402
 K_MIXES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q2_K")
 PLAIN_MIXES = ("Q8_0", "F16")
 ROWS_K = ("llama.cpp", "llama.cpp+imatrix", "lowbit rtn", "lowbit imatrix", "lowbit gptq", "lowbit awq",
-          "lowbit awq+gptq")
+          "lowbit awq+gptq", "lowbit imatrix (float inputs)", "lowbit gptq (float inputs)",
+          "lowbit awq+gptq (float inputs)")
 ROWS_PLAIN = ("llama.cpp", "lowbit rtn")
 PROMPT = "The capital of France is"
 
@@ -69,58 +72,39 @@ def generates(path: Path) -> str:
 
 
 class LowbitSide:
-    """The model loaded once and its calibration pass computed once, shared by every lowbit row."""
+    """Each lowbit row: the model loaded afresh, quantized by `lowbit quantize`'s path, exported."""
 
-    def __init__(self, model: str):
-        from lowbit.models.load import load
-
-        self.model = model
-        self.loaded = load(model)
-        self._calibration, self.calib_seconds = None, 0.0
-        self._awq = None  # (mix, folded model, its calibration, seconds) of the last mix asked for
-
-    def awq(self, mix: str):
-        """A second copy of the model with the mix's AWQ plan folded in, and its calibration pass."""
-        if self._awq is None or self._awq[0] != mix:
-            from lowbit.data.text import read_text
-            from lowbit.export.gguf.awq import awq_gguf_plan
-            from lowbit.export.gguf.imatrix import calibrate, calibration_windows
-            from lowbit.methods.awq import apply_awq_plan
-            from lowbit.models.load import load
-
-            self._awq = None  # one folded copy at a time
-            loaded = load(self.model)
-            start = time.perf_counter()
-            samples = calibration_windows(loaded, read_text(str(CALIB_TEXT)))
-            apply_awq_plan(loaded.model, loaded.spec, awq_gguf_plan(loaded, mix, samples, progress=False))
-            calibration = calibrate(loaded, samples, hessians=True)
-            self._awq = (mix, loaded, calibration, time.perf_counter() - start)
-        return self._awq[1:]
-
-    def calibration(self):
-        if self._calibration is None:
-            from lowbit.data.text import read_text
-            from lowbit.export.gguf.imatrix import calibrate_on_text
-
-            start = time.perf_counter()
-            self._calibration = calibrate_on_text(self.loaded, read_text(str(CALIB_TEXT)), hessians=True)
-            self.calib_seconds = time.perf_counter() - start
-        return self._calibration
+    def __init__(self, model: str, samples: int, seq_len: int):
+        self.model, self.samples, self.seq_len = model, samples, seq_len
 
     def export(self, mix: str, row: str, out: Path) -> float:
-        """Write the row's file; returns seconds (including the shared calibration pass where used)."""
+        """Write the row's file; returns seconds (calibration, quantization and writing)."""
+        from lowbit.data.calibration import CalibConfig
+        from lowbit.data.text import read_text
         from lowbit.export.gguf.writer import write_gguf
+        from lowbit.methods.awq import AwqConfig
+        from lowbit.methods.gptq import GptqConfig
+        from lowbit.methods.rtn import RtnConfig
+        from lowbit.models.load import load
+        from lowbit.plans.gguf_mixes import mix_plan
+        from lowbit.quantize import QuantizeConfig, calibration_samples, quantize
 
-        loaded, kwargs, extra = self.loaded, {}, 0.0
-        if row in ("lowbit imatrix", "lowbit gptq"):
-            cal, extra = self.calibration(), self.calib_seconds
-        elif row.startswith("lowbit awq"):
-            loaded, cal, extra = self.awq(mix)
-        if row != "lowbit rtn":
-            kwargs = {"imatrix": cal.imatrix, "hessians": cal.hessians if row.endswith("gptq") else None}
+        loaded = load(self.model)
         start = time.perf_counter()
-        write_gguf(loaded, mix, out, **kwargs)
-        return time.perf_counter() - start + extra
+        if mix in PLAIN_MIXES + ("F32",) and mix != "Q8_0":
+            write_gguf(loaded, out, requantize=None if mix == "F32" else mix)
+            return time.perf_counter() - start
+        row = row.split(" [")[0]
+        method = row.removeprefix("lowbit ").removesuffix(" (float inputs)")
+        config = QuantizeConfig(plan=mix_plan(loaded.model.config, loaded.spec, mix), method=method,
+                                rtn=RtnConfig(clip="none"), gptq=GptqConfig(clip="none"),
+                                awq=AwqConfig(duo=False, clip=False),  # as `lowbit quantize --format gguf`
+                                calib=CalibConfig(samples=self.samples, seq_len=self.seq_len),
+                                inputs="float" if row.endswith("(float inputs)") else "quantized")
+        samples = calibration_samples(loaded, read_text(str(CALIB_TEXT)), config.calib) if config.calibrated else None
+        quantize(loaded, config, samples, progress=False)
+        write_gguf(loaded, out)
+        return time.perf_counter() - start
 
 
 def run(args) -> dict:
@@ -133,7 +117,9 @@ def run(args) -> dict:
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     save = lambda: state_path.write_text(json.dumps(state, indent=1))  # noqa: E731
     llamacpp.ensure_tools()
-    lowbit = LowbitSide(args.model)
+    samples, seq_len = args.lowbit_calib or (args.calib_chunks, args.ctx)
+    lowbit = LowbitSide(args.model, samples, seq_len)
+    suffix = f" [{samples}x{seq_len}]" if args.lowbit_calib else ""  # lowbit rows on other calibration
 
     f32, base = work / "F32.gguf", work / f"base-c{args.ctx}-n{args.chunks}.kld"
     if "F32" not in state or not base.exists():
@@ -148,6 +134,9 @@ def run(args) -> dict:
     for mix in args.mixes:
         rows = ROWS_K if mix in K_MIXES else ROWS_PLAIN
         for row in rows:
+            if args.rows and row not in args.rows and not row.startswith("llama.cpp"):
+                continue
+            row = row + suffix if row.startswith("lowbit") else row
             key = f"{mix}/{row}"
             if key in state:
                 continue
@@ -166,6 +155,8 @@ def run(args) -> dict:
             facts = {"mix": mix, "row": row, "quantize_s": round(seconds, 1), **file_facts(out),
                      **llamacpp.kl_divergence(out, base, args.ctx, args.chunks)}
             facts["generates"] = generates(out)
+            facts["measured"] = time.strftime("%Y-%m-%d") + (" (lowbit quantize path)" if row.startswith("lowbit")
+                                                             else "")
             state[key] = facts
             save()
             print(f"{key}: KLD {facts['kld']:.5f} ppl {facts['ppl']:.3f} ({seconds:.0f} s)", flush=True)
@@ -174,10 +165,25 @@ def run(args) -> dict:
     return state
 
 
+def kept_rows(model: str, state: dict) -> dict:
+    """Rows of the committed results JSON that this run has not redone, each saying how it was measured."""
+    path = REPO / "bench" / "results" / f"gguf_{model.replace('/', '_')}.json"
+    if not path.exists():
+        return {}
+    kept = {}
+    for r in json.loads(path.read_text()).get("rows", []):
+        key = f"{r['mix']}/{r['row']}"
+        if key not in state and r["mix"] != "F32":
+            r.setdefault("measured", "before 2026-12-04 (one-step export: float-model calibration pass)")
+            kept[key] = r
+    return kept
+
+
 def summarize(state: dict, model: str, args) -> dict:
     order = {m: i for i, m in enumerate(K_MIXES + PLAIN_MIXES)}
+    state = {**kept_rows(model, state), **state}
     rows = [state["F32"]] + sorted((v for k, v in state.items() if "/" in k),
-                                   key=lambda r: (order[r["mix"]], ROWS_K.index(r["row"])))
+                                   key=lambda r: (order[r["mix"]], ROWS_K.index(r["row"].split(" [")[0]), r["row"]))
     for r in rows:  # ratios against llama.cpp's rows of the same mix, same run
         peers = {p["row"]: p["kld"] for p in rows if p["mix"] == r["mix"] and p["row"].startswith("llama.cpp")}
         r["kld_vs_llama"] = round(r["kld"] / peers["llama.cpp"], 3) if peers.get("llama.cpp") else None
@@ -189,7 +195,10 @@ def summarize(state: dict, model: str, args) -> dict:
              r.get("kld_p99", ""), r.get("same_top_pct", ""), r["kld_vs_llama"] or "", r["kld_vs_llama_imatrix"] or "",
              round(r["quantize_s"], 1), r["generates"][:28]] for r in rows]
     print(table(header, body))
-    return {"model": model, "eval_text": str(EVAL_TEXT), "calib_text": str(CALIB_TEXT), "ctx": args.ctx,
+    path = REPO / "bench" / "results" / f"gguf_{model.replace('/', '_')}.json"
+    kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("conditions", "notes")} \
+        if path.exists() else {}
+    return {**kept, "model": model, "eval_text": str(EVAL_TEXT), "calib_text": str(CALIB_TEXT), "ctx": args.ctx,
             "chunks": args.chunks, "tokens_scored": args.chunks * (args.ctx // 2), "calib_chunks": args.calib_chunks,
             "convention": "llama-perplexity: windows of ctx tokens with BOS, second half of each window scored; "
                           "KLD against the F32 export's stored log-probs, natural log, mean over scored tokens",
@@ -202,7 +211,12 @@ def main() -> None:
     p.add_argument("--mixes", nargs="+", default=list(K_MIXES + PLAIN_MIXES), choices=K_MIXES + PLAIN_MIXES)
     p.add_argument("--ctx", type=int, default=512, help="llama-perplexity window (tokens)")
     p.add_argument("--chunks", type=int, default=40, help="evaluation windows")
-    p.add_argument("--calib-chunks", type=int, default=32, help="imatrix windows (lowbit: 32 x 512)")
+    p.add_argument("--calib-chunks", type=int, default=32, help="calibration windows of --ctx tokens (both tools)")
+    p.add_argument("--rows", nargs="+", default=None, choices=ROWS_K,
+                   help="only these lowbit rows (llama.cpp's rows of each mix always run: the ratios need them)")
+    p.add_argument("--lowbit-calib", nargs=2, type=int, default=None, metavar=("SAMPLES", "SEQ_LEN"),
+                   help="calibrate lowbit's rows on SAMPLES windows of SEQ_LEN tokens instead of the shared "
+                        "--calib-chunks x --ctx (the row names say so); e.g. 128 2048, `lowbit quantize`'s default")
     p.add_argument("--fresh", action="store_true", help="forget finished rows")
     p.add_argument("--keep-files", action="store_true", help="keep each quantized GGUF in the cache")
     args = p.parse_args()

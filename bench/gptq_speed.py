@@ -77,6 +77,7 @@ def main() -> None:
         write_samples(args.model, args.samples, args.seq_len, args.seed, samples)
 
     flags = ["--method", "gptq", "--bits", str(args.bits), "--group", str(args.group), "--sym",
+             "--scale-rule", "absmax", "--no-act-order",   # as measured (the CLI's defaults changed since)
              "--calib", str(CALIB_TEXT), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
              "--seed", str(args.seed)]
     fwd, fwd_rss = forward_seconds(args.model, samples, args.threads)

@@ -60,7 +60,9 @@ def bench_model(name: str, args) -> list[dict]:
                 continue
             for clip in args.clips:
                 out = work / f"{len(rows)}"
-                q = lowbit_quantize(name, [*flags, "--clip", clip], out, args.quantize_threads)
+                # the absmax grid, as the table was measured (the CLI's default became --scale-rule signed)
+                q = lowbit_quantize(name, [*flags, "--scale-rule", "absmax", "--clip", clip], out,
+                                    args.quantize_threads)
                 rows.append({"model": name, "setting": label, "clip": clip, "format": q["format"],
                              "bits_per_weight": q["bits_per_weight"], "quantize_seconds": q["seconds"],
                              "wall_seconds": q["wall_seconds"], "peak_rss_mib": q["peak_rss_mib"],

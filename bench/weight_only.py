@@ -36,6 +36,8 @@ SETTINGS = {  # label -> (bits, group); symmetric integer grids throughout
 # rule) instead of absmax's 2^b - 1, at the same bits per weight; gptq-signed-act adds --act-order
 # (columns by descending Hessian diagonal, groups kept static, as in the llm-compressor peer rows).
 SIGNED = ["--scale-rule", "signed"]
+# rows without "-signed" / "-act" are the absmax grid in natural column order: quantize_lowbit pins
+# that, since the CLI's defaults became --scale-rule signed and --act-order (the best rows here)
 METHODS = {"rtn": ["--method", "rtn"], "gptq": ["--method", "gptq"],
            "gptq-2pass": ["--method", "gptq", "--walk", "two-pass"], "awq": ["--method", "awq"],
            "awq+gptq": ["--method", "awq+gptq"], "gptq-sink1": ["--method", "gptq", "--sink-weight", "1"],
@@ -68,7 +70,10 @@ def write_samples(model: str, args, path: Path) -> None:
 
 def quantize_lowbit(model: str, setting: str, method: str, args, out: Path) -> dict:
     bits, group = SETTINGS[setting]
-    flags = [*METHODS[method], "--bits", str(bits), "--group", str(group), "--sym"]
+    given = METHODS[method]
+    pins = ([] if "--scale-rule" in given else ["--scale-rule", "absmax"]) + \
+        ([] if "--act-order" in given else ["--no-act-order"])
+    flags = [*given, *pins, "--bits", str(bits), "--group", str(group), "--sym"]
     if not method.startswith("rtn"):
         flags += ["--calib", str(args.calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                   "--seed", str(args.seed)]

@@ -5,7 +5,11 @@ Methods compose by configuration: a method name is "+"-joined steps,
   gptq       GPTQ on each linear's Hessian,
   awq        AWQ scales searched per layer and folded into the model, then RTN (with AWQ's
              clip factors when AwqConfig.clip, the default, else RtnConfig's clip),
-  awq+gptq   the same AWQ step, then GPTQ on the scaled weights with the scaled Hessians.
+  awq+gptq   the same AWQ step, then GPTQ on the scaled weights with the scaled Hessians,
+  imatrix    GGUF types only: each type's scale search weighted by the layer's imatrix (mean x²).
+What format goes where is a FormatPlan (lowbit.plans): uniform --bits/--group is a plan with a
+default, a llama.cpp mix is one exact rule per tensor, a --plan file anything between. A GGUF
+type under a calibrated method always takes the imatrix of its input as importance.
 Calibrated methods run through the calibration walker: each decoder layer's inputs come
 from the already-quantized layers before it; the solve below searches/folds the AWQ scales,
 quantizes each linear and writes a QuantLinear back. An LM head (quantize_head) has no
@@ -24,17 +28,20 @@ from tqdm.auto import tqdm
 from .calibration.walker import walk
 from .data.calibration import CalibConfig
 from .errors import LowbitError
-from .formats import Format
+from .formats import Format, GGUFFormat
 from .log import logger
-from .methods.awq import AwqConfig, AwqPlan, clips_for, output_error, scaled_hessian, search_layer
-from .methods.gptq import GptqConfig, gptq_shared
-from .methods.rtn import RtnConfig, rtn
+from .methods.awq import AwqConfig, AwqPlan
+from .methods.gptq import GptqConfig
+from .methods.rtn import RtnConfig
 from .models.load import Loaded
 from .nn.qlinear import QuantLinear
-from .transforms.scaling import fold_scales
+from .nn.qweight import attach_quantized_weight
+from .plans import FormatPlan
+from .solve import calibrated_solve, quantize_linear
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-CALIBRATED = ("gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq")
+CALIBRATED = ("imatrix", "gptq", "awq", "awq+gptq")
+INPUTS = ("quantized", "float")  # what each layer's calibration inputs come from
 # The first token of a sequence is an attention sink with a hidden state unlike any other;
 # in Σ xᵀx it is 1 token in seq_len, yet every later token attends to it. GPTQ trading its
 # error for the others' made SmolLM2 W4 g64 worse than RTN (4 windows: 42.4 vs 36.0, FP 24.2);
@@ -45,9 +52,16 @@ WALKS = ("auto", "sequential", "two-pass")   # calibration/walker.py; auto: choo
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """What to do to a model: method, format, method options and which linears to skip."""
+    """What to do to a model: method, formats (a plan, or one format for all), method options.
 
-    fmt: Format
+    fmt: the format of every linear when `plan` is None; plan: a FormatPlan (fmt then unused).
+    skip: fnmatch patterns kept in float ahead of the plan's rules.
+    inputs: "quantized" (each layer calibrated on the outputs of the already-quantized layers,
+        the walker's convention) or "float" (on the float model's: every write-back waits for
+        the end of the walk).
+    """
+
+    fmt: Format | None = None
     method: str = "rtn"
     rtn: RtnConfig = field(default_factory=RtnConfig)
     gptq: GptqConfig = field(default_factory=GptqConfig)
@@ -57,8 +71,18 @@ class QuantizeConfig:
     quantize_head: bool = False
     skip: tuple[str, ...] = ()          # fnmatch patterns on full module names kept in float
     walk: str = "auto"                  # one of WALKS
+    plan: FormatPlan | None = None
+    inputs: str = "quantized"           # one of INPUTS
 
     def __post_init__(self):
+        if (self.fmt is None) == (self.plan is None):
+            raise ValueError("give a format or a plan (exactly one)")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"unknown inputs {self.inputs!r} (known: {', '.join(INPUTS)})")
+        if self.inputs == "float" and self.walk == "sequential":
+            raise ValueError("float inputs need the two-pass walk (the sequential walk runs each group quantized)")
+        if self.method == "imatrix" and not any(isinstance(f, GGUFFormat) for f in self._formats()):
+            raise ValueError("method imatrix weights the GGUF types' scale search; the plan has no GGUF type")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
         if isinstance(self.sink_weight, bool) or not isinstance(self.sink_weight, (int, float)) \
@@ -70,6 +94,16 @@ class QuantizeConfig:
             raise ValueError("AWQ needs the two-pass walk (its v → o scales fold into v before v is quantized)")
 
     @property
+    def format_plan(self) -> FormatPlan:
+        """The plan in force: `plan`, or `fmt` for every tensor; `skip` kept float ahead of either."""
+        base = self.plan if self.plan is not None else FormatPlan.uniform(self.fmt)
+        return base.keep_float(self.skip) if self.skip else base
+
+    def _formats(self) -> list[Format]:
+        plan = self.plan if self.plan is not None else FormatPlan.uniform(self.fmt)
+        return [f for f in (plan.default, *(f for _, f in plan.rules)) if f is not None]
+
+    @property
     def steps(self) -> tuple[str, ...]:
         return tuple(self.method.split("+"))
 
@@ -78,8 +112,10 @@ class QuantizeConfig:
         return self.method in CALIBRATED
 
     def to_dict(self) -> dict:
-        d = {"method": self.method, "format": self.fmt.to_dict(), "rtn": vars(self.rtn).copy(),
-             "quantize_head": self.quantize_head, "skip": list(self.skip)}
+        d = {"method": self.method, "format": None if self.fmt is None else self.fmt.to_dict(),
+             "rtn": vars(self.rtn).copy(), "quantize_head": self.quantize_head, "skip": list(self.skip)}
+        if self.plan is not None:
+            d["plan"] = self.plan.to_dict()
         if "gptq" in self.steps:
             d["gptq"] = vars(self.gptq).copy()
         if "awq" in self.steps:
@@ -88,6 +124,7 @@ class QuantizeConfig:
             d["calibration"] = vars(self.calib).copy()
             d["sink_weight"] = self.sink_weight
             d["walk"] = self.walk
+            d["inputs"] = self.inputs
         return d
 
 
@@ -113,13 +150,24 @@ class QuantizeResult:
     walk: str | None = None             # the walk used (calibrated methods): "sequential" | "two-pass"
 
 
-def quantized_names(loaded: Loaded, config: QuantizeConfig) -> list[str]:
-    """Full module names of the linears that `config` quantizes, in forward order."""
+def planned_formats(loaded: Loaded, config: QuantizeConfig) -> dict[str, Format]:
+    """{full module name: Format} of every tensor `config` quantizes, in forward order: the decoder
+    linears, the LM head (with quantize_head, or when the plan names it) and the embedding (when
+    the plan names it: a GGUF mix's token_embd). LowbitError for a plan rule that names nothing."""
     spec = loaded.spec
     names = [f"{spec.layers}.{i}.{lin}" for i in range(loaded.dims.n_layers) for lin in spec.linears]
     if config.quantize_head:
         names.append(spec.head)
-    return [n for n in names if not any(fnmatch.fnmatch(n, p) for p in config.skip)]
+    try:
+        planned = config.format_plan.resolve(names, optional=(spec.head, spec.embed))
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+    return {name: fmt for name, fmt in planned.items() if fmt is not None}
+
+
+def quantized_names(loaded: Loaded, config: QuantizeConfig) -> list[str]:
+    """Full module names of the tensors that `config` quantizes, in forward order."""
+    return list(planned_formats(loaded, config))
 
 
 def calibration_samples(loaded: Loaded, text, calib: CalibConfig) -> torch.Tensor:
@@ -144,10 +192,17 @@ def _untie_head(loaded: Loaded) -> None:
 
 def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch.Tensor, fmt: Format,
            proxies: tuple = (None, None)) -> LinearReport:
-    """Replace root.<name> by QuantLinear(q, bias); report the weight error."""
-    module = QuantLinear(q, bias)
-    err = (module.W_dq - W_f.float()).norm() / W_f.float().norm().clamp_min(1e-30)
-    root.set_submodule(name, module)
+    """Replace root.<name> by QuantLinear(q, bias) (an nn.Linear) or give it the quantized weight
+    in place (an embedding); report the weight error."""
+    W_f = W_f.detach().float().clone()
+    if isinstance(root.get_submodule(name), torch.nn.Linear):
+        module = QuantLinear(q, bias)
+        root.set_submodule(name, module)
+        W_dq = module.W_dq
+    else:
+        attach_quantized_weight(root.get_submodule(name), q)
+        W_dq = root.get_submodule(name).weight
+    err = (W_dq.float() - W_f).norm() / W_f.norm().clamp_min(1e-30)
     return LinearReport(full_name, tuple(W_f.shape), fmt.name, float(err), *proxies)
 
 
@@ -162,24 +217,41 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     start = time.perf_counter()
     if config.calibrated and samples is None:
         raise LowbitError(f"method {config.method} needs calibration samples")
-    if config.quantize_head:
+    formats = planned_formats(loaded, config)
+    spec = loaded.spec
+    if spec.head in formats and loaded.dims.tied_embeddings and spec.embed not in formats:
         _untie_head(loaded)
-    names = quantized_names(loaded, config)
-    reports, plan, timings, used = [], None, (), None
+    elif spec.head in formats and spec.embed in formats and loaded.dims.tied_embeddings:
+        raise LowbitError(f"{spec.head} is tied to {spec.embed}: plan the embedding alone (the head shares it)")
+    reports, plan, timings, used, pending = [], None, (), None, []
+    gguf = any(isinstance(f, GGUFFormat) for f in formats.values())
+
+    def write(layer, name, full, q, W_f, fmt, proxies):
+        args = (layer, name, full, q, layer.get_submodule(name).bias, W_f, fmt, proxies)
+        if config.inputs == "float":
+            pending.append(args)      # later layers must see this layer's float outputs
+        else:
+            reports.append(_write(*args))
+
     if config.calibrated:
         plan = AwqPlan(meta={"method": config.method, "config": vars(config.awq).copy(),
-                             "format": config.fmt.to_dict(), "family": loaded.spec.family}) \
+                             "plan": config.format_plan.to_dict(), "family": spec.family}) \
             if "awq" in config.steps else None
-        solve = _calibrated_solve(loaded, config, set(names), reports, plan)
+        solve = calibrated_solve(spec, loaded.dims.head_dim, config, formats, write, plan)
         wanted = {"hessian", "mean_abs"} if plan is not None else {"hessian"}
+        if gguf:
+            wanted.add("sq_mean")     # the imatrix
         used = choose_walk(config, loaded.dims, samples, offload)
-        timings = tuple(walk(loaded.model, loaded.spec, samples, solve, wanted, offload=offload, progress=progress,
+        timings = tuple(walk(loaded.model, spec, samples, solve, wanted, offload=offload, progress=progress,
                              sequential=used == "sequential", sink_weight=config.sink_weight))
-    rest = [n for n in names if not config.calibrated or n == loaded.spec.head]
-    for name in tqdm(rest, desc=f"rtn {config.fmt.name}", unit="linear", disable=not progress, leave=False):
-        linear = loaded.model.get_submodule(name)
-        W_f = linear.weight.detach()
-        reports.append(_write(loaded.model, name, name, rtn(W_f, config.fmt, config.rtn), linear.bias, W_f, config.fmt))
+        reports.extend(_write(*args) for args in pending)
+    inside = f"{spec.layers}."
+    rest = [n for n in formats if not config.calibrated or not n.startswith(inside)]
+    for name in tqdm(rest, desc="rtn", unit="tensor", disable=not progress, leave=False):
+        module = loaded.model.get_submodule(name)
+        W_f = module.weight.detach()
+        q = quantize_linear(W_f, formats[name], config)
+        reports.append(_write(loaded.model, name, name, q, getattr(module, "bias", None), W_f, formats[name]))
     seconds = time.perf_counter() - start
     logger.info("quantized %d linears in %.1f s", len(reports), seconds)
     return QuantizeResult(config, tuple(reports), seconds, plan, timings, used)
@@ -192,7 +264,7 @@ def choose_walk(config: QuantizeConfig, dims, samples: torch.Tensor, offload: Pa
         raise LowbitError("--walk sequential keeps every sample's activations in memory: it cannot --offload")
     if config.walk != "auto":
         return config.walk
-    if "awq" in config.steps or offload is not None:
+    if "awq" in config.steps or offload is not None or config.inputs == "float":
         return "two-pass"
     # alive per token while a group is solved: the MLP's product and a few hidden-size tensors
     need = samples.numel() * 4 * (dims.intermediate + 4 * dims.hidden)
@@ -208,70 +280,3 @@ def available_memory() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def _calibrated_solve(loaded: Loaded, config: QuantizeConfig, names: set[str], reports: list,
-                      plan: AwqPlan | None):
-    """The walker's solve for config.steps: (AWQ search + fold) then GPTQ or RTN per linear."""
-    spec, fmt, head_dim = loaded.spec, config.fmt, loaded.dims.head_dim
-    use_gptq = "gptq" in config.steps
-
-    def solve(index: int, layer: torch.nn.Module, stats: dict) -> None:
-        H = {name: st.hessian for name, st in stats.items()}   # sink-weighted by the walker
-        H_orig, s_of, clips = dict(H), {}, {}
-        if plan is not None:
-            try:
-                saliences = {name: stats[name].mean_abs for name in spec.linears}
-                scales, _ = search_layer(layer, spec, H, saliences, fmt, config.awq, head_dim)
-                if config.awq.clip and not use_gptq:
-                    clips = clips_for(layer, spec, H, scales, fmt, config.awq)
-                for group in spec.groups:
-                    s = scales[group.source]
-                    fold_scales(layer, group, s, norm_offset=spec.norm_offset, head_dim=head_dim)
-                    H_group = scaled_hessian(H[group.linears[0]], s)  # the input is now x / s
-                    H.update({name: H_group for name in group.linears})
-                    s_of.update({name: s for name in group.linears})
-            except ValueError as e:
-                raise LowbitError(f"layer {index}: AWQ: {e}") from None
-            plan.scales[index] = scales
-            if clips:
-                plan.clips[index] = clips
-        todo = [name for name in stats if f"{spec.layers}.{index}.{name}" in names]  # whole layer or one group
-        solved = _gptq_by_input(index, layer, todo, H, config) if use_gptq else {}
-        for name in todo:
-            full = f"{spec.layers}.{index}.{name}"
-            linear = layer.get_submodule(name)
-            W_f = linear.weight.detach()
-            try:
-                if use_gptq:
-                    q, st = solved[name]
-                    loss, rtn_loss = st.proxy_loss, st.rtn_proxy_loss
-                else:
-                    q = fmt.quantize(W_f, clips[name]) if name in clips else rtn(W_f, fmt, config.rtn)
-                    loss = output_error(W_f, fmt.dequantize(q), H[name].float())
-                if name in s_of:  # RTN's loss is that of the weight before the AWQ scaling
-                    W_0 = W_f.float() / s_of[name]
-                    rtn_loss = output_error(W_0, fmt.fake_quantize(W_0), H_orig[name].float())
-            except ValueError as e:
-                raise LowbitError(f"layer {index} {name}: {e}") from None
-            reports.append(_write(layer, name, full, q, linear.bias, W_f, fmt, (loss, rtn_loss)))
-
-    return solve
-
-
-def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict, config: QuantizeConfig) -> dict:
-    """GPTQ of the named linears, one solve per shared input (same H tensor): {name: (QTensor, GptqStats)}."""
-    by_input: dict[int, list[str]] = {}
-    for name in names:
-        by_input.setdefault(id(H[name]), []).append(name)
-    out, g = {}, config.gptq
-    for group in by_input.values():
-        try:
-            # with the process's intra-op threads: nothing else runs while a group is solved
-            results = gptq_shared([layer.get_submodule(n).weight for n in group], H[group[0]], config.fmt,
-                                  block_size=g.block_size, damp=g.damp, act_order=g.act_order,
-                                  static_groups=g.static_groups, clip=g.clip)
-        except ValueError as e:
-            raise LowbitError(f"layer {index} {', '.join(group)}: {e}") from None
-        out.update(zip(group, results))
-    return out

@@ -60,3 +60,15 @@ def tiny_gemma3_dir(tmp_path_factory) -> Path:
                               num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                               max_position_embeddings=256, sliding_window=16)
     return _tiny(config, tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory):
+    """A calibration text of 3,000 common English words (seeded), for the tiny models' calibrated runs."""
+    import random
+
+    words = "the of and a to in is was for on as with by at from his that it an were are which".split()
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return path

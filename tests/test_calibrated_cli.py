@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from lowbit.quantize import QuantizeConfig, quantize
 from support import EVAL_TEXT, needs_eval_text, assert_one_line_error, run_cli
 
 SMALL = ["--bits", "4", "--group", "32", "--samples", "4", "--seq-len", "64"]
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    words = "the of and a to in is was for on as with by at from his that it an were are which".split()
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +123,7 @@ def test_calib_required(capsys, tiny_llama_dir, tmp_path):
 def test_unknown_method_lists_known(capsys, tiny_llama_dir, tmp_path, calib):
     code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "spqr", "--calib", calib,
                            "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "spqr", "rtn, gptq, awq, awq+gptq")
+    assert_one_line_error(code, err, "spqr", "rtn, imatrix, gptq, awq, awq+gptq")
     assert not (tmp_path / "o").exists()
 
 

@@ -33,8 +33,14 @@ def _reference(args, loaded):
         return None if args.kld_ref.lower() == "none" else args.kld_ref
     if loaded.source.kind == "lowbit":
         from ..export.lowbit_dir import read_manifest
+        from ..log import logger
 
-        return read_manifest(loaded.source.path)["source"]["arg"]
+        manifest = read_manifest(loaded.source.path)
+        if manifest["method"].get("method") == "import":  # its source is the quantized checkpoint itself
+            logger.warning("no float reference is recorded for an imported checkpoint: KLD is off "
+                           "(pass --kld-ref MODEL to compare against the float model)")
+            return None
+        return manifest["source"]["arg"]
     return None
 
 

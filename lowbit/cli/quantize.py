@@ -8,15 +8,17 @@ from ..errors import LowbitError
 from ..methods.awq import AwqConfig
 from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
-from ..quantize import CALIBRATED, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
-from .common import add_format_args, format_from_args
+from ..quantize import CALIBRATED, INPUTS, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
+from .common import add_format_args, format_from_args, plan_from_args
 from .table import table
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it",
                        description="Quantize the linears inside the decoder layers (embeddings and LM head stay "
-                                   "float unless --quantize-head) and save packed weights to --out. Calibrated "
+                                   "float unless --quantize-head, a --plan or a GGUF mix names them) in the formats "
+                                   "the flags, --plan FILE or --format gguf --type MIX choose per tensor, and save "
+                                   "packed weights to --out. Calibrated "
                                    f"methods ({', '.join(CALIBRATED)}) run the --calib samples through the model "
                                    "one decoder layer at a time; each layer sees the outputs of the already "
                                    "quantized layers before it.")
@@ -29,7 +31,7 @@ def add_parser(sub) -> None:
                    help="clip search (default: mse for awq, as AutoAWQ; none for the others). mse: rtn and "
                         "gptq pick each group's shrink factor minimising the weight error; awq picks clip "
                         "factors minimising the output error on the calibration inputs")
-    c = p.add_argument_group("calibration (gptq, awq, awq+gptq)")
+    c = p.add_argument_group("calibration (imatrix, gptq, awq, awq+gptq)")
     c.add_argument("--calib", default=None, metavar="PATH",
                    help="calibration text file (required for calibrated methods; the evaluation text is refused)")
     c.add_argument("--samples", type=int, default=128, help="calibration windows (default: 128)")
@@ -42,15 +44,18 @@ def add_parser(sub) -> None:
                         "(keeps all samples' intermediates in memory); two-pass: capture, solve all, re-run "
                         "(AWQ needs it). Default auto: sequential unless AWQ, --offload, or the samples' activations "
                         "would take over a quarter of the available memory")
+    c.add_argument("--inputs", default="quantized", choices=INPUTS,
+                   help="calibration inputs of each layer: from the already-quantized layers before it (default) "
+                        "or from the float model (two-pass walk, write-back at the end)")
     c.add_argument("--allow-eval-text", action="store_true", help="allow calibrating on the evaluation text")
     c.add_argument("--sink-weight", type=float, default=SINK_WEIGHT,
                    help="count each sample's first token (the attention sink) this many times in the Hessians "
                         f"(default: {SINK_WEIGHT:g}; 1 = plain sum of xᵀx)")
     g = p.add_argument_group("gptq")
-    g.add_argument("--act-order", action="store_true",
-                   help="quantize columns by descending Hessian diagonal (groups stay static; default: off). "
-                        "With --scale-rule signed it gives the best benchmarked rows on both models at every "
-                        "setting (README, Calibrated methods)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize columns by descending Hessian diagonal (groups stay static, so every export "
+                        "layout holds the result; default: on). With the signed scale rule it gives the best "
+                        "benchmarked rows on both models at every setting (docs/results/calibrated.md)")
     g.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of mean(diag H) (default: 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block (default: 128)")
     a = p.add_argument_group("awq")
@@ -62,6 +67,9 @@ def add_parser(sub) -> None:
                         "each group alone (default: 1)")
     p.add_argument("--save-plan", default=None, metavar="DIR",
                    help="awq: also write the AWQ plan (plan.json + plan.safetensors) to DIR")
+    p.add_argument("--write-plan", default=None, metavar="FILE",
+                   help="also write the per-tensor format plan used (JSON, or YAML for .yaml/.yml) to FILE: a "
+                        "llama.cpp mix or uniform flags as a file to edit and pass back with --plan")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (untied from the embedding)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="keep linears matching this glob in float (e.g. 'model.layers.0.*'); repeatable")
@@ -76,16 +84,29 @@ def _clip(args: argparse.Namespace) -> str:
     return args.clip or ("mse" if args.method == "awq" else "none")
 
 
-def _config(args: argparse.Namespace) -> QuantizeConfig:
+def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
+    """The config the flags describe. A llama.cpp mix needs the model (`loaded`); before the load
+    its base type stands in, so every flag is checked before the slow part."""
     from ..data.calibration import CalibConfig
+    from ..formats import GGUFFormat
+    from ..plans.gguf_mixes import MIXES
 
     fmt = format_from_args(args)
+    plan = plan_from_args(args, *(() if loaded is None else (loaded.model.config, loaded.spec)))
+    if fmt is None and plan is None:   # a mix, not yet built
+        fmt = GGUFFormat(MIXES[args.type].base_type if MIXES[args.type].base_type not in ("F32", "F16") else "Q8_0")
+    gguf = args.format == "gguf"
     clip = _clip(args)
+    if gguf and args.clip == "mse":
+        raise LowbitError("--clip applies to integer/NF/FP formats; GGUF types search their own block scales")
     try:
         return QuantizeConfig(
-            fmt=fmt, method=args.method, rtn=RtnConfig(clip=clip),
-            gptq=GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order, clip=clip),
-            awq=AwqConfig(clip=clip == "mse", duo=args.duo, clip_sweeps=args.clip_sweeps),
+            fmt=fmt, plan=plan, method=args.method, rtn=RtnConfig(clip="none" if gguf else clip),
+            gptq=GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order,
+                            clip="none" if gguf else clip),
+            # GGUF: AWQ's x^α candidates judged on the real block types (each a full GGUF round trip)
+            awq=AwqConfig(clip=clip == "mse" and not gguf, duo=args.duo and not gguf, clip_sweeps=args.clip_sweeps),
+            inputs=args.inputs,
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
             sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip), walk=args.walk)
@@ -100,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     from ..quantize import calibration_samples
 
     config = _config(args)
+    if args.method == "rtn" and args.format == "gguf" and args.calib:
+        raise LowbitError("--method rtn uses no calibration; for GGUF types weighted by an imatrix use --method imatrix")
     if config.calibrated and not args.calib:
         raise LowbitError(f"--method {config.method} needs --calib PATH (a calibration text file)")
     if args.offload and not Path(args.offload).is_dir():
@@ -107,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     check_out(args.out, args.overwrite)
     text = read_text(args.calib) if config.calibrated else None   # cheap checks before the slow load
     loaded = load(args.model)
+    config = _config(args, loaded)
     samples = calibration_samples(loaded, text, config.calib) if text is not None else None
     result = quantize(loaded, config, samples, offload=Path(args.offload) if args.offload else None)
     if not result.linears:
@@ -117,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if text is not None:
         method["calibration"].update(text=text.origin, text_sha256=text.sha256)
     out = save_quantized(loaded, method, args.out, overwrite=args.overwrite)
+    if args.write_plan:
+        config.format_plan.save(args.write_plan)
     if args.save_plan and result.plan is not None:
         result.plan.meta.update(calibration=method["calibration"])
         result.plan.save(args.save_plan)
@@ -124,12 +150,17 @@ def run(args: argparse.Namespace) -> int:
 
     size = size_report(loaded.model)
     worst = max(result.linears, key=lambda r: r.rel_error)
-    label = config.method + ("+mse-clip" if _clip(args) == "mse" else "")
+    label = config.method + ("+mse-clip" if _clip(args) == "mse" and args.format != "gguf" else "")
+    counts: dict[str, int] = {}
+    for r in result.linears:
+        counts[r.fmt] = counts.get(r.fmt, 0) + 1
+    fmt_label = config.fmt.name if config.plan is None else \
+        f"{config.plan.origin}: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
     losses = [(r.proxy_loss, r.rtn_proxy_loss) for r in result.linears if r.proxy_loss is not None]
     gain = (sum(b for _, b in losses) / max(sum(a for a, _ in losses), 1e-30)) if losses else None
     print(table(["model", "method", "format", "linears", "bits/weight", "model bits/param", "seconds",
                  "worst rel. error", "RTN/ours proxy loss"],
-                [[loaded.source.name, label, config.fmt.name, len(result.linears), size.bits_per_weight,
+                [[loaded.source.name, label, fmt_label, len(result.linears), size.bits_per_weight,
                   size.model_bits_per_weight, result.seconds, f"{worst.rel_error:.4f} ({worst.name})",
                   "-" if gain is None else f"{gain:.2f}x"]]))
     print(f"saved to {out}")
@@ -137,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         import json
 
         Path(args.json).write_text(json.dumps({
-            "model": args.model, "method": method, "format": config.fmt.name, "out": str(out),
+            "model": args.model, "method": method, "format": fmt_label, "out": str(out),
             "linears": len(result.linears), "seconds": result.seconds,
             "bits_per_weight": size.bits_per_weight, "model_bits_per_weight": size.model_bits_per_weight,
             "rel_error": {r.name: r.rel_error for r in result.linears},

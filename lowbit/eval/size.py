@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..nn.qlinear import QuantLinear
+from ..nn.qweight import quantized_weights
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ def size_report(model: torch.nn.Module) -> SizeReport:
             shape = (module.out_features, module.in_features)
             q_params += shape[0] * shape[1]
             q_bits += module.fmt.storage_bits(shape)
+    for name, holder in quantized_weights(model).items():   # e.g. a GGUF mix's embedding
+        shape = (holder.out_features, holder.in_features)
+        q_params += shape[0] * shape[1]
+        q_bits += holder.fmt.storage_bits(shape)
+        seen.add(model.get_submodule(name).weight.data_ptr())  # its weight is W_dq, not stored
     for name, param in model.named_parameters(remove_duplicate=False):
         if param.data_ptr() in seen:
             continue                          # a tied head shares the embedding's storage

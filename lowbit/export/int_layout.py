@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..formats import IntFormat, QTensor
-from ..formats.packing import pack_bits
+from ..formats.packing import pack_int32, unpack_int32  # noqa: F401  (moved there; re-exported)
 
 PER_CHANNEL = 0
 
@@ -115,35 +115,6 @@ def to_grid(q: QTensor, group_size: int) -> IntGrid:
     owner = torch.arange(in_features // group_size) * group_size // fmt.group_size
     return IntGrid(q.codes, q.scales[:, owner].contiguous(), zeros[:, owner].contiguous(),
                    fmt.bits, fmt.symmetric, group_size)
-
-
-def pack_int32(values: Tensor, bits: int) -> Tensor:
-    """Densely pack unsigned codes [rows, n] (uint8, < 2^bits) into int32 [rows, ceil(n·bits/32)].
-
-    Row r is one little-endian bit stream (see the module docstring); lowbit's byte packing
-    already lays the stream out that way, so four consecutive bytes make one word.
-    """
-    rows, n = values.shape
-    n_words = -(-n * bits // 32)
-    stream = pack_bits(values.contiguous(), bits)           # [rows, ceil(n·bits/8)] bytes
-    padded = stream.new_zeros(rows, 4 * n_words)
-    padded[:, : stream.shape[1]] = stream
-    byte = padded.reshape(rows, n_words, 4).to(torch.int64)  # the 4 bytes of each word, low first
-    words = byte[..., 0] | byte[..., 1] << 8 | byte[..., 2] << 16 | byte[..., 3] << 24
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # uint32 bit pattern -> int32
-    return words.to(torch.int32)
-
-
-def unpack_int32(words: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of pack_int32: int32 [rows, ceil(n·bits/32)] -> uint8 codes [rows, n]."""
-    rows, n_words = words.shape
-    if n_words != -(-n * bits // 32):
-        raise ValueError(f"{n_words} words per row cannot hold {n} codes of {bits} bits")
-    shifts = torch.arange(32, dtype=torch.int64)
-    stream = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 1    # [rows, n_words, 32] bits
-    planes = stream.reshape(rows, n_words * 32)[:, : n * bits].reshape(rows, n, bits)  # bits per code
-    weights = 1 << torch.arange(bits, dtype=torch.int64)
-    return (planes * weights).sum(-1).to(torch.uint8)
 
 
 def regrid(fmt: IntFormat, in_features: list[int]) -> tuple[int, list[str]]:

@@ -29,6 +29,7 @@ from ..models.load import Loaded, sha256_file
 from ..models.registry import ModelSource
 from ..models.specs import ModelDims, spec_for
 from ..nn.qlinear import QuantLinear
+from ..nn.qweight import HOLDER, attach_quantized_weight, quantized_weights
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "lowbit.json"
@@ -45,11 +46,21 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
             tensors[f"{name}.{key}"] = t.contiguous()
         entries[name] = {"format": module.fmt.to_dict(), "shape": [module.out_features, module.in_features],
                          "bits": module.fmt.storage_bits((module.out_features, module.in_features))}
+    holders = quantized_weights(model)
+    for name, holder in holders.items():        # non-linear weights (a GGUF mix's embedding)
+        for key, t in holder.fmt.pack(holder.qtensor).items():
+            tensors[f"{name}.{key}"] = t.contiguous()
+        shape = (holder.out_features, holder.in_features)
+        entries[name] = {"format": holder.fmt.to_dict(), "shape": list(shape), "bits": holder.fmt.storage_bits(shape),
+                         "kind": "weight"}
     tied_head = loaded.spec.head + ".weight" if model.config.tie_word_embeddings else None
     for key, t in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if owner in quantized and not key.endswith(".bias"):
             continue                              # codes/scales/zeros stored packed above
+        if key.endswith(f".{HOLDER}.codes") or key.endswith(f".{HOLDER}.scales") or key.endswith(f".{HOLDER}.zeros") \
+                or (owner in holders and key.endswith(".weight")):
+            continue                              # stored packed above; the weight is W_dq of them
         if key == tied_head:
             continue                              # the embedding carries it; re-tied on load
         tensors[key] = t.detach().contiguous()
@@ -121,6 +132,7 @@ def load_quantized(source: ModelSource) -> Loaded:
     config = AutoConfig.from_pretrained(str(path))
     with no_init_weights():                      # every weight comes from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    weights = {}
     for name, entry in manifest["tensors"].items():
         fmt = format_from_dict(entry["format"])
         parts = {k: tensors.pop(f"{name}.{k}") for k in ("codes", "scales", "zeros") if f"{name}.{k}" in tensors}
@@ -128,6 +140,9 @@ def load_quantized(source: ModelSource) -> Loaded:
             q = fmt.unpack(parts, tuple(entry["shape"]))
         except ValueError as e:
             raise LowbitError(f"{path / WEIGHTS}: tensor {name} does not match lowbit.json: {e}") from None
+        if entry.get("kind") == "weight":
+            weights[name] = q                    # attached after the float tensors are loaded
+            continue
         bias = tensors.pop(f"{name}.bias", None)
         model.set_submodule(name, QuantLinear(q, bias))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -135,7 +150,9 @@ def load_quantized(source: ModelSource) -> Loaded:
         raise LowbitError(f"{path / WEIGHTS}: unexpected tensors {unexpected[:3]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    missing = [k for k in missing if not _is_derived(model, k)]
+    for name, q in weights.items():
+        attach_quantized_weight(model.get_submodule(name), q)
+    missing = [k for k in missing if not _is_derived(model, k) and k.rsplit(".", 1)[0] not in weights]
     if missing:
         raise LowbitError(f"{path / WEIGHTS}: missing tensors {missing[:3]}")
     tokenizer = AutoTokenizer.from_pretrained(str(path))

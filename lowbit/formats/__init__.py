@@ -5,10 +5,12 @@ scales / zero-points) and back; pack()/unpack() give the tensors stored on disk.
 """
 from __future__ import annotations
 
+import re
 from types import MappingProxyType
 
 from lowbit.formats.base import Format, QTensor
 from lowbit.formats.fp8 import FP8Format
+from lowbit.formats.gguf.format import GGUFFormat
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.mx import MXFP4Format
 from lowbit.formats.normal_float import NFFormat
@@ -20,13 +22,15 @@ __all__ = [
     "NFFormat",
     "FP8Format",
     "MXFP4Format",
+    "GGUFFormat",
+    "format_from_name",
     "format_from_dict",
     "make_format",
     "FAMILIES",
 ]
 
-FAMILIES = ("int", "nf", "fp8-e4m3", "fp8-e5m2", "mxfp4")
-_CLASSES = MappingProxyType({cls.family: cls for cls in (IntFormat, NFFormat, FP8Format, MXFP4Format)})
+FAMILIES = ("int", "nf", "fp8-e4m3", "fp8-e5m2", "mxfp4", "gguf")
+_CLASSES = MappingProxyType({cls.family: cls for cls in (IntFormat, NFFormat, FP8Format, MXFP4Format, GGUFFormat)})
 
 
 def make_format(
@@ -67,6 +71,8 @@ def make_format(
         if group_size not in (None, 32):
             raise ValueError(f"group_size must be 32 (or omitted) for family 'mxfp4', got {group_size!r}")
         return MXFP4Format()
+    if family == "gguf":
+        raise ValueError("a GGUF format is named by its type: GGUFFormat('Q4_K') or format_from_name('Q4_K')")
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
@@ -80,3 +86,37 @@ def format_from_dict(d: dict) -> Format:
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"bad fields for family {d['family']!r}: {err}") from None
+
+
+_NAME = re.compile(r"^(int|nf)(\d)-(g\d+|ch|tensor)(?:-(sym|asym))?(-half|-signed)?$")
+
+
+def format_from_name(name: str) -> Format:
+    """A format from its short name, as Format.name writes it and a plan file uses it:
+    "int4-g128-sym", "int3-g64-asym", "int4-ch-sym-signed", "nf4-g64", "fp8-e4m3-ch",
+    "mxfp4", or a GGUF type ("Q4_K", "Q6_K", "Q8_0", ...). ValueError names what is accepted."""
+    from lowbit.formats.gguf.format import check_type_name
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a format name must be a non-empty string, got {name!r}")
+    if name[0] in "QI" and name.upper() == name:
+        check_type_name(name)
+        return GGUFFormat(name)
+    if name == "mxfp4":
+        return MXFP4Format()
+    if name.startswith("fp8-"):
+        kind, _, scope = name[len("fp8-"):].partition("-")
+        groups = {"ch": 0, "tensor": -1, "": 0}
+        if kind in ("e4m3", "e5m2") and scope in groups:
+            return FP8Format(kind, groups[scope])
+    m = _NAME.match(name)
+    if m:
+        family, bits, scope, kind, rule = m.groups()
+        group = {"ch": 0, "tensor": -1}.get(scope) if scope in ("ch", "tensor") else int(scope[1:])
+        rule = {None: "absmax", "-half": "absmax_half", "-signed": "signed"}[rule]
+        if family == "int":
+            return IntFormat(int(bits), kind != "asym", group, rule)
+        if kind in (None, "sym") and rule == "absmax":
+            return NFFormat(int(bits), group)
+    raise ValueError(f"unknown format name {name!r}: use int<b>-g<N>|ch|tensor-sym|asym[-half|-signed] "
+                     "(int4-g128-sym), nf<b>-g<N>, fp8-e4m3-ch, mxfp4, or a GGUF type (Q4_K, Q6_K, Q8_0, ...)")

@@ -19,7 +19,7 @@ FP16_MAX = 65504.0
 class QTensor:
     """A quantized [out, in] weight, codes UNPACKED.
 
-    codes:  [out, in] uint8 unsigned codes.
+    codes:  [out, in] uint8 unsigned codes (fmt.codes_shape: a GGUF type keeps its blocks' bytes here).
     scales: fmt.scale_shape(shape) ([out, n_groups] or [1, 1]), dtype fmt.scale_dtype.
     zeros:  same shape as scales, uint8 integer zero-points (asymmetric int only), else None.
     shape:  (out, in).
@@ -39,8 +39,9 @@ class QTensor:
             raise ValueError(f"QTensor.shape must be (out, in), got {shape}")
         if not isinstance(self.fmt, Format):
             raise ValueError(f"QTensor.fmt must be a Format, got {type(self.fmt).__name__}")
-        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != shape:
-            raise ValueError(f"QTensor.codes must be uint8 {shape}, got {self.codes.dtype} {tuple(self.codes.shape)}")
+        c_shape = self.fmt.codes_shape(shape)
+        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != c_shape:
+            raise ValueError(f"QTensor.codes must be uint8 {c_shape}, got {self.codes.dtype} {tuple(self.codes.shape)}")
         s_shape = self.fmt.scale_shape(shape)
         if self.scales.dtype != self.fmt.scale_dtype or tuple(self.scales.shape) != s_shape:
             raise ValueError(
@@ -110,6 +111,10 @@ class Format(ABC):
     def n_groups(self, in_features: int) -> int:
         """Scale groups per row (1 for per-channel and per-tensor)."""
         return grouping.n_groups(self.group_size, in_features)
+
+    def codes_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Shape of QTensor.codes for a weight of `shape` (one code per weight)."""
+        return shape
 
     def scale_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Shape of QTensor.scales for a weight of `shape`."""

@@ -80,3 +80,34 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     for k in range(1, bits):
         codes |= planes[:, :, k] << k
     return codes
+
+
+def pack_int32(values: Tensor, bits: int) -> Tensor:
+    """Densely pack unsigned codes [rows, n] (uint8, < 2^bits) into int32 [rows, ceil(n·bits/32)].
+
+    Row r is one little-endian bit stream, laid out as pack_bits lays out bytes: code i in stream
+    bits [i·b, (i+1)·b), stream bit k in word k // 32 at bit k % 32 (four consecutive bytes make
+    one word). The engines' int32 layouts (GPTQ, compressed-tensors) use it; lowbit.export.int_layout
+    re-exports it.
+    """
+    rows, n = values.shape
+    n_words = -(-n * bits // 32)
+    stream = pack_bits(values.contiguous(), bits)           # [rows, ceil(n·bits/8)] bytes
+    padded = stream.new_zeros(rows, 4 * n_words)
+    padded[:, : stream.shape[1]] = stream
+    byte = padded.reshape(rows, n_words, 4).to(torch.int64)  # the 4 bytes of each word, low first
+    words = byte[..., 0] | byte[..., 1] << 8 | byte[..., 2] << 16 | byte[..., 3] << 24
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # uint32 bit pattern -> int32
+    return words.to(torch.int32)
+
+
+def unpack_int32(words: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of pack_int32: int32 [rows, ceil(n·bits/32)] -> uint8 codes [rows, n]."""
+    rows, n_words = words.shape
+    if n_words != -(-n * bits // 32):
+        raise ValueError(f"{n_words} words per row cannot hold {n} codes of {bits} bits")
+    shifts = torch.arange(32, dtype=torch.int64)
+    stream = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 1    # [rows, n_words, 32] bits
+    planes = stream.reshape(rows, n_words * 32)[:, : n * bits].reshape(rows, n, bits)  # bits per code
+    weights = 1 << torch.arange(bits, dtype=torch.int64)
+    return (planes * weights).sum(-1).to(torch.uint8)

@@ -220,39 +220,20 @@ def scaled_hessian(H: Tensor, s: Tensor) -> Tensor:
     return H * inv[:, None] * inv[None, :]
 
 
-def awq_search(model: torch.nn.Module, spec: ArchSpec, samples: Tensor, fmt: Format,
-               config: AwqConfig = AwqConfig(), offload=None, progress: bool = False) -> AwqPlan:
-    """Search a whole model's AWQ plan on calibration samples [N, L] (float weights throughout;
-    the model is left unchanged). Apply it with apply_awq_plan, then quantize."""
-    from lowbit.calibration.walker import walk
-    from lowbit.models.specs import ModelDims
-
-    head_dim = ModelDims.from_config(model.config).head_dim
-    plan = AwqPlan(meta={"method": "awq", "config": vars(config).copy(), "format": fmt.to_dict(),
-                         "family": spec.family})
-
-    def solve(index, layer, stats):
-        hessians = {name: st.hessian for name, st in stats.items()}
-        scales, _ = search_layer(layer, spec, hessians, {name: st.mean_abs for name, st in stats.items()},
-                                 fmt, config, head_dim)
-        plan.scales[index] = scales
-        if config.clip:
-            plan.clips[index] = clips_for(layer, spec, hessians, scales, fmt, config)
-
-    walk(model, spec, samples, solve, {"hessian", "mean_abs"}, offload=offload, progress=progress)
-    return plan
-
-
-def clips_for(layer, spec: ArchSpec, hessians: dict[str, Tensor], scales: dict[str, Tensor], fmt: Format,
-              config: AwqConfig) -> dict[str, Tensor]:
+def clips_for(layer, spec: ArchSpec, hessians: dict[str, Tensor], scales: dict[str, Tensor],
+              fmt: Format | Mapping[str, Format | None], config: AwqConfig) -> dict[str, Tensor]:
     """Clip factors {linear: [out, n_groups]} of the layer's weights as scaled by `scales`
-    (not yet folded into `layer`); hessians: H of each linear's unscaled input."""
+    (not yet folded into `layer`); hessians: H of each linear's unscaled input; fmt: one format,
+    or one per linear name (None: kept in float, no clip)."""
     clips = {}
     for group in spec.groups:
         s = scales[group.source]
         H = scaled_hessian(hessians[group.linears[0]], s)
         for name in group.linears:
-            c = search_clip(layer.get_submodule(name).weight.float() * s, H, fmt, config.clip_grid, config.clip_min,
+            f = fmt.get(name) if isinstance(fmt, Mapping) else fmt
+            if f is None or f.family == "gguf":  # GGUF types search their own block scales
+                continue
+            c = search_clip(layer.get_submodule(name).weight.float() * s, H, f, config.clip_grid, config.clip_min,
                             config.clip_sweeps)
             if c is not None:
                 clips[name] = c

@@ -96,12 +96,34 @@ def _float_cache(source: ModelSource, sha: str) -> Path:
     return _atomic_dir(final, write)
 
 
+def hf_config(path: Path):
+    """A directory's transformers config, with the RoPE settings transformers 5 writes under
+    `rope_parameters` (which this transformers 4 ignores, silently falling back to its default base)
+    copied to the fields it reads: `rope_theta` / `rope_scaling`, and Gemma 3's per-attention-type
+    pair (`full_attention` → rope_theta, `sliding_attention` → rope_local_base_freq)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict):
+        if isinstance(rope.get("full_attention"), dict):
+            config.rope_theta = rope["full_attention"].get("rope_theta", config.rope_theta)
+            if isinstance(rope.get("sliding_attention"), dict) and "rope_theta" in rope["sliding_attention"]:
+                config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+        else:
+            if "rope_theta" in rope:
+                config.rope_theta = rope["rope_theta"]
+            if rope.get("rope_type", "default") != "default":
+                config.rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return config
+
+
 def load_float_dir(path: Path):
     """(model, tokenizer) from a Hugging Face directory, float32, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=hf_config(path), dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise LowbitError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
@@ -122,6 +144,10 @@ def load(arg: str | ModelSource) -> Loaded:
         sha = sha256_file(source.path)
         model, tokenizer = load_float_dir(_float_cache(source, sha))
     else:
+        from .imported import load_imported, quantization_config
+
+        if quantization_config(source.path) is not None:   # GPTQ / AWQ / compressed-tensors checkpoint
+            return load_imported(source)[0]
         sha = _sha256_dir(source.path)
         model, tokenizer = load_float_dir(source.path)
     try:

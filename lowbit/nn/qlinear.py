@@ -7,6 +7,20 @@ from torch import Tensor, nn
 from ..formats import QTensor
 
 
+def hold_qtensor(module: nn.Module, q: QTensor) -> None:
+    """Give `module` q's format, shape and its codes/scales/zeros as buffers (the saved state)."""
+    module.fmt = q.fmt
+    module.out_features, module.in_features = q.shape
+    module.register_buffer("codes", q.codes)
+    module.register_buffer("scales", q.scales)
+    module.register_buffer("zeros", q.zeros)
+
+
+def held_qtensor(module: nn.Module) -> QTensor:
+    """The QTensor hold_qtensor stored on `module`."""
+    return QTensor(module.codes, module.scales, module.zeros, (module.out_features, module.in_features), module.fmt)
+
+
 class QuantLinear(nn.Module):
     """y = x W_dqᵀ + b, where W_dq = fmt.dequantize(codes, scales, zeros).
 
@@ -17,17 +31,13 @@ class QuantLinear(nn.Module):
 
     def __init__(self, q: QTensor, bias: Tensor | None = None):
         super().__init__()
-        self.fmt = q.fmt
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("codes", q.codes)
-        self.register_buffer("scales", q.scales)
-        self.register_buffer("zeros", q.zeros)
+        hold_qtensor(self, q)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.register_buffer("W_dq", self.fmt.dequantize(q), persistent=False)
 
     @property
     def qtensor(self) -> QTensor:
-        return QTensor(self.codes, self.scales, self.zeros, (self.out_features, self.in_features), self.fmt)
+        return held_qtensor(self)
 
     @property
     def weight(self) -> Tensor:

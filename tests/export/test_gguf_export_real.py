@@ -1,6 +1,7 @@
 """GGUF export of the real SmolLM2-135M: the F32 export carries the source GGUF's metadata and
-reads back through transformers with the same logits; the Q4_K_M export holds lowbit's bytes for
-llama.cpp's types; and, when llama-cpp-python is installed, llama.cpp itself is the judge."""
+reads back through transformers with the same logits; a model quantized by the Q4_K_M mix's plan
+is written with llama.cpp's types and lowbit's bytes; and, when llama-cpp-python is installed,
+llama.cpp itself is the judge (it reads the files; GPTQ's file is closer to F32 than imatrix's)."""
 from __future__ import annotations
 
 import re
@@ -11,13 +12,48 @@ import torch
 from gguf import GGUFReader
 from gguf_support import layer_of, read_tensors
 
-from lowbit.export.gguf.mixes import MIXES, tensor_type
 from lowbit.export.gguf.writer import write_gguf
 from lowbit.formats.gguf import quantize_gguf
+from lowbit.models.gguf_names import family_for, gguf_name, permute_rotary_rows
 from lowbit.models.load import load
+from lowbit.nn.qlinear import QuantLinear
+from lowbit.nn.qweight import quantized_weights
+from lowbit.plans.gguf_mixes import MIXES, mix_plan, tensor_type
+from lowbit.quantize import QuantizeConfig, quantize
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 TEXT = "The capital of France is Paris. It is known for the Eiffel Tower, museums and cafés. " * 4
+
+
+def quantized(model: str, mix: str = "Q4_K_M", method: str = "rtn", calib=None):
+    """`lowbit quantize MODEL --format gguf --type MIX --method METHOD [--calib TEXT]` in memory;
+    calib: (Text, CalibConfig)."""
+    from lowbit.quantize import calibration_samples
+
+    loaded = load(model)
+    config = QuantizeConfig(plan=mix_plan(loaded.model.config, loaded.spec, mix), method=method,
+                            **({} if calib is None else {"calib": calib[1]}))
+    samples = None if calib is None else calibration_samples(loaded, calib[0], calib[1])
+    quantize(loaded, config, samples, progress=False)
+    return loaded
+
+
+def file_bytes(loaded) -> dict[str, np.ndarray]:
+    """GGUF name -> the bytes the writer must store for every quantized weight: the QTensor's codes,
+    q/k block rows in llama.cpp's rotary order."""
+    config = loaded.model.config
+    family = family_for(config.model_type)
+    held = {n: m.qtensor for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
+    held.update({n: h.qtensor for n, h in quantized_weights(loaded.model).items()})
+    out = {}
+    for name, q in held.items():
+        codes = q.codes
+        heads = config.num_attention_heads if name.endswith("q_proj") else \
+            config.num_key_value_heads if name.endswith("k_proj") else 0
+        if heads and family.permute_qk:
+            codes = permute_rotary_rows(codes, heads)
+        out[gguf_name(f"{name}.weight", family)[0]] = codes.numpy()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +62,15 @@ def smol():
 
 
 @pytest.fixture(scope="module")
-def exports(smol, tmp_path_factory):
+def smol_q4_k_m():
+    return quantized("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def exports(smol, smol_q4_k_m, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf_real")
-    return {mix: write_gguf(smol, mix, out / f"smollm2-{mix}.gguf") for mix in ("F32", "Q4_K_M")}
+    return {"F32": write_gguf(smol, out / "smollm2-F32.gguf"),
+            "Q4_K_M": write_gguf(smol_q4_k_m, out / "smollm2-Q4_K_M.gguf")}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +96,17 @@ def test_f32_export_keeps_the_source_metadata_and_logits(smol, exports, tokens, 
     assert diff <= 1e-4
 
 
-def test_q4_k_m_export_has_llama_cpps_types_and_lowbits_bytes(exports):
+def test_q4_k_m_export_has_llama_cpps_types_and_lowbits_bytes(exports, smol_q4_k_m):
     floats, quant = read_tensors(exports["F32"].path), read_tensors(exports["Q4_K_M"].path)
     assert set(floats) == set(quant) and len(quant) == 272
-    for name, (type_name, shape, _) in quant.items():
+    held = file_bytes(smol_q4_k_m)
+    assert len(held) == 7 * 30 + 1  # every decoder linear and the tied token_embd
+    for name, (type_name, shape, data) in quant.items():
         assert type_name == tensor_type("Q4_K_M", name, shape, layer_of(name), 30, n_gqa=3), name
+        if type_name == "F32":
+            assert name not in held and np.array_equal(np.array(data), np.array(floats[name][2])), name
+        else:
+            assert np.array_equal(np.array(data).reshape(held[name].shape), held[name]), name
     for name in ("blk.0.attn_v.weight", "blk.3.attn_q.weight", "blk.0.ffn_down.weight", "blk.4.ffn_down.weight"):
         type_name, shape, data = quant[name]
         f32 = torch.from_numpy(np.array(floats[name][2]).reshape(shape))
@@ -89,11 +137,11 @@ def test_llama_cpp_reads_lowbits_exports(smol, exports, tokens):
 def test_gemma3_exports_match_llama_cpps_file_and_the_source_logits(tmp_path, monkeypatch):
     """Gemma 3 270M: our Q4_K_M has the same tensor names, shapes and types as the Q4_K_M llama.cpp
     wrote (the model's own source file); the F32 export (norms stored as 1 + w) reads back exactly."""
+    ours = read_tensors(write_gguf(quantized("gemma3-270m"), tmp_path / "gemma-q4_k_m.gguf").path)
     gemma = load("gemma3-270m")
-    ours = read_tensors(write_gguf(gemma, "Q4_K_M", tmp_path / "gemma-q4_k_m.gguf").path)
     theirs = read_tensors(gemma.source.path)
     assert {n: (t, s) for n, (t, s, _) in ours.items()} == {n: (t, s) for n, (t, s, _) in theirs.items()}
-    path = write_gguf(gemma, "F32", tmp_path / "gemma-f32.gguf").path
+    path = write_gguf(gemma, tmp_path / "gemma-f32.gguf").path
     text = "The capital of France is Paris. It is known for the Eiffel Tower. " * 4
     ids = gemma.tokenizer(text, return_tensors="pt").input_ids[:, :64]
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
@@ -105,21 +153,19 @@ def test_gemma3_exports_match_llama_cpps_file_and_the_source_logits(tmp_path, mo
 
 
 def test_gptq_export_beats_the_imatrix_export_in_llama_cpp(smol, exports, tmp_path):
-    """--method gptq against --calib alone, same calibration pass, same mix: llama.cpp's own logits
-    on WikiText-2 test tokens are closer to the F32 export's (KL divergence, natural log)."""
+    """--method gptq against --method imatrix, the same calibration windows, the same mix: llama.cpp's
+    own logits on WikiText-2 test tokens are closer to the F32 export's (KL divergence, natural log)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from support import CALIB_TEXT, EVAL_TEXT
 
     from lowbit.data.calibration import CalibConfig
     from lowbit.data.text import read_text
-    from lowbit.export.gguf.imatrix import calibrate
-    from lowbit.quantize import calibration_samples
 
-    samples = calibration_samples(smol, read_text(str(CALIB_TEXT)), CalibConfig(samples=8, seq_len=512))
-    calibration = calibrate(smol, samples, hessians=True)
-    files = {"imatrix": write_gguf(smol, "Q4_K_M", tmp_path / "imatrix.gguf", imatrix=calibration.imatrix),
-             "gptq": write_gguf(smol, "Q4_K_M", tmp_path / "gptq.gguf", imatrix=calibration.imatrix,
-                                hessians=calibration.hessians)}
+    calib = (read_text(str(CALIB_TEXT)), CalibConfig(samples=8, seq_len=512))
+    files = {method: write_gguf(quantized("smollm2-135m", method=method, calib=calib), tmp_path / f"{method}.gguf")
+             for method in ("imatrix", "gptq")}
+    types = {m: {n: t for n, (t, _, _) in read_tensors(s.path).items()} for m, s in files.items()}
+    assert types["imatrix"] == types["gptq"]  # the same mix
     ids = smol.tokenizer(EVAL_TEXT.read_text()[:20000], return_tensors="pt").input_ids[0, :256].tolist()
 
     def log_probs(path):

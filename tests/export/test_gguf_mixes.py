@@ -1,5 +1,5 @@
 """llama.cpp's per-tensor type choices (llama_tensor_get_type in src/llama-quant.cpp), re-stated
-in lowbit.export.gguf.mixes: named tensors of SmolLM2-shaped models checked against the choices
+in lowbit.plans.gguf_mixes: named tensors of SmolLM2-shaped models checked against the choices
 read from llama.cpp's source, and every tensor of a Q4_K_M file that llama.cpp itself wrote."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lowbit.export.gguf.mixes import MIXES, fallback, tensor_type, use_more_bits
+from lowbit.plans.gguf_mixes import MIXES, fallback, tensor_type, use_more_bits
 
 N_LAYERS = 30  # SmolLM2-135M: hidden 576 (not a multiple of 256), intermediate 1536 (6 x 256)
 SHAPES = {"attn_q": (576, 576), "attn_k": (192, 576), "attn_v": (192, 576), "attn_output": (576, 576),

@@ -6,7 +6,8 @@ import torch
 
 from lowbit.calibration.stats import InputStats
 from lowbit.formats import IntFormat, MXFP4Format, NFFormat
-from lowbit.methods.awq import (AwqConfig, apply_awq_plan, awq_search, output_error, scale_candidates,
+from lowbit.solve import awq_search
+from lowbit.methods.awq import (AwqConfig, apply_awq_plan, output_error, scale_candidates,
                                 scaled_hessian, search_clip, search_scales, weight_salience)
 from lowbit.models.load import load
 from lowbit.transforms import source_scales

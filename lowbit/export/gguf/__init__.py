@@ -1,4 +1,4 @@
-"""GGUF export: llama.cpp's mixes (mixes), tensor names (names), key/values (metadata), the writer.
+"""GGUF export: key/values (metadata), vocabularies (vocab), exact integer re-expression (lossless), the writer.
 
 `TARGET` is the `lowbit export --format gguf` entry of lowbit.export.registry.
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import LowbitError
+from ..errors import LowbitError
 
 # per decoder layer: HF suffix after "model.layers.N." -> GGUF suffix after "blk.N."
 _LAYER_COMMON = {

@@ -141,3 +141,39 @@ def tensor_type(mix_name: str, tensor_name: str, shape: tuple[int, ...], layer: 
     row_length = int(shape[-1])
     chosen = _mix_choice(m, cat, row_length, layer if layer is not None else 0, n_layers, n_gqa, not has_output)
     return fallback(chosen, row_length)
+
+
+def mix_plan(model_config, spec, mix_name: str) -> "FormatPlan":
+    """A llama.cpp mix as a FormatPlan: one exact rule per decoder linear, and the embedding / LM
+    head with the type llama.cpp gives token_embd / output (a tied embedding takes the output's).
+    F32/F16 choices become "keep float". model_config: the transformers config; spec: its ArchSpec."""
+    from lowbit.formats import GGUFFormat
+    from lowbit.models.gguf_names import family_for, gguf_name
+    from lowbit.plans.plan import FormatPlan
+
+    the_mix = mix(mix_name)
+    family = family_for(model_config.model_type)
+    n_layers = model_config.num_hidden_layers
+    n_gqa = model_config.num_attention_heads // (getattr(model_config, "num_key_value_heads", None)
+                                                 or model_config.num_attention_heads)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    hidden, inter = model_config.hidden_size, model_config.intermediate_size
+    head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
+    # [rows, row_length] of each linear, by where it sits: only the row length decides the type
+    row_length = {"self_attn.o_proj": model_config.num_attention_heads * head_dim, spec.down: inter}
+    rules = []
+    for i in range(n_layers):
+        for lin in spec.linears:
+            name, layer = gguf_name(f"{spec.layers}.{i}.{lin}.weight", family)
+            cols = row_length.get(lin, hidden)
+            rules.append((f"{spec.layers}.{i}.{lin}",
+                          tensor_type(the_mix.name, name, (1, cols), layer, n_layers, n_gqa, has_output=not tied)))
+    head = tensor_type(the_mix.name, "output.weight", (1, hidden), None, n_layers, n_gqa, has_output=not tied)
+    if tied:
+        rules.append((spec.embed, head))
+    else:
+        rules.append((spec.head, head))
+        rules.append((spec.embed, tensor_type(the_mix.name, "token_embd.weight", (1, hidden), None, n_layers, n_gqa,
+                                              has_output=True)))
+    as_format = lambda t: None if t in FLOAT_TYPES else GGUFFormat(t)  # noqa: E731
+    return FormatPlan(tuple((n, as_format(t)) for n, t in rules), None, origin=f"gguf mix {the_mix.name}")
