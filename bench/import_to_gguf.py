@@ -76,10 +76,11 @@ REQUIREMENTS = {"llmcompressor": ["llmcompressor==0.14.0.1"], "gptqmodel": ["gpt
 
 # ---------------------------------------------------------------- driver (lowbit's environment)
 
-def _peers_common():
+def _peers_module(stem: str):
+    """bench/peers/<stem>.py, loaded by path (nothing added to sys.path)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_peers_common_i2g", PEERS_DIR / "common.py")
+    spec = importlib.util.spec_from_file_location(f"bench_peers_{stem}_i2g", PEERS_DIR / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -91,7 +92,7 @@ def produce(row: str, cache: Path, samples: int, seq_len: int, threads: int) -> 
     import shutil
 
     spec = ROWS[row]
-    common = _peers_common()
+    common = _peers_module("common")
     python = common._venv_module().ensure_venv(spec["venv"], REQUIREMENTS[spec["venv"]])
     float_dir = common.float_dir(MODEL)
     samples_file = Path.home() / ".cache/lowbit/bench/peers" / MODEL / f"calib-{samples}x{seq_len}-seed0.safetensors"
@@ -259,26 +260,6 @@ def check_gguf(imported_dir: Path, imported, work: Path) -> tuple[dict, Path, Pa
             "q4_0_bytes": q4.stat().st_size, "f32_file_types": f32_types, "rope_freq_base": freq_base}, q4, f32
 
 
-def _logits_llama_cpp(path: Path, ids: list[int], threads: int):
-    import numpy as np
-    import torch
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, logits_all=True, verbose=False)
-    llm.eval(ids)
-    out = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64)
-    del llm
-    return out
-
-
-def _kl(ref, other) -> tuple[float, float]:
-    import torch
-
-    p, q = torch.log_softmax(ref, -1), torch.log_softmax(other, -1)
-    per = (p.exp() * (p - q)).sum(-1)
-    return float(per.mean()), float(per.max())
-
-
 def checkpoint_rope_theta(ckpt: Path) -> float | None:
     """The RoPE base the checkpoint's config.json states: transformers 5 writes it inside
     "rope_parameters" (GPTQModel 7.6's save does), transformers 4 as "rope_theta"."""
@@ -288,38 +269,28 @@ def checkpoint_rope_theta(ckpt: Path) -> float | None:
     return None if theta is None else float(theta)
 
 
-def check_llama_cpp(imported, q4: Path, f32: Path, threads: int, checkpoint_theta: float | None = None) -> dict:
-    """(iii): llama.cpp's logits on both files against lowbit's imported model. When the imported
-    model's RoPE base differs from the one the checkpoint states, lowbit's logits are measured again
-    with the checkpoint's base (a diagnosis, after every other number)."""
+def check_llama_cpp(imported, q4: Path, f32: Path, threads: int) -> dict:
+    """(iii): llama.cpp's logits on both files against lowbit's imported model."""
     import torch
+
+    llamacpp = _peers_module("llamacpp_tools")
 
     text = EVAL_TEXT.read_text()[:4000]
     ids = imported.tokenizer(text)["input_ids"][:N_TOKENS]
     with torch.no_grad():
         ref = imported.model(torch.tensor([ids])).logits[0].double()
     result = {"tokens": len(ids), "text": str(EVAL_TEXT), "llama_cpp_threads": threads}
-    logits = {label: _logits_llama_cpp(path, ids, threads) for label, path in (("f32", f32), ("q4_0", q4))}
+    logits = {label: llamacpp.logits(path, ids, threads) for label, path in (("f32", f32), ("q4_0", q4))}
 
     def compare(reference):
         out = {}
         for label, other in logits.items():
-            kl, kl_max = _kl(reference, other)
+            kl, kl_max = llamacpp.kl(reference, other)
             out[label] = {"kl_mean": kl, "kl_max": kl_max, "max_abs_dlogit": float((other - reference).abs().max()),
                           "top1_agreement": float((other.argmax(-1) == reference.argmax(-1)).double().mean())}
         return out
 
     result.update(compare(ref))
-    model = imported.model
-    theta = getattr(model.config, "rope_theta", None)
-    if checkpoint_theta is not None and theta != checkpoint_theta:
-        model.config.rope_theta = checkpoint_theta
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
-        with torch.no_grad():
-            fixed = model(torch.tensor([ids])).logits[0].double()
-        result["diagnosis_lowbit_with_checkpoint_rope_theta"] = dict(
-            compare(fixed), note=f"lowbit's imported model uses rope_theta {theta}, the checkpoint states "
-                                 f"{checkpoint_theta}: the same lowbit model rebuilt with the checkpoint's base")
     return result
 
 
@@ -344,7 +315,7 @@ def check_row(row: str, cache: Path = CACHE, threads: int = 2, keep_gguf: bool =
                             "rope_freq_base_gguf": gguf["rope_freq_base"],
                             "checkpoint_transformers_version": json.loads(
                                 (base / "ckpt" / "config.json").read_text()).get("transformers_version")}
-        result["llama_cpp"] = check_llama_cpp(imported, q4, f32, threads, theta)
+        result["llama_cpp"] = check_llama_cpp(imported, q4, f32, threads)
     finally:
         if not keep_gguf:
             import shutil

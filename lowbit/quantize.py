@@ -17,7 +17,6 @@ statistics and always gets RTN.
 """
 from __future__ import annotations
 
-import fnmatch
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

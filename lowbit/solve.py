@@ -14,6 +14,7 @@ import torch
 
 from .errors import LowbitError
 from .formats import Format, GGUFFormat, QTensor
+from .formats.gguf import gguf_type
 from .methods.awq import clips_for, output_error, scaled_hessian, search_layer
 from .methods.gptq import GptqStats, gptq_shared
 from .methods.gptq_gguf import gptq_gguf
@@ -76,7 +77,8 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
                     q = fmt.quantize(W_f, clips[name]) if name in clips else \
                         quantize_linear(W_f, fmt, config, imp[name])
                     loss = output_error(W_f, fmt.dequantize(q), H[name].float())
-                    rtn_loss = loss
+                    rtn_loss = loss if imp[name] is None else \
+                        output_error(W_f, fmt.dequantize(quantize_linear(W_f, fmt, config)), H[name].float())
                 if name in s_of:  # RTN's loss is that of the weight before the AWQ scaling
                     W_0 = W_f.float() / s_of[name]
                     W_0q = fmt.dequantize(quantize_linear(W_0, fmt, config, imp_orig[name]))
@@ -99,7 +101,7 @@ def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict
         if isinstance(fmt, GGUFFormat):
             W = layer.get_submodule(name).weight
             try:
-                if fmt.bits_per_weight and _uniform(fmt):
+                if gguf_type(fmt.type_name).set_codes is not None:   # a uniform grid GPTQ rounds onto
                     data, st = gptq_gguf(W, H[name], fmt.type_name, imatrix=imp[name], damp=g.damp)
                     out[name] = (fmt.from_bytes(data, tuple(W.shape)), st)
                 else:  # a lookup-table type (IQ4_NL): no uniform grid to round on; the imatrix alone
@@ -120,12 +122,6 @@ def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict
             raise LowbitError(f"layer {index} {', '.join(group)}: {e}") from None
         out.update(zip(group, results))
     return out
-
-
-def _uniform(fmt: GGUFFormat) -> bool:
-    from .formats.gguf import gguf_type
-
-    return gguf_type(fmt.type_name).set_codes is not None
 
 
 def awq_search(model: torch.nn.Module, spec, samples: torch.Tensor, fmt: Format, config=None, offload=None,

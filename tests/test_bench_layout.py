@@ -17,7 +17,12 @@ def test_no_bench_module_shadows_an_installed_package():
     try:
         shadowing = []
         for script in sorted(BENCH.glob("*.py")):
-            spec = importlib.util.find_spec(script.stem) if script.stem not in sys.modules else True
+            loaded = sys.modules.get(script.stem)
+            if loaded is not None:  # already imported: shadowing unless it is this very file
+                ours = Path(getattr(loaded, "__file__", None) or "/").resolve() == script.resolve()
+                spec = None if ours else True
+            else:
+                spec = importlib.util.find_spec(script.stem)
             if spec is not None:
                 shadowing.append(script.name)
     finally:

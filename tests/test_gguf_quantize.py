@@ -205,7 +205,8 @@ def test_every_method_keeps_the_mix_types(method_runs, llama_dir):
 
 def test_gptq_beats_imatrix_rounding_on_the_proxy_loss(method_runs):
     imatrix, gptq = _losses(method_runs["imatrix"][0]), _losses(method_runs["gptq"][0])
-    assert all(a == b for a, b in imatrix.values())   # imatrix is rounding: its loss is its RTN loss
+    # the imatrix weights the search by the inputs' mean square: it beats unweighted rounding in sum
+    assert sum(a for a, _ in imatrix.values()) < sum(b for _, b in imatrix.values())
     total = {m: sum(a for a, _ in losses.values()) for m, losses in (("imatrix", imatrix), ("gptq", gptq))}
     assert total["gptq"] < 0.5 * total["imatrix"], total
     assert sum(a for a, _ in gptq.values()) < 0.5 * sum(b for _, b in gptq.values())

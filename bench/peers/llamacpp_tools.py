@@ -126,3 +126,26 @@ def kl_divergence(model: Path, base: Path, ctx: int, chunks: int) -> dict[str, f
 if __name__ == "__main__":
     for name, path in ensure_tools().items():
         print(f"{name}: {path}")
+
+
+def logits(path: Path, ids: list[int], threads: int = 2):
+    """llama.cpp's (llama-cpp-python's) logits, float64 [len(ids), vocab], for the tokens `ids` of the GGUF at `path`."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=max(512, len(ids)), n_threads=threads, logits_all=True, verbose=False)
+    llm.eval(ids)
+    out = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64)
+    del llm
+    return out
+
+
+def kl(ref, other) -> tuple[float, float]:
+    """Mean and max over positions of KL(softmax(ref) || softmax(other)), natural log."""
+    import torch
+
+    p, q = torch.log_softmax(ref, -1), torch.log_softmax(other, -1)
+    per = (p.exp() * (p - q)).sum(-1)
+    return float(per.mean()), float(per.max())
+

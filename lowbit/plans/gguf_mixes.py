@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lowbit.plans.plan import FormatPlan
 
 # ggml block sizes of the types a mix can pick (F16/F32: one weight per "block")
 BLOCK_SIZE = MappingProxyType({"F32": 1, "F16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
@@ -157,17 +161,21 @@ def mix_plan(model_config, spec, mix_name: str) -> "FormatPlan":
     n_gqa = model_config.num_attention_heads // (getattr(model_config, "num_key_value_heads", None)
                                                  or model_config.num_attention_heads)
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
-    hidden, inter = model_config.hidden_size, model_config.intermediate_size
-    head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
-    # [rows, row_length] of each linear, by where it sits: only the row length decides the type
-    row_length = {"self_attn.o_proj": model_config.num_attention_heads * head_dim, spec.down: inter}
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    # a linear's row length, from the spec's data: a norm-fed group reads the residual stream; a group
+    # fed by a linear reads the attention output (v → o) or the MLP's intermediate (up → down)
+    widths = {"norm": model_config.hidden_size, spec.attention: model_config.num_attention_heads * head_dim,
+              spec.mlp: model_config.intermediate_size}
+    row_length = {lin: widths["norm" if g.source_kind == "norm" else g.source.split(".")[0]]
+                  for g in spec.groups for lin in g.linears}
     rules = []
     for i in range(n_layers):
         for lin in spec.linears:
             name, layer = gguf_name(f"{spec.layers}.{i}.{lin}.weight", family)
-            cols = row_length.get(lin, hidden)
+            cols = row_length[lin]
             rules.append((f"{spec.layers}.{i}.{lin}",
                           tensor_type(the_mix.name, name, (1, cols), layer, n_layers, n_gqa, has_output=not tied)))
+    hidden = model_config.hidden_size
     head = tensor_type(the_mix.name, "output.weight", (1, hidden), None, n_layers, n_gqa, has_output=not tied)
     if tied:
         rules.append((spec.embed, head))
