@@ -6,7 +6,12 @@ Methods compose by configuration: a method name is "+"-joined steps,
   awq        AWQ scales searched per layer and folded into the model, then RTN (with AWQ's
              clip factors when AwqConfig.clip, the default, else RtnConfig's clip),
   awq+gptq   the same AWQ step, then GPTQ on the scaled weights with the scaled Hessians,
-  imatrix    GGUF types only: each type's scale search weighted by the layer's imatrix (mean x²).
+  imatrix    GGUF types only: each type's scale search weighted by the layer's imatrix (mean x²),
+  smooth     SmoothQuant's scales (α fixed or searched per group) folded in, then RTN,
+  smooth+gptq  the same, then GPTQ on the smoothed weights and Hessians.
+Activations: `act_plan` gives linears an activation format (lowbit.formats.activation): their
+inputs are quantized at run time; a static format's scale comes from the calibration inputs,
+so a static plan makes any method calibrated.
 What format goes where is a FormatPlan (lowbit.plans): uniform --bits/--group is a plan with a
 default, a llama.cpp mix is one exact rule per tensor, a --plan file anything between. A GGUF
 type under a calibrated method always takes the imatrix of its input as importance.
@@ -28,18 +33,21 @@ from .calibration.walker import walk
 from .data.calibration import CalibConfig
 from .errors import LowbitError
 from .formats import Format, GGUFFormat
+from .formats.activation import ActFormat
 from .log import logger
 from .methods.awq import AwqConfig, AwqPlan
 from .methods.gptq import GptqConfig
 from .methods.rtn import RtnConfig
+from .methods.smoothquant import SmoothConfig
 from .models.load import Loaded
 from .nn.qlinear import QuantLinear
 from .nn.qweight import attach_quantized_weight
 from .plans import FormatPlan
 from .solve import calibrated_solve, quantize_linear
+from .solve_act import SmoothRecord
 
-METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq")
-CALIBRATED = ("imatrix", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq", "smooth", "smooth+gptq")
+CALIBRATED = ("imatrix", "gptq", "awq", "awq+gptq", "smooth", "smooth+gptq")
 INPUTS = ("quantized", "float")  # what each layer's calibration inputs come from
 # The first token of a sequence is an attention sink with a hidden state unlike any other;
 # in Σ xᵀx it is 1 token in seq_len, yet every later token attends to it. GPTQ trading its
@@ -58,6 +66,7 @@ class QuantizeConfig:
     inputs: "quantized" (each layer calibrated on the outputs of the already-quantized layers,
         the walker's convention) or "float" (on the float model's: every write-back waits for
         the end of the walk).
+    act_plan: a FormatPlan of ActFormats for the quantized linears' inputs (None: weight-only).
     """
 
     fmt: Format | None = None
@@ -72,6 +81,8 @@ class QuantizeConfig:
     walk: str = "auto"                  # one of WALKS
     plan: FormatPlan | None = None
     inputs: str = "quantized"           # one of INPUTS
+    act_plan: FormatPlan | None = None
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
 
     def __post_init__(self):
         if (self.fmt is None) == (self.plan is None):
@@ -89,8 +100,14 @@ class QuantizeConfig:
             raise ValueError(f"sink weight must be a finite number >= 0, got {self.sink_weight!r}")
         if self.walk not in WALKS:
             raise ValueError(f"unknown walk {self.walk!r} (known: {', '.join(WALKS)})")
-        if self.walk == "sequential" and "awq" in self.steps:
-            raise ValueError("AWQ needs the two-pass walk (its v → o scales fold into v before v is quantized)")
+        if self.walk == "sequential" and ("awq" in self.steps or "smooth" in self.steps):
+            raise ValueError("AWQ and SmoothQuant need the two-pass walk (their v → o scales fold into v before "
+                             "v is quantized)")
+        if any(not isinstance(f, Format) for f in self._formats()):
+            raise ValueError("the weight plan holds an activation format (a8-…): plan activations separately")
+        if any(not isinstance(f, ActFormat) for f in self.act_formats):
+            raise ValueError("the activation plan holds a weight format: activation formats are a<b>-token|tensor|"
+                             "static|g<N>-sym|asym")
 
     @property
     def format_plan(self) -> FormatPlan:
@@ -103,12 +120,22 @@ class QuantizeConfig:
         return [f for f in (plan.default, *(f for _, f in plan.rules)) if f is not None]
 
     @property
+    def act_formats(self) -> list[ActFormat]:
+        plan = self.act_plan
+        return [] if plan is None else [f for f in (plan.default, *(f for _, f in plan.rules)) if f is not None]
+
+    @property
+    def static_acts(self) -> bool:
+        """Whether some activation format takes its scale from calibration."""
+        return any(f.static for f in self.act_formats)
+
+    @property
     def steps(self) -> tuple[str, ...]:
         return tuple(self.method.split("+"))
 
     @property
     def calibrated(self) -> bool:
-        return self.method in CALIBRATED
+        return self.method in CALIBRATED or self.static_acts
 
     def to_dict(self) -> dict:
         d = {"method": self.method, "format": None if self.fmt is None else self.fmt.to_dict(),
@@ -119,6 +146,11 @@ class QuantizeConfig:
             d["gptq"] = vars(self.gptq).copy()
         if "awq" in self.steps:
             d["awq"] = vars(self.awq).copy()
+        if "smooth" in self.steps:
+            d["smooth"] = {"alpha": "search" if self.smooth.alpha is None else self.smooth.alpha,
+                           "alphas": list(self.smooth.alphas)}
+        if self.act_plan is not None:
+            d["activations"] = self.act_plan.to_dict()
         if self.calibrated:
             d["calibration"] = vars(self.calib).copy()
             d["sink_weight"] = self.sink_weight
@@ -147,6 +179,7 @@ class QuantizeResult:
     plan: AwqPlan | None = None         # the AWQ scales (and clips) that were folded in
     timings: tuple = ()                 # walker LayerTiming per layer (calibrated methods)
     walk: str | None = None             # the walk used (calibrated methods): "sequential" | "two-pass"
+    smoothing: SmoothRecord | None = None  # SmoothQuant's α and scales per layer and group
 
 
 def planned_formats(loaded: Loaded, config: QuantizeConfig) -> dict[str, Format]:
@@ -190,12 +223,13 @@ def _untie_head(loaded: Loaded) -> None:
 
 
 def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch.Tensor, fmt: Format,
-           proxies: tuple = (None, None)) -> LinearReport:
-    """Replace root.<name> by QuantLinear(q, bias) (an nn.Linear) or give it the quantized weight
-    in place (an embedding); report the weight error."""
+           proxies: tuple = (None, None), act: tuple = (None, None)) -> LinearReport:
+    """Replace root.<name> by QuantLinear(q, bias, *act) (an nn.Linear; act: its activation format
+    and static input scale) or give it the quantized weight in place (an embedding); report the
+    weight error."""
     W_f = W_f.detach().float().clone()
     if isinstance(root.get_submodule(name), torch.nn.Linear):
-        module = QuantLinear(q, bias)
+        module = QuantLinear(q, bias, *act)
         root.set_submodule(name, module)
         W_dq = module.W_dq
     else:
@@ -225,8 +259,11 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     reports, plan, timings, used, pending = [], None, (), None, []
     gguf = any(isinstance(f, GGUFFormat) for f in formats.values())
 
-    def write(layer, name, full, q, W_f, fmt, proxies):
-        args = (layer, name, full, q, layer.get_submodule(name).bias, W_f, fmt, proxies)
+    acts = planned_acts(config, formats, f"{spec.layers}.")
+    smoothing = SmoothRecord() if "smooth" in config.steps else None
+
+    def write(layer, name, full, q, W_f, fmt, proxies, act=(None, None)):
+        args = (layer, name, full, q, layer.get_submodule(name).bias, W_f, fmt, proxies, act)
         if config.inputs == "float":
             pending.append(args)      # later layers must see this layer's float outputs
         else:
@@ -236,10 +273,17 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
         plan = AwqPlan(meta={"method": config.method, "config": vars(config.awq).copy(),
                              "plan": config.format_plan.to_dict(), "family": spec.family}) \
             if "awq" in config.steps else None
-        solve = calibrated_solve(spec, loaded.dims.head_dim, config, formats, write, plan)
+        solve = calibrated_solve(spec, loaded.dims.head_dim, config, formats, write, plan, acts, smoothing)
         wanted = {"hessian", "mean_abs"} if plan is not None else {"hessian"}
+        if not ({"gptq", "awq", "imatrix"} & set(config.steps)):
+            wanted.discard("hessian")     # RTN after smoothing / static scales: no solve needs H
         if gguf:
             wanted.add("sq_mean")     # the imatrix
+        if smoothing is not None or config.static_acts:
+            wanted.add("absmax")
+        if (smoothing is not None and config.smooth.alpha is None) or \
+                any(f.static and f.calibration == "percentile" for f in config.act_formats):
+            wanted.add("rows")        # α search and percentiles quantize real calibration rows
         used = choose_walk(config, loaded.dims, samples, offload)
         timings = tuple(walk(loaded.model, spec, samples, solve, wanted, offload=offload, progress=progress,
                              sequential=used == "sequential", sink_weight=config.sink_weight))
@@ -250,10 +294,27 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
         module = loaded.model.get_submodule(name)
         W_f = module.weight.detach()
         q = quantize_linear(W_f, formats[name], config)
-        reports.append(_write(loaded.model, name, name, q, getattr(module, "bias", None), W_f, formats[name]))
+        reports.append(_write(loaded.model, name, name, q, getattr(module, "bias", None), W_f, formats[name],
+                              act=(acts.get(name), None)))
     seconds = time.perf_counter() - start
     logger.info("quantized %d linears in %.1f s", len(reports), seconds)
-    return QuantizeResult(config, tuple(reports), seconds, plan, timings, used)
+    return QuantizeResult(config, tuple(reports), seconds, plan, timings, used, smoothing)
+
+
+def planned_acts(config: QuantizeConfig, formats: dict[str, Format], inside: str) -> dict[str, ActFormat]:
+    """{full linear name: ActFormat} for the quantized linears the activation plan covers: the
+    decoder layers' (names starting with `inside`), others (the head) only when a rule names them."""
+    if config.act_plan is None:
+        return {}
+    try:
+        acts = config.act_plan.resolve([n for n in formats if n.startswith(inside)],
+                                       optional=[n for n in formats if not n.startswith(inside)])
+    except ValueError as e:
+        raise LowbitError(f"activation {e}") from None
+    for name, act in acts.items():
+        if act is not None and name not in formats:
+            raise LowbitError(f"{name}: an activation format needs a quantized weight")
+    return {name: act for name, act in acts.items() if act is not None}
 
 
 def choose_walk(config: QuantizeConfig, dims, samples: torch.Tensor, offload: Path | None = None) -> str:
@@ -263,7 +324,7 @@ def choose_walk(config: QuantizeConfig, dims, samples: torch.Tensor, offload: Pa
         raise LowbitError("--walk sequential keeps every sample's activations in memory: it cannot --offload")
     if config.walk != "auto":
         return config.walk
-    if "awq" in config.steps or offload is not None or config.inputs == "float":
+    if "awq" in config.steps or "smooth" in config.steps or offload is not None or config.inputs == "float":
         return "two-pass"
     # alive per token while a group is solved: the MLP's product and a few hidden-size tensors
     need = samples.numel() * 4 * (dims.intermediate + 4 * dims.hidden)

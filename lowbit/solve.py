@@ -20,6 +20,7 @@ from .methods.gptq import GptqStats, gptq_shared
 from .methods.gptq_gguf import gptq_gguf
 from .methods.rtn import rtn
 from .methods.weighted_grid import WeightedGrid
+from .solve_act import SmoothRecord, input_scales, smooth_layer
 from .transforms.scaling import fold_scales
 
 
@@ -31,10 +32,13 @@ def quantize_linear(W_f: torch.Tensor, fmt: Format, config, importance: torch.Te
 
 
 def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Format], write: Callable,
-                     plan) -> Callable:
+                     plan, acts: dict | None = None, smoothing: SmoothRecord | None = None) -> Callable:
     """The walker's solve for config.steps. formats: {full linear name: Format} of the linears to
-    quantize; write(layer, name, full_name, q, W_f, fmt, (loss, rtn_loss)) stores one result;
-    plan: an AwqPlan to record the AWQ scales in (None without AWQ)."""
+    quantize; acts: {full linear name: ActFormat} of those whose inputs are quantized too;
+    write(layer, name, full_name, q, W_f, fmt, (loss, rtn_loss), (act, input_scale)) stores one
+    result; plan: an AwqPlan to record the AWQ scales in (None without AWQ); smoothing: where
+    the SmoothQuant step records its α per group."""
+    acts = acts or {}
     use_gptq = "gptq" in config.steps
 
     def solve(index: int, layer: torch.nn.Module, stats: dict) -> None:
@@ -43,6 +47,7 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
         imp = {name: st.sq_mean.double() if "sq_mean" in st.wanted else None for name, st in stats.items()}
         H = {name: st.hessian for name, st in stats.items()}                # sink-weighted by the walker
         H_orig, imp_orig, s_of, clips = dict(H), dict(imp), {}, {}
+        act_of = {name: acts.get(full[name]) for name in stats}
         if plan is not None:
             try:
                 judges = {n: WeightedGrid(f, imp[n]) if f is None or isinstance(f, GGUFFormat) else f
@@ -64,6 +69,13 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
             plan.scales[index] = scales
             if clips:
                 plan.clips[index] = clips
+        if "smooth" in config.steps:
+            try:
+                s_of.update(smooth_layer(index, layer, spec, head_dim, stats, fmt_of, act_of, config.smooth, H,
+                                         imp, smoothing))
+            except ValueError as e:
+                raise LowbitError(f"layer {index}: SmoothQuant: {e}") from None
+        in_scales = input_scales(stats, act_of, s_of)
         todo = [name for name in stats if fmt_of[name] is not None]  # whole layer or one group
         solved = _gptq_by_input(index, layer, todo, H, imp, fmt_of, config) if use_gptq else {}
         for name in todo:
@@ -76,16 +88,16 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
                 else:
                     q = fmt.quantize(W_f, clips[name]) if name in clips else \
                         quantize_linear(W_f, fmt, config, imp[name])
-                    loss = output_error(W_f, fmt.dequantize(q), H[name].float())
-                    rtn_loss = loss if imp[name] is None else \
+                    loss = None if H[name] is None else output_error(W_f, fmt.dequantize(q), H[name].float())
+                    rtn_loss = loss if imp[name] is None or loss is None else \
                         output_error(W_f, fmt.dequantize(quantize_linear(W_f, fmt, config)), H[name].float())
-                if name in s_of:  # RTN's loss is that of the weight before the AWQ scaling
+                if name in s_of and H_orig[name] is not None:  # RTN's loss: the weight before the scaling
                     W_0 = W_f.float() / s_of[name]
                     W_0q = fmt.dequantize(quantize_linear(W_0, fmt, config, imp_orig[name]))
                     rtn_loss = output_error(W_0, W_0q, H_orig[name].float())
             except ValueError as e:
                 raise LowbitError(f"layer {index} {name}: {e}") from None
-            write(layer, name, full[name], q, W_f, fmt, (loss, rtn_loss))
+            write(layer, name, full[name], q, W_f, fmt, (loss, rtn_loss), (act_of[name], in_scales.get(name)))
 
     return solve
 

@@ -142,7 +142,7 @@ def collect(model, spec: ArchSpec, tokenizer, rows: torch.Tensor, progress: bool
     hid = [full(i, n) for i in range(n_layers) for n in hidden]
     downs = [full(i, spec.down) for i in range(n_layers)]
     layer_paths = [f"{spec.layers}.{i}" for i in range(n_layers)]
-    with capture_inputs(model, src, {"absmax", "mean_abs", "moments"}) as stats, \
+    with capture_inputs(model, src, {"absmax", "mean_abs", "moments", "rows"}) as stats, \
          capture_token_inputs(model, src, _per_token_share) as shares, \
          capture_token_inputs(model, hid, lambda x: x.reshape(-1, x.shape[-1]).clone()) as hid_x, \
          capture_outputs(model, layer_paths, lambda h: h[0].clone()) as res, \

@@ -100,6 +100,17 @@ def _activations(act: dict, bits: list[str]) -> str:
     return "".join(out)
 
 
+def _int8(section: dict | None) -> str:
+    if not section or not section["inputs"]:
+        return "<p>No calibration rows were kept.</p>"
+    top = sorted(section["inputs"], key=lambda r: -r["per_token"])[:12]
+    rows = [[r["layer"], "/".join(p.split(".")[-1] for p in r["input_of"]), r["per_tensor"], r["per_token"],
+             r["per_tensor_smoothed"], r["per_token_smoothed"]] for r in top]
+    return (f'<p class="def">{escape(section["definition"])}</p><p>The inputs with the largest per-token error:</p>'
+            + table(["layer", "input of", "per tensor", "per token", "per tensor, smoothed", "per token, smoothed"],
+                    rows, 2))
+
+
 def _weights(w: dict) -> str:
     rows = [[r["layer"], r["linear"], r["absmax_over_std"], r["absmax_at"]["row"], r["absmax_at"]["col"]]
             for r in w["most_outlying"]]
@@ -146,6 +157,8 @@ def render(report: dict) -> str:
          _features(report["outlier_features"], report["activations"], massive_dims)),
         ("Activation statistics and effective levels", "How much of the quantization grid each channel gets.",
          _activations(report["activations"], bits)),
+        ("Int8 activations", "The error each linear's input would take at 8 bits, and what smoothing does to it.",
+         _int8(report.get("int8_inputs"))),
         ("Weight statistics", "Outliers in the weights themselves, and plain rounding error.", _weights(report["weights"])),
         ("Layer sensitivity", "Which layer hurts most when quantized alone.", _sensitivity(report["sensitivity"])),
     ]

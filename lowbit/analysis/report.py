@@ -11,6 +11,7 @@ from .. import __version__
 from ..errors import LowbitError
 from ..log import logger
 from .activations import activation_section, r4
+from .int8_error import int8_section
 from .collect import check_spec, collect, make_rows
 from .config import AnalyzeConfig
 from .outliers import massive_activations, outlier_features
@@ -96,6 +97,7 @@ def analyze(loaded, text, config: AnalyzeConfig, model_arg: str = "", progress: 
     hidden_names = [g.linears[0] for g in spec.groups if g.source_kind == "norm"]
     t = time.perf_counter()
     activations = activation_section(c.inputs, c.levels, reads, hidden_names, config.levels)
+    int8 = int8_section(c.inputs, model.get_submodule(spec.layers), reads)
     features = outlier_features(c.hidden_inputs, config.features)
     massive = massive_activations(c.residual, c.texts, config.massive)
     times["detect"] = time.perf_counter() - t
@@ -125,7 +127,7 @@ def analyze(loaded, text, config: AnalyzeConfig, model_arg: str = "", progress: 
                  "probe": {"samples": int(probe.rows.shape[0]), "tokens": int(probe.rows.shape[1]),
                            "predictions": probe.predictions, "float_ppl": r4(probe.ppl)}},
         "config": config.to_dict(),
-        "activations": activations, "outlier_features": features, "massive_activations": massive,
+        "activations": activations, "int8_inputs": int8, "outlier_features": features, "massive_activations": massive,
         "super_weights": {"definition": config.super_weights.definition, "found": [f.to_dict() for f in found],
                           "rounds": rounds, "verification": checks},
         "weights": weights, "sensitivity": sensitivity,

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-STATS = ("hessian", "absmax", "mean_abs", "sq_mean", "moments")
+STATS = ("hessian", "absmax", "mean_abs", "sq_mean", "moments", "rows")
+ROWS_PER_UPDATE = 32   # "rows": token rows kept per batch (128 samples -> 4096 rows)
 GRAM_BLOCK = 192  # column block of gram(): 576 = 3 blocks, 1536 = 8 (SmolLM2's input widths)
 
 
@@ -38,6 +39,8 @@ class InputStats:
     mean_abs: Σ |x_j| / tokens per channel, [in]   (AWQ's activation salience)
     sq_mean:  Σ x_j² / tokens per channel, [in]    (the imatrix)
     moments:  Σ x_j, Σ x_j², Σ x_j³, Σ x_j⁴ per channel, [4, in] (for kurtosis)
+    rows:     a seeded random subset of the token rows, ROWS_PER_UPDATE per batch, [kept, in]
+              float32 (what activation-aware searches quantize: SmoothQuant's α, percentiles)
     tokens:   how many token vectors were accumulated
     sink_weight: in H only, the first position of each sample (inputs [batch, seq, in]) counts
               this many times: the attention sink (see lowbit.quantize.SINK_WEIGHT)
@@ -52,6 +55,7 @@ class InputStats:
     abs_sum: Tensor | None = None
     sq_sum: Tensor | None = None
     power_sums: Tensor | None = None
+    kept_rows: list = field(default_factory=list)
 
     def __post_init__(self):
         unknown = set(self.wanted) - set(STATS)
@@ -93,7 +97,16 @@ class InputStats:
             xd = x.double()
             p = torch.stack([xd.sum(0), xd.pow(2).sum(0), xd.pow(3).sum(0), xd.pow(4).sum(0)])
             self.power_sums = p if self.power_sums is None else self.power_sums.add_(p)
+        if "rows" in self.wanted:
+            g = torch.Generator().manual_seed(len(self.kept_rows) * 7919 + self.tokens)
+            pick = torch.randperm(n, generator=g)[:ROWS_PER_UPDATE].sort().values
+            self.kept_rows.append(x[pick].float().clone())
         self.tokens += n
+
+    @property
+    def rows(self) -> Tensor:
+        """The kept token rows [kept, in] float32."""
+        return torch.cat(self.kept_rows) if self.kept_rows else torch.empty(0, self.in_features)
 
     @property
     def mean_abs(self) -> Tensor:

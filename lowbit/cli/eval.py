@@ -44,6 +44,22 @@ def _reference(args, loaded):
     return None
 
 
+def activation_summary(model) -> str:
+    """How the model's quantized linears treat their inputs, as one line ("" when weight-only)."""
+    from ..nn.qlinear import QuantLinear
+
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.act is not None:
+            path = "int8 kernel" if m.kernel == "auto" and "W_c" in m._buffers else "simulated"
+            key = f"{m.act.name} ({path})"
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return ""
+    return ", ".join(f"{k} on {v} linears" for k, v in counts.items()) + \
+        "; each input is quantized as the linear reads it (dynamic scales per forward, static ones from calibration)"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.text import read_text
     from ..eval.perplexity import check_ctx, evaluate, tokenize
@@ -82,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
                   record["bits_per_weight"], result.tokens, f"{result.windows} x {result.ctx}",
                   record["seconds"]]]))
     print(f"convention: {result.convention}")
+    acts = activation_summary(loaded.model)
+    if acts:
+        record["activations"] = acts
+        print(f"activations: {acts}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1))

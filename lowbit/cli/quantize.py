@@ -23,10 +23,25 @@ def add_parser(sub) -> None:
                                    "one decoder layer at a time; each layer sees the outputs of the already "
                                    "quantized layers before it.")
     p.add_argument("model", help="smollm2-135m, gemma3-270m, a .gguf file, an HF directory")
-    p.add_argument("--method", default="rtn",
+    p.add_argument("--method", default=None,
                    help=f"quantization method (default: rtn; known: {', '.join(METHODS)}); awq+gptq = AWQ "
-                        "scales folded in, then GPTQ")
+                        "scales folded in, then GPTQ; smooth = SmoothQuant's scales folded in (with --act)")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE",
+                   help="a whole recipe: steps, weight and activation formats (`lowbit recipes` lists the "
+                        "built-ins: w8a8-smoothquant, llm-int8, ...; or a .yaml file); replaces --method and "
+                        "the format flags")
     add_format_args(p)
+    x = p.add_argument_group("activations")
+    x.add_argument("--act", default=None, metavar="FORMAT",
+                   help="also quantize every quantized linear's input: a8-token-sym (per-token dynamic), "
+                        "a8-tensor-sym, a8-static-sym (calibrated; needs --calib), a4-g128-asym, "
+                        "...-clip0.9, ...-split6 (LLM.int8()'s float columns); default: weights only")
+    x.add_argument("--alpha", default=None, metavar="A|search",
+                   help="SmoothQuant's migration strength in [0, 1] (default 0.5, or the recipe's), or "
+                        "'search' per layer on the quantized output error")
+    x.add_argument("--outlier-threshold", type=float, default=None, metavar="T",
+                   help="LLM.int8(): input columns with any |x| >= T go through the float path (recipe "
+                        "llm-int8's default: 6)")
     p.add_argument("--clip", default=None, choices=("none", "mse"),
                    help="clip search (default: mse for awq, as AutoAWQ; none for the others). mse: rtn and "
                         "gptq pick each group's shrink factor minimising the weight error; awq picks clip "
@@ -79,9 +94,66 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _method(args: argparse.Namespace) -> str:
+    return args.method or "rtn"
+
+
 def _clip(args: argparse.Namespace) -> str:
     """--clip, or its per-method default: AWQ's own clip search for awq (AutoAWQ applies it)."""
-    return args.clip or ("mse" if args.method == "awq" else "none")
+    return args.clip or ("mse" if _method(args) == "awq" else "none")
+
+
+def _recipe(args: argparse.Namespace):
+    """The --recipe, with --alpha / --outlier-threshold applied; conflicting flags are one line."""
+    from ..recipes import load_recipe
+
+    if args.recipe is None:
+        return None
+    given = [f for f, v in (("--method", args.method), ("--plan", args.plan), ("--act", args.act),
+                            ("--type", args.type)) if v] + (["--format"] if args.format != "int" else [])
+    if given:
+        raise LowbitError(f"--recipe sets the steps and formats: drop {', '.join(given)}")
+    try:
+        return load_recipe(args.recipe)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+
+
+def _act_plan(args: argparse.Namespace, recipe):
+    """The activation plan: the recipe's, or --act for every linear; --outlier-threshold applied."""
+    from ..formats.activation import act_format_from_name
+    from ..plans import FormatPlan
+
+    if args.outlier_threshold is not None and not 0 < args.outlier_threshold < float("inf"):
+        raise LowbitError(f"--outlier-threshold must be a number > 0, got {args.outlier_threshold:g}")
+    plan = recipe.activations if recipe is not None else None
+    if args.act:
+        try:
+            plan = FormatPlan.uniform(act_format_from_name(args.act))
+        except ValueError as e:
+            raise LowbitError(f"--act: {e}") from None
+    if args.outlier_threshold is not None:
+        if plan is None:
+            raise LowbitError("--outlier-threshold needs quantized activations (--act or a recipe)")
+        plan = FormatPlan(tuple((p, None if f is None else f.with_threshold(args.outlier_threshold))
+                                for p, f in plan.rules),
+                          None if plan.default is None else plan.default.with_threshold(args.outlier_threshold),
+                          plan.origin)
+    return plan
+
+
+def _smooth(args: argparse.Namespace, recipe):
+    from ..methods.smoothquant import SmoothConfig
+
+    base = recipe.configs.get("smooth", SmoothConfig()) if recipe is not None else SmoothConfig()
+    if args.alpha is None:
+        return base
+    try:
+        alpha = None if args.alpha == "search" else float(args.alpha)
+        return SmoothConfig(alpha, base.alphas)
+    except ValueError as e:
+        raise LowbitError(f"--alpha: {e}" if "alpha" in str(e) else f"--alpha must be a number in [0, 1] or "
+                          f"'search', got {args.alpha!r}") from None
 
 
 def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
@@ -91,21 +163,32 @@ def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
     from ..formats import GGUFFormat
     from ..plans.gguf_mixes import MIXES
 
-    fmt = format_from_args(args)
-    plan = plan_from_args(args, *(() if loaded is None else (loaded.model.config, loaded.spec)))
+    recipe = _recipe(args)
+    if recipe is not None:
+        fmt, plan = None, recipe.weights
+    else:
+        fmt = format_from_args(args)
+        plan = plan_from_args(args, *(() if loaded is None else (loaded.model.config, loaded.spec)))
     if fmt is None and plan is None:   # a mix, not yet built
         fmt = GGUFFormat(MIXES[args.type].base_type if MIXES[args.type].base_type not in ("F32", "F16") else "Q8_0")
     gguf = args.format == "gguf"
     clip = _clip(args)
     if gguf and args.clip == "mse":
         raise LowbitError("--clip applies to integer/NF/FP formats; GGUF types search their own block scales")
+    method = recipe.method if recipe is not None else _method(args)
+    steps = recipe.configs if recipe is not None else {}
+    if args.alpha is not None and "smooth" not in method.split("+"):
+        raise LowbitError("--alpha applies to SmoothQuant (--method smooth, or a smoothing recipe)")
     try:
         return QuantizeConfig(
-            fmt=fmt, plan=plan, method=args.method, rtn=RtnConfig(clip="none" if gguf else clip),
-            gptq=GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order,
-                            clip="none" if gguf else clip),
+            fmt=fmt, plan=plan, method=method,
+            rtn=steps.get("rtn", RtnConfig(clip="none" if gguf else clip)),
+            gptq=steps.get("gptq", GptqConfig(block_size=args.block_size, damp=args.damp, act_order=args.act_order,
+                                              clip="none" if gguf else clip)),
             # GGUF: AWQ's x^α candidates judged on the real block types (each a full GGUF round trip)
-            awq=AwqConfig(clip=clip == "mse" and not gguf, duo=args.duo and not gguf, clip_sweeps=args.clip_sweeps),
+            awq=steps.get("awq", AwqConfig(clip=clip == "mse" and not gguf, duo=args.duo and not gguf,
+                                           clip_sweeps=args.clip_sweeps)),
+            smooth=_smooth(args, recipe), act_plan=_act_plan(args, recipe),
             inputs=args.inputs,
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
@@ -121,9 +204,12 @@ def run(args: argparse.Namespace) -> int:
     from ..quantize import calibration_samples
 
     config = _config(args)
-    if args.method == "rtn" and args.format == "gguf" and args.calib:
+    if _method(args) == "rtn" and args.format == "gguf" and args.calib:
         raise LowbitError("--method rtn uses no calibration; for GGUF types weighted by an imatrix use --method imatrix")
     if config.calibrated and not args.calib:
+        if config.method not in CALIBRATED:
+            static = next(f.name for f in config.act_formats if f.static)
+            raise LowbitError(f"static activation format {static} takes its scale from calibration: give --calib PATH")
         raise LowbitError(f"--method {config.method} needs --calib PATH (a calibration text file)")
     if args.offload and not Path(args.offload).is_dir():
         raise LowbitError(f"--offload {args.offload} is not a directory")

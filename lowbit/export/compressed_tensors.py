@@ -28,6 +28,8 @@ when loaded in float32):
   * transformers 4.57 + compressed-tensors 0.18-0.20 cannot load asymmetric pack-quantized files
     (the zero-point is expected unpacked on the meta device); 0.17.1 loads both.
 NormalFloat, FP8 and MXFP4 formats are refused (no uniform integer grid).
+A source whose linears quantize their inputs too (W8A8) is written as "int-quantized" instead
+(compressed_tensors_w8a8).
 """
 from __future__ import annotations
 
@@ -88,6 +90,10 @@ def write(src: str, out: Path, options: Mapping[str, object]) -> ExportReport:
     from .quantized_source import copy_tokenizer, linear_names, read_quantized, single_int_format, write_config
 
     source = read_quantized(src, TARGET.name)
+    if source.acts:                    # weights and activations: the int-quantized W8A8 layout
+        from .compressed_tensors_w8a8 import write_w8a8
+
+        return write_w8a8(source, out)
     fmt = single_int_format(source, TARGET.name, BITS)
     group, notes = regrid(fmt, sorted({q.shape[1] for q in source.quantized.values()}))
     if fmt.bits == 2:
@@ -111,7 +117,7 @@ def write(src: str, out: Path, options: Mapping[str, object]) -> ExportReport:
 TARGET = Target(
     name="compressed-tensors",
     summary="compressed-tensors pack-quantized checkpoint (vLLM; transformers with compressed-tensors), "
-            "from a lowbit directory with an integer format",
+            "from a lowbit directory with an integer format; W8A8 sources as int-quantized",
     source="quantized",
     write=write,
 )

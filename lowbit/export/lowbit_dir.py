@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import LowbitError
 from ..formats import format_from_dict
+from ..formats.activation import act_format_from_dict
 from ..models.load import Loaded, sha256_file
 from ..models.registry import ModelSource
 from ..models.specs import ModelDims, spec_for
@@ -46,6 +47,10 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
             tensors[f"{name}.{key}"] = t.contiguous()
         entries[name] = {"format": module.fmt.to_dict(), "shape": [module.out_features, module.in_features],
                          "bits": module.fmt.storage_bits((module.out_features, module.in_features))}
+        if module.act is not None:
+            entries[name]["activations"] = module.act.to_dict()
+            if "input_scale" in module._buffers:
+                tensors[f"{name}.input_scale"] = module.input_scale.detach().contiguous()
     holders = quantized_weights(model)
     for name, holder in holders.items():        # non-linear weights (a GGUF mix's embedding)
         for key, t in holder.fmt.pack(holder.qtensor).items():
@@ -57,7 +62,7 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     for key, t in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if owner in quantized and not key.endswith(".bias"):
-            continue                              # codes/scales/zeros stored packed above
+            continue                              # codes/scales/zeros (and input_scale) stored above
         if key.endswith(f".{HOLDER}.codes") or key.endswith(f".{HOLDER}.scales") or key.endswith(f".{HOLDER}.zeros") \
                 or (owner in holders and key.endswith(".weight")):
             continue                              # stored packed above; the weight is W_dq of them
@@ -144,7 +149,12 @@ def load_quantized(source: ModelSource) -> Loaded:
             weights[name] = q                    # attached after the float tensors are loaded
             continue
         bias = tensors.pop(f"{name}.bias", None)
-        model.set_submodule(name, QuantLinear(q, bias))
+        try:
+            act = act_format_from_dict(entry["activations"]) if "activations" in entry else None
+            module = QuantLinear(q, bias, act, tensors.pop(f"{name}.input_scale", None))
+        except ValueError as e:
+            raise LowbitError(f"{path / MANIFEST}: tensor {name}: {e}") from None
+        model.set_submodule(name, module)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise LowbitError(f"{path / WEIGHTS}: unexpected tensors {unexpected[:3]}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 from ..formats import Format, IntFormat, QTensor, format_from_dict
+from ..formats.activation import act_format_from_dict
 from ..models.registry import resolve
 
 # files of a lowbit directory that every export carries over unchanged: the tokenizer lowbit
@@ -26,6 +27,8 @@ class QuantizedSource:
     quantized: dict[str, QTensor]      # module name -> QTensor
     biases: dict[str, object]          # module name -> bias tensor of a quantized linear
     floats: dict[str, object]          # state-dict key -> tensor (embeddings, norms, float linears)
+    acts: dict = None                  # module name -> ActFormat of the linears whose inputs are quantized
+    input_scales: dict = None          # module name -> calibrated input scale [1] (static activations)
 
     @property
     def tied(self) -> bool:
@@ -58,8 +61,12 @@ def read_quantized(src: str, target: str) -> QuantizedSource:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise LowbitError(f"cannot read {path / WEIGHTS}: {e}") from None
-    quantized, biases = {}, {}
+    quantized, biases, acts, input_scales = {}, {}, {}, {}
     for name, entry in manifest["tensors"].items():
+        if "activations" in entry:
+            acts[name] = act_format_from_dict(entry["activations"])
+            if f"{name}.input_scale" in tensors:
+                input_scales[name] = tensors.pop(f"{name}.input_scale")
         fmt = format_from_dict(entry["format"])
         parts = {k: tensors.pop(f"{name}.{k}") for k in ("codes", "scales", "zeros") if f"{name}.{k}" in tensors}
         try:
@@ -68,7 +75,7 @@ def read_quantized(src: str, target: str) -> QuantizedSource:
             raise LowbitError(f"{path / WEIGHTS}: tensor {name} does not match {MANIFEST}: {e}") from None
         if f"{name}.bias" in tensors:
             biases[name] = tensors.pop(f"{name}.bias")
-    return QuantizedSource(path, config, manifest, quantized, biases, tensors)
+    return QuantizedSource(path, config, manifest, quantized, biases, tensors, acts, input_scales)
 
 
 def single_int_format(source: QuantizedSource, target: str, bits: tuple[int, ...]) -> IntFormat:

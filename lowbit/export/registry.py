@@ -182,7 +182,26 @@ def export(target: Target, src: str, out: Path, overwrite: bool, options: Mappin
     facts = {"format": target.name, "source": src, "out": str(out), **report.facts,
              "disk MiB": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20,
              "seconds": time.perf_counter() - start}
-    return ExportReport(facts, report.notes)
+    notes = report.notes
+    acts = _activation_formats(src) if target.name != "compressed-tensors" else ""
+    if acts:
+        notes = (*notes, f"the source also quantizes its linears' inputs ({acts}); {target.name} stores weights "
+                         "only: a reader runs them on float inputs")
+    return ExportReport(facts, notes)
+
+
+def _activation_formats(src: str) -> str:
+    """The activation formats a lowbit directory's linears carry, comma-joined ("" for weight-only)."""
+    import json
+
+    from ..models.registry import resolve
+
+    source = resolve(src)
+    if source.kind != "lowbit":
+        return ""
+    entries = json.loads((source.path / "lowbit.json").read_text()).get("tensors", {})
+    return ", ".join(sorted({str(e["activations"].get("bits")) + "-bit " + e["activations"].get("granularity", "")
+                             for e in entries.values() if "activations" in e}))
 
 
 def _publish_modes(root: Path) -> None:

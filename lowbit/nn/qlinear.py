@@ -1,10 +1,17 @@
-"""Weight-only quantized linear used at run time (simulated: dequantize once, float matmul)."""
+"""Quantized linear used at run time: weights de-quantized once; with an activation format the
+input is quantized on every forward too (nn.act_linear: the integer kernel where the formats
+allow it, else the simulated reference)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..formats import QTensor
+from ..formats.activation import ActFormat
+from .act_linear import int8_eligible, int8_forward, simulated_forward, weight_int8
+
+KERNELS = ("auto", "simulated")  # auto: the int8 kernel when int8_eligible
 
 
 def hold_qtensor(module: nn.Module, q: QTensor) -> None:
@@ -22,18 +29,48 @@ def held_qtensor(module: nn.Module) -> QTensor:
 
 
 class QuantLinear(nn.Module):
-    """y = x W_dqᵀ + b, where W_dq = fmt.dequantize(codes, scales, zeros).
+    """y = Q_a(x) W_dqᵀ + b, where W_dq = fmt.dequantize(codes, scales, zeros) and Q_a the
+    activation format's quantize–de-quantize (identity without one).
 
-    The integer codes, scales and zero-points are the module's state; the float weight is a
-    deterministic function of them, computed once and cached (not saved), so a reloaded
-    module computes bit-identical outputs.
+    The integer codes, scales and zero-points (and a static activation format's input_scale)
+    are the module's state; the float weight is a deterministic function of them, computed once
+    and cached (not saved), so a reloaded module computes bit-identical outputs.
+    With act.outlier_threshold (LLM.int8()), `outliers` counts per input column how many
+    forwards took it out, and `forwards` the forwards seen (reset_outlier_counts clears both).
     """
 
-    def __init__(self, q: QTensor, bias: Tensor | None = None):
+    def __init__(self, q: QTensor, bias: Tensor | None = None, act: ActFormat | None = None,
+                 input_scale: Tensor | None = None, kernel: str = "auto"):
         super().__init__()
         hold_qtensor(self, q)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.register_buffer("W_dq", self.fmt.dequantize(q), persistent=False)
+        self.act = None
+        self.kernel = kernel
+        self.set_act(act, input_scale)
+
+    def set_act(self, act: ActFormat | None, input_scale: Tensor | None = None) -> None:
+        """Give the linear an activation format (None: weight-only); static formats need input_scale [1]."""
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r} (known: {', '.join(KERNELS)})")
+        if act is not None and act.static and input_scale is None:
+            raise ValueError(f"activation format {act.name} is static: it needs a calibrated input_scale")
+        self.act = act
+        if input_scale is not None:
+            self.register_buffer("input_scale", input_scale.detach().float().reshape(1).clone())
+        elif "input_scale" in self._buffers:
+            del self._buffers["input_scale"]
+        self.reset_outlier_counts()
+        if int8_eligible(self.fmt, act):
+            self.register_buffer("W_c", weight_int8(self.codes, self.fmt).T, persistent=False)  # [in, out]
+            self.register_buffer("w_scale", self.scales.float().reshape(1, -1), persistent=False)  # [1, out|1]
+        else:
+            self._buffers.pop("W_c", None)
+            self._buffers.pop("w_scale", None)
+
+    def reset_outlier_counts(self) -> None:
+        self.outliers = torch.zeros(self.in_features, dtype=torch.long)
+        self.forwards = 0
 
     @property
     def qtensor(self) -> QTensor:
@@ -45,7 +82,18 @@ class QuantLinear(nn.Module):
         return self.W_dq
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.W_dq.to(x.dtype), self.bias)
+        if self.act is None:
+            return F.linear(x, self.W_dq.to(x.dtype), self.bias)
+        scale = self._buffers.get("input_scale")
+        if self.kernel == "auto" and "W_c" in self._buffers:
+            y, cols = int8_forward(x, self.W_c, self.w_scale, self.W_dq, self.bias, self.act, scale)
+        else:
+            y, cols = simulated_forward(x, self.W_dq, self.bias, self.act, scale)
+        if cols is not None:
+            self.outliers += cols.to(torch.long)
+            self.forwards += 1
+        return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt.name}"
+        act = "" if self.act is None else f", act={self.act.name}"
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt.name}{act}"

@@ -11,6 +11,8 @@ a user or the planner writes one as a small JSON or YAML file:
                  "model.layers.0.*": "float"}}
 
 Formats are written by name (lowbit.formats.format_from_name) or as Format.to_dict() objects.
+The same class plans activation formats (lowbit.formats.activation: "a8-token-sym", …): a
+QuantizeConfig holds one plan for the weights and one for the linears' inputs.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.formats import Format, format_from_dict, format_from_name
+from lowbit.formats.activation import ActFormat, act_format_from_dict, act_format_from_name
 
 FLOAT = "float"
 
@@ -31,9 +34,10 @@ def _format(value, where: str) -> Format | None:
         return None
     try:
         if isinstance(value, str):
-            return format_from_name(value)
+            return act_format_from_name(value) if value.startswith("a") and value[1:2].isdigit() \
+                else format_from_name(value)
         if isinstance(value, Mapping):
-            return format_from_dict(dict(value))
+            return act_format_from_dict(dict(value)) if value.get("family") == "act" else format_from_dict(dict(value))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     raise ValueError(f"{where}: a format is a name (\"int4-g128-sym\", \"Q4_K\", \"float\") or an object, got {value!r}")
@@ -55,13 +59,13 @@ class FormatPlan:
         for rule in self.rules:
             if len(rule) != 2 or not isinstance(rule[0], str) or not rule[0]:
                 raise ValueError(f"a plan rule is (pattern, format), got {rule!r}")
-            if rule[1] is not None and not isinstance(rule[1], Format):
+            if rule[1] is not None and not isinstance(rule[1], (Format, ActFormat)):
                 raise ValueError(f"plan rule {rule[0]}: not a Format: {rule[1]!r}")
-        if self.default is not None and not isinstance(self.default, Format):
+        if self.default is not None and not isinstance(self.default, (Format, ActFormat)):
             raise ValueError(f"plan default: not a Format: {self.default!r}")
 
     @classmethod
-    def uniform(cls, fmt: Format, keep_float: Sequence[str] = ()) -> "FormatPlan":
+    def uniform(cls, fmt: Format | ActFormat, keep_float: Sequence[str] = ()) -> "FormatPlan":
         """Every tensor in `fmt`, except those matching `keep_float` (kept in float)."""
         return cls(tuple((p, None) for p in keep_float), fmt)
 

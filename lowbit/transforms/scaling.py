@@ -28,13 +28,15 @@ def _gqa_view(t: Tensor, source_width: int, head_dim: int | None) -> Tensor:
     return t.view(kv, width // source_width, head_dim)  # (h, d) with h = j * n_rep + r -> [j, r, d]
 
 
-def tie_to_source(x: Tensor, source_width: int, head_dim: int | None = None) -> Tensor:
-    """Per-channel statistic x [in] of a linear-sourced group -> the same, averaged over GQA
-    repeats so that scales derived from it fold into the source (unchanged when no GQA)."""
+def tie_to_source(x: Tensor, source_width: int, head_dim: int | None = None, reduce: str = "mean") -> Tensor:
+    """Per-channel statistic x [in] of a linear-sourced group -> the same, reduced ("mean" or
+    "max") over GQA repeats so that scales derived from it fold into the source (unchanged
+    when no GQA)."""
     if x.shape[0] == source_width:
         return x
     xv = _gqa_view(x, source_width, head_dim)
-    return xv.mean(dim=1, keepdim=True).expand_as(xv).reshape(-1)  # [kv, 1, hd] -> [kv, n_rep, hd] -> [in]
+    r = xv.mean(dim=1, keepdim=True) if reduce == "mean" else xv.amax(dim=1, keepdim=True)
+    return r.expand_as(xv).reshape(-1)  # [kv, 1, hd] -> [kv, n_rep, hd] -> [in]
 
 
 def source_scales(s: Tensor, source_width: int, head_dim: int | None = None) -> Tensor:

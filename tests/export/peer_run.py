@@ -5,8 +5,9 @@
 ENGINE: "transformers" (AutoModelForCausalLM, float32; compressed-tensors checkpoints go through
 transformers' compressed-tensors integration) or "gptqmodel" (GPTQModel, torch kernel on CPU,
 float16: its CPU kernels take no float32). REQUEST holds {"ids": [n, T] int64, "mode": "logits"
-or "nll"}. RESULT gets "logits" [n, T, V] (mode logits) or "window_nll" (mean NLL of each row's
-T−1 next-token predictions, mode nll) and, for gptqmodel, "weights": every quantized linear
+or "nll" or "probe"}. RESULT gets "logits" [n, T, V] (mode logits) or "window_nll" (mean NLL of each row's
+T−1 next-token predictions, mode nll) or, mode probe (after one forward of "ids"), the request's
+"linear"'s output "y" for the request's "x" and that linear's float "weight" and, for gptqmodel, "weights": every quantized linear
 de-quantized by GPTQModel's own code with its scales in float32, [out, in].
 """
 import sys
@@ -46,6 +47,11 @@ def main() -> None:
     with torch.inference_mode():
         if request["mode"] == "logits":
             result["logits"] = model(input_ids=request["ids"]).logits.float()
+        elif request["mode"] == "probe":
+            model(input_ids=request["ids"])               # compressed checkpoints decompress on a first forward
+            linear = model.get_submodule(request["linear"])
+            result["y"] = linear(request["x"]).float()
+            result["weight"] = linear.weight.float()
         else:
             result["window_nll"] = []
             for window in request["ids"]:
