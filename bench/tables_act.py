@@ -20,7 +20,9 @@ def _row(r: dict) -> list[str]:
     if "error" in r:
         return [_label(r), "failed: " + str(r["error"]).replace("|", "/")[:160], "", "", "", "", "", "", ""]
     inc = r.get("ppl_increase")
-    return [_label(r), ppl(r.get("ppl")), "" if inc is None else f"{100 * inc:+.2f}%", sig(r.get("kld"), 3),
+    delta = f"{100 * inc:+.2f}%" if inc is not None else \
+        (f"n/a: {r['eval_windows']} windows" if r.get("note") else "")
+    return [_label(r), ppl(r.get("ppl")), delta, sig(r.get("kld"), 3),
             sig(r.get("kld_p99"), 3), "" if r.get("top1_changed") is None else f"{100 * r['top1_changed']:.2f}%",
             fixed(r.get("weight_bits"), 2), str(r.get("act_bits", "")), seconds(r.get("quantize_seconds"))]
 
@@ -94,6 +96,8 @@ def w8a8_page() -> str:
 
 
 def int8_speed_page() -> str:
+    if not (RESULTS / "int8_speed.json").exists():
+        return page("The int8 kernel (`bench/int8_speed.py`)", "Not measured yet (`python bench/int8_speed.py`).", [])
     d = load("int8_speed.json")
     body = [[r["shape"], str(r["tokens"]), sig(r["float32_s"] * 1e3, 3), sig(r["int8_s"] * 1e3, 3),
              f"{r['speedup_int8']:.2f}×", f"{r['speedup_int_mm_only']:.2f}×"] for r in d["rows"]]

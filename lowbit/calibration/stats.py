@@ -82,10 +82,12 @@ class InputStats:
                 self.hessian = h.double()
             else:
                 self.hessian.add_(h)                           # float64 += float32, no float64 temporary
-        elif not torch.isfinite(x).all():
+        elif "absmax" not in self.wanted and not torch.isfinite(x).all():
             raise FloatingPointError("non-finite values (NaN/Inf) in the captured activations")
         if "absmax" in self.wanted:
             m = x.abs().amax(0).float()
+            if "hessian" not in self.wanted and not torch.isfinite(m).all():   # NaN/Inf reach the max
+                raise FloatingPointError("non-finite values (NaN/Inf) in the captured activations")
             self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
         if "mean_abs" in self.wanted:
             s = x.abs().double().sum(0)

@@ -51,6 +51,26 @@ def simulated_forward(x: Tensor, W_dq: Tensor, bias: Tensor | None, act: ActForm
     return y.reshape(*x.shape[:-1], -1), cols             # [T, out] -> [..., out]
 
 
+def int8_codes(x2: Tensor, act: ActFormat, input_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """quantize_act's codes as int8 (asymmetric: u − 128), scale [T|1, 1], zero [T|1, 1] or None, for
+    x2 [T, in] float32. Symmetric per-token/tensor codes take one pass for the absmax (a max-norm,
+    no |x| copy); the arithmetic is quantize_act's, so the codes are the same bit for bit."""
+    if not act.symmetric or act.granularity == "group":
+        codes, scale, zero = quantize_act(x2, act, input_scale)
+        if zero is None:
+            return codes.to(torch.int8), scale.reshape(-1, 1), None
+        return (codes - 128).to(torch.int8), scale.reshape(-1, 1), zero.reshape(-1, 1)
+    if act.static:
+        scale = input_scale.float().reshape(1, 1)
+    else:
+        dims = -1 if act.granularity == "token" else None
+        amax = torch.linalg.vector_norm(x2, float("inf"), dim=dims, keepdim=True).reshape(-1, 1)   # [T|1, 1]
+        scale = amax * (act.clip / act.qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.div(x2, scale).round_().clamp_(-act.qmax, act.qmax).to(torch.int8)
+    return codes, scale, None
+
+
 def int8_forward(x: Tensor, W_c: Tensor, w_scale: Tensor, W_dq: Tensor, bias: Tensor | None, act: ActFormat,
                  input_scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """The integer kernel: W_c [in, out] int8 (the signed codes, transposed), w_scale [1, out]
@@ -58,17 +78,14 @@ def int8_forward(x: Tensor, W_c: Tensor, w_scale: Tensor, W_dq: Tensor, bias: Te
     x2 = x.reshape(-1, x.shape[-1]).float()               # [..., in] -> [T, in]
     cols = outlier_columns(x2, act.outlier_threshold)
     x_in = x2 if cols is None or not bool(cols.any()) else x2.masked_fill(cols, 0.0)
-    codes, scale, zero = quantize_act(x_in, act, input_scale)
-    scale = scale.reshape(-1, 1)                          # [T, 1, 1] or [1, 1, 1] -> [T|1, 1]
-    if zero is None:
-        acc = torch._int_mm(codes.to(torch.int8), W_c)    # [T, out] int32, exact
-    else:                                                 # u in 0..255 -> u − 128 fits int8
-        acc = torch._int_mm((codes - 128).to(torch.int8), W_c)
-        z = (zero.reshape(-1, 1) - 128).to(torch.int32)   # [T|1, 1]: the shifted zero-point
+    codes, scale, zero = int8_codes(x_in, act, input_scale)
+    acc = torch._int_mm(codes, W_c)                       # [T, out] int32, exact
+    if zero is not None:                                  # u − 128 was multiplied: subtract (z − 128)·Σ_k c_w
+        z = (zero - 128).to(torch.int32)                  # [T|1, 1]
         acc = acc - z * W_c.sum(0, dtype=torch.int32)[None, :]
-    y = acc.float() * (scale * w_scale)
+    y = acc.float().mul_(scale).mul_(w_scale)            # in place: [T, out] once, not twice
     if cols is not None and bool(cols.any()):
-        y = y + x2[:, cols] @ W_dq[:, cols].T
+        y.addmm_(x2[:, cols], W_dq[:, cols].T)
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], -1), cols  # [T, out] -> [..., out]

@@ -126,6 +126,20 @@ def test_int8_accumulation_is_the_exact_integer_product(wname, aname):
     assert torch.equal(acc.double(), exact)
 
 
+@pytest.mark.parametrize("name", ["a8-token-sym", "a8-tensor-sym", "a8-static-sym", "a4-token-sym-clip0.9",
+                                  "a8-token-asym"])
+def test_the_kernel_s_codes_are_the_reference_codes(name):
+    from lowbit.nn.act_linear import int8_codes
+
+    act = act_format_from_name(name)
+    x = torch.randn(300, 96, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 30, 96)
+    x[7] = 0.0                                            # an all-zero token
+    scale = static_scale(act, absmax=20.0) if act.static else None
+    codes, _, zero = quantize_act(x, act, scale)
+    fast, _, fast_zero = int8_codes(x, act, scale)
+    assert torch.equal(fast.float(), codes if zero is None else codes - 128)
+
+
 def test_kernel_eligibility():
     from lowbit.formats import format_from_name
 
