@@ -170,7 +170,7 @@ def test_export_shortcut_is_quantize_then_write(capsys, llama_dir, calib_text, t
     (["--type", "Q4_K_M", "--method", "gptq"], ["needs --calib"]),
     (["--method", "gptq", "--calib", "TEXT"], ["--type"]),
     (["--type", "Q4_K_M", "--requantize", "Q8_0"], ["--requantize"]),
-    (["--type", "Q4_K_M", "--method", "smooth", "--calib", "TEXT"], ["smooth"]),
+    (["--type", "Q4_K_M", "--method", "shrink", "--calib", "TEXT"], ["shrink"]),
     (["--requantize", "Q4_K_X"], ["Q4_K_X", "Q4_K_M"]),
 ])
 def test_bad_export_flags_are_one_line(capsys, llama_dir, calib_text, tmp_path, flags, needles):
