@@ -9,6 +9,8 @@ Methods compose by configuration: a method name is "+"-joined steps,
   imatrix    GGUF types only: each type's scale search weighted by the layer's imatrix (mean x²),
   smooth     SmoothQuant's scales (α fixed or searched per group) folded in, then RTN,
   smooth+gptq  the same, then GPTQ on the smoothed weights and Hessians.
+Rotations: `rotation` (lowbit.rotations) fuses QuaRot's orthogonal R1/R2 into the float model and
+gives down_proj an online Hadamard (R4) before any step; every method then runs on the rotated model.
 Activations: `act_plan` gives linears an activation format (lowbit.formats.activation): their
 inputs are quantized at run time; a static format's scale comes from the calibration inputs,
 so a static plan makes any method calibrated.
@@ -40,9 +42,12 @@ from .methods.gptq import GptqConfig
 from .methods.rtn import RtnConfig
 from .methods.smoothquant import SmoothConfig
 from .models.load import Loaded
+from .nn.kv_attention import KvQuant, install_kv_quant
 from .nn.qlinear import QuantLinear
 from .nn.qweight import attach_quantized_weight
 from .plans import FormatPlan
+from .rotations.fuse import input_transform_of
+from .rotations.plan import RotationConfig, rotate
 from .solve import calibrated_solve, quantize_linear
 from .solve_act import SmoothRecord
 
@@ -83,6 +88,8 @@ class QuantizeConfig:
     inputs: str = "quantized"           # one of INPUTS
     act_plan: FormatPlan | None = None
     smooth: SmoothConfig = field(default_factory=SmoothConfig)
+    rotation: RotationConfig | None = None   # fused rotations applied before anything else
+    kv: KvQuant | None = None                # simulated KV-cache quantization (nn.kv_attention)
 
     def __post_init__(self):
         if (self.fmt is None) == (self.plan is None):
@@ -151,6 +158,10 @@ class QuantizeConfig:
                            "alphas": list(self.smooth.alphas)}
         if self.act_plan is not None:
             d["activations"] = self.act_plan.to_dict()
+        if self.rotation is not None:
+            d["rotation"] = self.rotation.to_dict()
+        if self.kv is not None:
+            d["kv_cache"] = self.kv.to_dict()
         if self.calibrated:
             d["calibration"] = vars(self.calib).copy()
             d["sink_weight"] = self.sink_weight
@@ -229,7 +240,7 @@ def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch
     weight error."""
     W_f = W_f.detach().float().clone()
     if isinstance(root.get_submodule(name), torch.nn.Linear):
-        module = QuantLinear(q, bias, *act)
+        module = QuantLinear(q, bias, *act, input_transform=input_transform_of(root.get_submodule(name)))
         root.set_submodule(name, module)
         W_dq = module.W_dq
     else:
@@ -250,11 +261,22 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     start = time.perf_counter()
     if config.calibrated and samples is None:
         raise LowbitError(f"method {config.method} needs calibration samples")
+    if config.rotation is not None:
+        try:
+            rotate(loaded.model, loaded.spec, loaded.dims, config.rotation)
+        except ValueError as e:
+            raise LowbitError(str(e)) from None
+        logger.info("rotated: %s", config.rotation.to_dict())
+    if config.kv is not None:     # installed first: later layers calibrate on the quantized cache's outputs
+        try:
+            install_kv_quant(loaded.model, loaded.spec, config.kv)
+        except ValueError as e:
+            raise LowbitError(str(e)) from None
     formats = planned_formats(loaded, config)
     spec = loaded.spec
-    if spec.head in formats and loaded.dims.tied_embeddings and spec.embed not in formats:
+    if spec.head in formats and loaded.model.config.tie_word_embeddings and spec.embed not in formats:
         _untie_head(loaded)
-    elif spec.head in formats and spec.embed in formats and loaded.dims.tied_embeddings:
+    elif spec.head in formats and spec.embed in formats and loaded.model.config.tie_word_embeddings:
         raise LowbitError(f"{spec.head} is tied to {spec.embed}: plan the embedding alone (the head shares it)")
     reports, plan, timings, used, pending = [], None, (), None, []
     gguf = any(isinstance(f, GGUFFormat) for f in formats.values())

@@ -63,6 +63,16 @@ def tiny_gemma3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Qwen2 (q/k/v biases, grouped-query attention)."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return _tiny(config, tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
 def calib(tmp_path_factory):
     """A calibration text of 3,000 common English words (seeded), for the tiny models' calibrated runs."""
     import random

@@ -17,16 +17,6 @@ from support import EVAL_TEXT, needs_eval_text, assert_one_line_error, run_cli
 SMALL = ["--bits", "4", "--group", "32", "--samples", "4", "--seq-len", "64"]
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen2_dir(tmp_path_factory):
-    from conftest import _tiny
-    from transformers import Qwen2Config
-
-    return _tiny(Qwen2Config(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-                 tmp_path_factory.mktemp("tiny_qwen2"))
-
-
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
 @pytest.mark.parametrize("arch", ["tiny_llama_dir", "tiny_gemma3_dir", "tiny_qwen2_dir"])

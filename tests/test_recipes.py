@@ -113,7 +113,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_llama_d
 
 
 @pytest.mark.parametrize("body, needles", [
-    ("steps:\n  - rotate: {}\nweights: {default: int8-ch-sym}\n", ("unknown step 'rotate'", "smooth")),
+    ("steps:\n  - spin: {}\nweights: {default: int8-ch-sym}\n", ("unknown step 'spin'", "smooth", "rotate")),
     ("steps:\n  - smooth: {beta: 0.5}\nweights: {default: int8-ch-sym}\n", ("unknown option beta", "alpha")),
     ("steps:\n  - rtn: {}\nweights: {default: int8-ch-sym}\nactivations: {default: int8-ch-sym}\n",
      ("activation plan",)),

@@ -16,7 +16,7 @@ with lowbit's rows:
                    evaluation text; only the tools with static parts use them (llm-compressor's
                    SmoothQuant + GPTQ, quanto's activation scales).
 The tools (w8a8_tools.py): llm-compressor SmoothQuant + GPTQ W8A8 (its example recipe; plus a
-control row without SmoothQuant, whose folding is not an identity on Gemma 3), torchao
+control row without SmoothQuant: its mapping for Gemma 3 smooths the wrong norm), torchao
 Int8DynamicActivationInt8WeightConfig, bitsandbytes LLM.int8() (Linear8bitLt, threshold 6.0),
 optimum-quanto qint8/qint8. Each row records `checks`: one real linear's output compared with the
 same quantized weights and float activations, and with our own re-statement of the tool's
@@ -25,7 +25,8 @@ activation quantizer, so "it quantizes activations" is a measured statement.
     python bench/peers/w8a8_peers.py --model smollm2-135m [--peer NAME ...] [--windows 20]
 
 Writes bench/results/peers/w8a8/<peer>_<model>.json; a peer that fails gets a row with "error".
-Worker logs: bench/peers/logs/w8a8_<peer>_<model>.log (ignored by git).
+Worker logs: bench/peers/logs/w8a8_<peer>_<model>.log (ignored by git). Memory: a Gemma 3 worker
+peaks near 10 GB (two float copies plus [2047, 262144] logits per model per window); run one at a time.
 """
 from __future__ import annotations
 

@@ -42,6 +42,13 @@ def add_parser(sub) -> None:
     x.add_argument("--outlier-threshold", type=float, default=None, metavar="T",
                    help="LLM.int8(): input columns with any |x| >= T go through the float path (recipe "
                         "llm-int8's default: 6)")
+    r = p.add_argument_group("rotations")
+    r.add_argument("--rotate", default=None, metavar="KIND",
+                   help="fuse QuaRot's rotations first: hadamard (randomized Hadamard; random orthogonal with a "
+                        "warning where no construction exists) or random (Haar orthogonal); a rotating recipe's "
+                        "default: its own")
+    r.add_argument("--rotate-seed", default=None, metavar="N",
+                   help="seed of the rotations' random signs / Gaussian (default 0, or the recipe's)")
     p.add_argument("--clip", default=None, choices=("none", "mse"),
                    help="clip search (default: mse for awq, as AutoAWQ; none for the others). mse: rtn and "
                         "gptq pick each group's shrink factor minimising the weight error; awq picks clip "
@@ -156,6 +163,30 @@ def _smooth(args: argparse.Namespace, recipe):
                           f"'search', got {args.alpha!r}") from None
 
 
+def _rotation(args: argparse.Namespace, recipe):
+    """The rotation: the recipe's, or --rotate KIND; --rotate-seed applied. One line on bad values."""
+    from ..rotations.plan import RotationConfig
+
+    base = recipe.rotation if recipe is not None else None
+    if args.rotate is None and args.rotate_seed is None:
+        return base
+    seed = base.seed if base is not None else 0
+    if args.rotate_seed is not None:
+        try:
+            seed = int(args.rotate_seed)
+        except ValueError:
+            raise LowbitError(f"--rotate-seed must be an integer, got {args.rotate_seed!r}") from None
+    if args.rotate is None and base is None:
+        raise LowbitError("--rotate-seed needs --rotate KIND (or a rotating recipe)")
+    kind = args.rotate if args.rotate is not None else base.kind
+    try:
+        if base is None:
+            return RotationConfig(kind=kind, seed=seed)
+        return RotationConfig(kind=kind, seed=seed, r2=base.r2, r4=base.r4, learned=base.learned)
+    except ValueError as e:
+        raise LowbitError(f"--rotate: {e}") from None
+
+
 def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
     """The config the flags describe. A llama.cpp mix needs the model (`loaded`); before the load
     its base type stands in, so every flag is checked before the slow part."""
@@ -188,7 +219,8 @@ def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
             # GGUF: AWQ's x^α candidates judged on the real block types (each a full GGUF round trip)
             awq=steps.get("awq", AwqConfig(clip=clip == "mse" and not gguf, duo=args.duo and not gguf,
                                            clip_sweeps=args.clip_sweeps)),
-            smooth=_smooth(args, recipe), act_plan=_act_plan(args, recipe),
+            smooth=_smooth(args, recipe), act_plan=_act_plan(args, recipe), rotation=_rotation(args, recipe),
+            kv=recipe.kv if recipe is not None else None,
             inputs=args.inputs,
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),

@@ -47,6 +47,8 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
             tensors[f"{name}.{key}"] = t.contiguous()
         entries[name] = {"format": module.fmt.to_dict(), "shape": [module.out_features, module.in_features],
                          "bits": module.fmt.storage_bits((module.out_features, module.in_features))}
+        if module.input_transform is not None:
+            entries[name]["input_transform"] = module.input_transform
         if module.act is not None:
             entries[name]["activations"] = module.act.to_dict()
             if "input_scale" in module._buffers:
@@ -151,7 +153,8 @@ def load_quantized(source: ModelSource) -> Loaded:
         bias = tensors.pop(f"{name}.bias", None)
         try:
             act = act_format_from_dict(entry["activations"]) if "activations" in entry else None
-            module = QuantLinear(q, bias, act, tensors.pop(f"{name}.input_scale", None))
+            module = QuantLinear(q, bias, act, tensors.pop(f"{name}.input_scale", None),
+                                 input_transform=entry.get("input_transform"))
         except ValueError as e:
             raise LowbitError(f"{path / MANIFEST}: tensor {name}: {e}") from None
         model.set_submodule(name, module)
@@ -170,6 +173,11 @@ def load_quantized(source: ModelSource) -> Loaded:
         spec = spec_for(config.model_type)
     except ValueError as e:
         raise LowbitError(str(e)) from None
+    kv = manifest.get("method", {}).get("kv_cache")
+    if kv:
+        from ..nn.kv_attention import KvQuant, install_kv_quant
+
+        install_kv_quant(model, spec, KvQuant.from_dict(kv))
     return Loaded(model.eval(), tokenizer, spec, ModelDims.from_config(config), source,
                   sha256_file(path / WEIGHTS))
 

@@ -32,6 +32,8 @@ class QuantLinear(nn.Module):
     """y = Q_a(x) W_dqᵀ + b, where W_dq = fmt.dequantize(codes, scales, zeros) and Q_a the
     activation format's quantize–de-quantize (identity without one).
 
+    input_transform "hadamard": x is first rotated online by the normalized Hadamard (x Mᵀ; the
+    weight was quantized as W Mᵀ: lowbit.rotations' R4).
     The integer codes, scales and zero-points (and a static activation format's input_scale)
     are the module's state; the float weight is a deterministic function of them, computed once
     and cached (not saved), so a reloaded module computes bit-identical outputs.
@@ -40,8 +42,11 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, q: QTensor, bias: Tensor | None = None, act: ActFormat | None = None,
-                 input_scale: Tensor | None = None, kernel: str = "auto"):
+                 input_scale: Tensor | None = None, kernel: str = "auto", input_transform: str | None = None):
         super().__init__()
+        if input_transform not in (None, "hadamard"):
+            raise ValueError(f"unknown input transform {input_transform!r} (known: hadamard)")
+        self.input_transform = input_transform   # online rotation of x before anything else (R4)
         hold_qtensor(self, q)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.register_buffer("W_dq", self.fmt.dequantize(q), persistent=False)
@@ -82,6 +87,10 @@ class QuantLinear(nn.Module):
         return self.W_dq
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_transform is not None:
+            from ..rotations.hadamard import hadamard_transform
+
+            x = hadamard_transform(x)
         if self.act is None:
             return F.linear(x, self.W_dq.to(x.dtype), self.bias)
         scale = self._buffers.get("input_scale")
@@ -96,4 +105,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = "" if self.act is None else f", act={self.act.name}"
-        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt.name}{act}"
+        rot = "" if self.input_transform is None else f", input_transform={self.input_transform}"
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt.name}{act}{rot}"

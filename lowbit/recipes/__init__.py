@@ -2,14 +2,16 @@
 
     description: "SmoothQuant O1: ..."
     steps:                       # in order; the last weight step rounds (rtn or gptq)
+      - rotate: {kind: hadamard, seed: 0}   # optional, first: QuaRot's fused rotations (r2, r4)
       - smooth: {alpha: 0.5}     # or alpha: search (per group, on the quantized output error)
       - rtn: {}
     weights: {default: int8-ch-sym}                # a FormatPlan (tensors: {PATTERN: FORMAT} too)
     activations: {default: a8-token-sym}           # a FormatPlan of activation formats (optional)
+    kv_cache: {k: a4-g64-asym, v: a4-g64-asym, rotate: true}   # simulated KV quantization (optional)
 
 Built-ins ship as this package's *.yaml files; `lowbit recipes` lists them; `--recipe FILE.yaml`
 takes a user's own. Step options are the fields of the step's config (SmoothConfig, AwqConfig,
-GptqConfig, RtnConfig); anything else is refused in one line.
+GptqConfig, RtnConfig, RotationConfig); anything else is refused in one line.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
 from ..methods.smoothquant import SmoothConfig
 from ..plans import FormatPlan
+from ..rotations.plan import RotationConfig
 
 HERE = Path(__file__).resolve().parent
-STEP_CONFIGS = {"smooth": SmoothConfig, "awq": AwqConfig, "gptq": GptqConfig, "rtn": RtnConfig}
-KEYS = ("description", "steps", "weights", "activations")
+STEP_CONFIGS = {"rotate": RotationConfig, "smooth": SmoothConfig, "awq": AwqConfig, "gptq": GptqConfig, "rtn": RtnConfig}
+KEYS = ("description", "steps", "weights", "activations", "kv_cache")
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,18 @@ class Recipe:
     configs: dict            # {"smooth": SmoothConfig, "gptq": GptqConfig, ...} of the steps given
     weights: FormatPlan
     activations: FormatPlan | None
+    kv: object = None        # nn.kv_attention.KvQuant or None
+
+    @property
+    def rotation(self) -> RotationConfig | None:
+        return self.configs.get("rotate")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "method": self.method,
+                "rotation": None if self.rotation is None else self.rotation.to_dict(),
                 "weights": self.weights.to_dict(),
-                "activations": None if self.activations is None else self.activations.to_dict()}
+                "activations": None if self.activations is None else self.activations.to_dict(),
+                "kv_cache": None if self.kv is None else self.kv.to_dict()}
 
 
 def builtin_names() -> list[str]:
@@ -76,7 +86,12 @@ def _step(entry, where: str) -> tuple[str, object]:
 
 
 def _method(steps: list[str], where: str) -> str:
-    """Steps in file order -> QuantizeConfig.method ("smooth" + "rtn" -> "smooth")."""
+    """Steps in file order -> QuantizeConfig.method ("smooth" + "rtn" -> "smooth"); a rotation
+    comes first and is not part of the method (QuantizeConfig.rotation)."""
+    if "rotate" in steps:
+        if steps[0] != "rotate":
+            raise ValueError(f"{where}: rotate is the first step")
+        steps = steps[1:]
     rounding = [s for s in steps if s in ("rtn", "gptq")]
     if len(rounding) > 1 or (rounding and steps[-1] not in ("rtn", "gptq")):
         raise ValueError(f"{where}: one rounding step (rtn or gptq), last")
@@ -110,7 +125,24 @@ def parse_recipe(data, name: str) -> Recipe:
             FormatPlan.from_dict(data["activations"], origin=f"recipe {name}")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    return Recipe(name, str(data.get("description", "")), _method(names, where), dict(parsed), weights, acts)
+    return Recipe(name, str(data.get("description", "")), _method(names, where), dict(parsed), weights, acts,
+                  _kv(data.get("kv_cache"), where))
+
+
+def _kv(entry, where: str):
+    """kv_cache: {k: FORMAT, v: FORMAT, rotate: BOOL} -> KvQuant (None when absent)."""
+    from ..formats.activation import act_format_from_name
+    from ..nn.kv_attention import KvQuant
+
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or set(entry) - {"k", "v", "rotate"}:
+        raise ValueError(f"{where}: kv_cache is {{k: FORMAT, v: FORMAT, rotate: true|false}}")
+    try:
+        return KvQuant(*(None if entry.get(x) is None else act_format_from_name(str(entry[x])) for x in ("k", "v")),
+                       rotate=bool(entry.get("rotate", False)))
+    except ValueError as e:
+        raise ValueError(f"{where}: kv_cache: {e}") from None
 
 
 def load_recipe(name_or_path: str) -> Recipe:

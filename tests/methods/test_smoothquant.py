@@ -51,16 +51,6 @@ def test_config_validation():
     assert SmoothConfig(None).alpha is None
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen2_dir(tmp_path_factory):
-    from conftest import _tiny
-    from transformers import Qwen2Config
-
-    return _tiny(Qwen2Config(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-                 tmp_path_factory.mktemp("tiny_qwen2_sq"))
-
-
 def _stats(layer, spec, g, wanted):
     """InputStats per group from random inputs with one loud channel (SmoothQuant's case)."""
     stats = {}

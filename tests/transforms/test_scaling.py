@@ -9,18 +9,6 @@ from lowbit.models.specs import QWEN2, spec_for
 from lowbit.transforms import ScalePlan, apply_plan, fold_scales, source_scales, tie_to_source
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory):
-    """A 2-layer random Qwen2 (q/k/v biases, GQA 4:2) built from a config, no download."""
-    from conftest import _tiny
-    from transformers import Qwen2Config
-
-    config = Qwen2Config(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    return _tiny(config, tmp_path_factory.mktemp("tiny_qwen2"))
-
-
 ARCHS = ["tiny_llama_dir", "tiny_gemma3_dir", "tiny_qwen2_dir"]
 
 

@@ -53,6 +53,11 @@ class ArchSpec:
     layer_returns_tuple: bool = False         # decoder layer returns (hidden, ...) instead of hidden
     notes: str = ""
     biases: tuple[str, ...] = field(default=())  # linears that carry a bias
+    # Rotations (lowbit.rotations): the linears whose output is added to the residual stream,
+    # the (v, o) pair a per-head rotation R2 goes between, and why R1 cannot be fused (if so).
+    residual_writers: tuple[str, ...] = ()    # ("self_attn.o_proj", "mlp.down_proj")
+    value_out: tuple[str, ...] = ()           # ("self_attn.v_proj", "self_attn.o_proj")
+    rotation_refusal: str = ""
 
     def __post_init__(self):
         if self.embed_scale not in ("none", "sqrt_hidden"):
@@ -62,6 +67,13 @@ class ArchSpec:
             raise ValueError(f"ArchSpec {self.family}: a linear appears in two groups")
         if self.down not in names:
             raise ValueError(f"ArchSpec {self.family}: down={self.down!r} is not one of its linears")
+        if any(n not in names for n in (*self.residual_writers, *self.value_out)):
+            raise ValueError(f"ArchSpec {self.family}: residual_writers/value_out name a linear it does not have")
+
+    @property
+    def residual_readers(self) -> tuple[str, ...]:
+        """The linears that read a normalized residual stream (the norm-sourced groups)."""
+        return tuple(n for g in self.groups if g.source_kind == "norm" for n in g.linears)
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -22,6 +22,11 @@ GEMMA3 = ArchSpec(
         LinearGroup("mlp.up_proj", ("mlp.down_proj",), source_kind="linear"),
     ),
     down="mlp.down_proj",
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    value_out=("self_attn.v_proj", "self_attn.o_proj"),
+    rotation_refusal=("Gemma 3's post_attention_layernorm and post_feedforward_layernorm normalize o_proj's and "
+                      "down_proj's outputs before the residual add; their weights do not commute with a "
+                      "residual rotation R1"),
     extra_norms=("self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
                  "post_feedforward_layernorm"),
     norm_offset=1.0,

@@ -17,5 +17,7 @@ LLAMA = ArchSpec(
         LinearGroup("mlp.up_proj", ("mlp.down_proj",), source_kind="linear"),
     ),
     down="mlp.down_proj",
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    value_out=("self_attn.v_proj", "self_attn.o_proj"),
     hidden_act="silu",
 )

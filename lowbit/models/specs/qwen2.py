@@ -17,6 +17,8 @@ QWEN2 = ArchSpec(
         LinearGroup("mlp.up_proj", ("mlp.down_proj",), source_kind="linear"),
     ),
     down="mlp.down_proj",
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    value_out=("self_attn.v_proj", "self_attn.o_proj"),
     hidden_act="silu",
     biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     notes="v_proj's bias is divided with its rows when an o_proj scale is folded into it",

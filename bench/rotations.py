@@ -1,0 +1,83 @@
+"""Rotations (issue 25): QuaRot's fused rotations against the unrotated rows, on one model, with the
+same evaluation as the W8A8 bench (bench/recipe_rows.py: each row quantized in its own process,
+then all evaluated against one float reference pass per window; WikiText-2 raw test, ctx 2048).
+
+Rows: W4A4KV4 naive and QuaRot (over five seeds of the random signs: mean ± spread in
+docs/results/rotations.md); W4A4 with the KV cache in float, naive (the activations issue's floor)
+and QuaRot; W4A8 and W8A8 with and without rotation. KV quantization is simulated inside attention
+(lowbit.nn.kv_attention: K after RoPE, every query reads de-quantized K/V).
+Gemma 3 cannot take a fused R1 (its post-norms): its rotated rows are failure rows with lowbit's
+own one-line refusal.
+
+    python bench/rotations.py --model smollm2-135m [--rows ...] [--stage quantize|eval|all]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import REPO
+from recipe_rows import add_args, assemble, evaluate_rows, quantize_rows
+
+SEEDS = (0, 1, 2, 3, 4)
+ROWS = {  # label -> lowbit quantize flags, in the order they run
+    "w4a4kv4-naive": ["--recipe", "w4a4kv4-naive"],
+    **{f"quarot-w4a4kv4-seed{s}": ["--recipe", "quarot-w4a4kv4", "--rotate-seed", str(s)] for s in SEEDS},
+    "w4a4-naive": ["--recipe", "w4a4-naive"],
+    "quarot-w4a4": ["--recipe", "quarot-w4a4"],
+    "w4a8-smoothquant": ["--recipe", "w4a8-smoothquant"],
+    "quarot-w4a8": ["--recipe", "quarot-w4a8"],
+    "w8a8-naive": ["--recipe", "w8a8-naive"],
+    "quarot-w8a8": ["--recipe", "quarot-w8a8"],
+}
+
+
+def bits(flags: list[str]) -> dict:
+    from lowbit.recipes import load_recipe
+
+    r = load_recipe(flags[1])
+    kv = r.kv.k.bits if r.kv is not None and r.kv.k is not None else 32
+    return {"act_bits": r.activations.default.bits if r.activations else 32, "kv_bits": kv,
+            "rotation": None if r.rotation is None else r.rotation.kind}
+
+
+def refusal(model: str, flags: list[str]) -> str | None:
+    """lowbit's own one-line refusal of a rotating row on this model (None: it runs)."""
+    from lowbit.models.load import load
+    from lowbit.rotations.fuse import check_rotatable
+
+    if "--rotate-seed" not in flags and "quarot" not in flags[1]:
+        return None
+    try:
+        check_rotatable(load(model).spec)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p, ROWS, "w8a8")        # the W8A8 bench's work directory: its float and unrotated rows are reused
+    a = p.parse_args()
+    path = Path(a.json or REPO / "bench" / "results" / f"rotations_{a.model}.json")
+    work = Path(a.work) / a.model
+    work.mkdir(parents=True, exist_ok=True)
+    refused = {r: why for r in a.rows if (why := refusal(a.model, ROWS[r]))}
+    a.rows = [r for r in a.rows if r not in refused]
+    if a.stage in ("quantize", "all"):
+        quantize_rows(a, ROWS, work, bits)
+    if a.stage == "quantize":
+        return
+    start = time.perf_counter()
+    labels = evaluate_rows(a, work)
+    failures = [{"model": a.model, "row": r, "tool": "lowbit", "flags": ROWS[r], "error": why}
+                for r, why in refused.items()]
+    assemble(a, "rotations", work, labels, failures, path, start, {
+        "KLD": lambda r: r.get("kld"), "top-1": lambda r: r.get("top1_changed"),
+        "W bits": lambda r: r.get("weight_bits"), "A bits": lambda r: r.get("act_bits"),
+        "KV bits": lambda r: r.get("kv_bits"), "seconds": lambda r: r.get("quantize_seconds")})
+
+
+if __name__ == "__main__":
+    main()
