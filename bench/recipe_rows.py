@@ -35,7 +35,9 @@ def quantize_rows(a, rows: dict, work: Path, describe) -> None:
         record = work / f"{label}.quantize.json"
         if record.exists():
             continue
-        flags = rows[label] + ["--calib", str(CALIB_TEXT), "--samples", str(a.samples), "--seq-len", str(a.seq_len)]
+        own = "--samples" in rows[label]       # a row with its own calibration size keeps it
+        calib = [] if own else ["--samples", str(a.samples), "--seq-len", str(a.seq_len)]
+        flags = rows[label] + ["--calib", str(CALIB_TEXT), *calib]
         print(f"quantize {label} ...", flush=True)
         rec = lowbit_quantize(a.model, flags, work / label, threads=2)
         record.write_text(json.dumps({
@@ -43,7 +45,8 @@ def quantize_rows(a, rows: dict, work: Path, describe) -> None:
             "weight_bits": rec["bits_per_weight"], **describe(rows[label]),
             "weight_format": rec["format"], "quantize_seconds": rec["wall_seconds"],
             "peak_rss_mib": rec["peak_rss_mib"], "load_average": rec["load_average"],
-            "calibration": f"{a.samples} x {a.seq_len}"}))
+            "calibration": (" x ".join(rows[label][rows[label].index(k) + 1] for k in ("--samples", "--seq-len"))
+                            if own else f"{a.samples} x {a.seq_len}")}))
 
 
 def evaluate_dirs(model_name: str, dirs: dict, windows: int, ctx: int, batch: int, extra=None):

@@ -30,7 +30,31 @@ ROWS = {  # label -> lowbit quantize flags, in the order they run
     "quarot-w4a8": ["--recipe", "quarot-w4a8"],
     "w8a8-naive": ["--recipe", "w8a8-naive"],
     "quarot-w8a8": ["--recipe", "quarot-w8a8"],
+    # weight-only 2-3 bits, calibrated as weight_only.json's best rows (32 x 2048) to compare with them
+    "quip-w2": ["--recipe", "quip-w2", "--samples", "32", "--seq-len", "2048"],
+    "quip-w3": ["--recipe", "quip-w3", "--samples", "32", "--seq-len", "2048"],
+    "spinquant-w4a4kv4": ["--recipe", "spinquant-w4a4kv4"],
 }
+WEIGHT_ONLY = REPO / "bench" / "results" / "weight_only.json"
+
+
+def weight_only_rows(model: str) -> list[dict]:
+    """The best 2- and 3-bit weight-only rows of bench/weight_only.py (same text, windows and float), for
+    the QuIP rows to be read against."""
+    if not WEIGHT_ONLY.exists():
+        return []
+    import json
+
+    best = {}
+    for r in json.loads(WEIGHT_ONLY.read_text())["rows"]:
+        if r.get("model") == model and r.get("tool") == "lowbit" and r.get("setting") in ("W2 g64", "W3 g64") \
+                and r.get("ppl") is not None and (r["setting"] not in best or r["ppl"] < best[r["setting"]]["ppl"]):
+            best[r["setting"]] = r
+    return [{"model": model, "row": f"best weight-only {k} ({r['method']}, bench/results/weight_only.json)",
+             "tool": "lowbit-weight-only", "ppl": r["ppl"], "kld": r["kld"], "top1_changed": r.get("top1_changed"),
+             "weight_bits": r.get("bits_per_weight"), "act_bits": 32, "kv_bits": 32, "eval_windows": r.get("windows"),
+             "quantize_seconds": r.get("quantize_seconds"), "calibration": r.get("calibration")}
+            for k, r in sorted(best.items())]
 
 
 def bits(flags: list[str]) -> dict:
@@ -38,8 +62,9 @@ def bits(flags: list[str]) -> dict:
 
     r = load_recipe(flags[1])
     kv = r.kv.k.bits if r.kv is not None and r.kv.k is not None else 32
+    rotation = r.rotation.kind if r.rotation is not None else ("incoherence" if r.incoherence is not None else None)
     return {"act_bits": r.activations.default.bits if r.activations else 32, "kv_bits": kv,
-            "rotation": None if r.rotation is None else r.rotation.kind}
+            "rotation": rotation}
 
 
 def refusal(model: str, flags: list[str]) -> str | None:
@@ -47,7 +72,7 @@ def refusal(model: str, flags: list[str]) -> str | None:
     from lowbit.models.load import load
     from lowbit.rotations.fuse import check_rotatable
 
-    if "--rotate-seed" not in flags and "quarot" not in flags[1]:
+    if "--rotate-seed" not in flags and "quarot" not in flags[1] and "spinquant" not in flags[1]:
         return None
     try:
         check_rotatable(load(model).spec)
@@ -73,7 +98,7 @@ def main() -> None:
     labels = evaluate_rows(a, work)
     failures = [{"model": a.model, "row": r, "tool": "lowbit", "flags": ROWS[r], "error": why}
                 for r, why in refused.items()]
-    assemble(a, "rotations", work, labels, failures, path, start, {
+    assemble(a, "rotations", work, labels, failures + weight_only_rows(a.model), path, start, {
         "KLD": lambda r: r.get("kld"), "top-1": lambda r: r.get("top1_changed"),
         "W bits": lambda r: r.get("weight_bits"), "A bits": lambda r: r.get("act_bits"),
         "KV bits": lambda r: r.get("kv_bits"), "seconds": lambda r: r.get("quantize_seconds")})

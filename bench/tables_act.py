@@ -2,7 +2,7 @@
 the int8 kernel's speed (int8_speed.json). Standard library only."""
 from __future__ import annotations
 
-from tables_format import MODELS, RESULTS, fixed, header_lines, load, page, ppl, seconds, sig, table
+from tables_format import MODELS, RESULTS, fixed, header_lines, load, model_sections, page, ppl, seconds, sig, table
 
 W8A8_MODELS = ("smollm2-135m", "gemma3-270m")
 TARGET_ROWS = ("w8a8-smoothquant", "llm-int8")
@@ -63,19 +63,16 @@ def _shares(rows: list[dict]) -> str:
             table(["linear", "share"], [[k, f"{100 * v:.3f}%"] for k, v in top], {1}))
 
 
+def _w8a8_section(model: str, d: dict, name: str) -> str:
+    head = ["row", "ppl", "Δppl", "KLD", "KLD p99", "top-1 changed", "W bits", "A bits", "quantize s"]
+    return (f"## {MODELS[model]} (`bench/results/{name}`)\n\n" + table(head, [_row(r) for r in d["rows"]],
+                                                                     set(range(1, 9)))
+            + "\n\nTargets (issue 24):\n" + "\n".join(_targets(d["rows"])) + "\n\n" + _shares(d["rows"])
+            + "\n\n" + "\n".join(header_lines(d)))
+
+
 def w8a8_page() -> str:
-    sections = []
-    for model in W8A8_MODELS:
-        path = RESULTS / f"w8a8_{model}.json"
-        if not path.exists():
-            sections.append(f"## {MODELS[model]}\n\nNot measured yet (`python bench/w8a8.py --model {model}`).")
-            continue
-        d = load(path.name)
-        head = ["row", "ppl", "Δppl", "KLD", "KLD p99", "top-1 changed", "W bits", "A bits", "quantize s"]
-        body = [_row(r) for r in d["rows"]]
-        sections.append(f"## {MODELS[model]} (`bench/results/{path.name}`)\n\n" + table(head, body, set(range(1, 9)))
-                        + "\n\nTargets (issue 24):\n" + "\n".join(_targets(d["rows"])) + "\n\n" + _shares(d["rows"])
-                        + "\n\n" + "\n".join(header_lines(d)))
+    sections = model_sections("w8a8", W8A8_MODELS, _w8a8_section)
     if (RESULTS / "ct_w8a8_check.json").exists():
         c = load("ct_w8a8_check.json")
         body = [[r["src"].split("/")[-1], r["model"], sig(r["lowbit_ppl"], 5), sig(r["plain_env"]["ppl"], 5),

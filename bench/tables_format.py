@@ -117,5 +117,18 @@ def header_lines(d: dict, extra: list[str] = ()) -> list[str]:
     return lines
 
 
+def model_sections(bench: str, models, render) -> list[str]:
+    """One section per model from bench/results/<bench>_<model>.json: render(model, data, file name),
+    or a "not measured yet" line naming the command."""
+    out = []
+    for model in models:
+        path = RESULTS / f"{bench}_{model}.json"
+        if not path.exists():
+            out.append(f"## {MODELS[model]}\n\nNot measured yet (`python bench/{bench}.py --model {model}`).")
+            continue
+        out.append(render(model, load(path.name), path.name))
+    return out
+
+
 def page(title: str, intro: str, sections: list[str]) -> str:
     return "\n\n".join([f"# {title}", GENERATED, intro, *sections]).rstrip() + "\n"

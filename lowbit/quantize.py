@@ -47,7 +47,9 @@ from .nn.qlinear import QuantLinear
 from .nn.qweight import attach_quantized_weight
 from .plans import FormatPlan
 from .rotations.fuse import input_transform_of
-from .rotations.plan import RotationConfig, rotate
+from .rotations.fuse import check_rotatable
+from .rotations.incoherence import IncoherenceConfig
+from .rotations.plan import RotationConfig, rotate, rotation_matrices
 from .solve import calibrated_solve, quantize_linear
 from .solve_act import SmoothRecord
 
@@ -90,6 +92,7 @@ class QuantizeConfig:
     smooth: SmoothConfig = field(default_factory=SmoothConfig)
     rotation: RotationConfig | None = None   # fused rotations applied before anything else
     kv: KvQuant | None = None                # simulated KV-cache quantization (nn.kv_attention)
+    incoherence: IncoherenceConfig | None = None   # QuIP's randomized Hadamards on both sides of each W
 
     def __post_init__(self):
         if (self.fmt is None) == (self.plan is None):
@@ -110,6 +113,8 @@ class QuantizeConfig:
         if self.walk == "sequential" and ("awq" in self.steps or "smooth" in self.steps):
             raise ValueError("AWQ and SmoothQuant need the two-pass walk (their v → o scales fold into v before "
                              "v is quantized)")
+        if self.incoherence is not None and ("gptq" not in self.steps or self.inputs == "float"):
+            raise ValueError("incoherence runs in the calibrated walk before GPTQ: use --method gptq (quantized inputs)")
         if any(not isinstance(f, Format) for f in self._formats()):
             raise ValueError("the weight plan holds an activation format (a8-…): plan activations separately")
         if any(not isinstance(f, ActFormat) for f in self.act_formats):
@@ -142,7 +147,8 @@ class QuantizeConfig:
 
     @property
     def calibrated(self) -> bool:
-        return self.method in CALIBRATED or self.static_acts
+        spin = self.rotation is not None and self.rotation.spin_steps > 0
+        return self.method in CALIBRATED or self.static_acts or spin
 
     def to_dict(self) -> dict:
         d = {"method": self.method, "format": None if self.fmt is None else self.fmt.to_dict(),
@@ -162,6 +168,8 @@ class QuantizeConfig:
             d["rotation"] = self.rotation.to_dict()
         if self.kv is not None:
             d["kv_cache"] = self.kv.to_dict()
+        if self.incoherence is not None:
+            d["incoherence"] = vars(self.incoherence).copy()
         if self.calibrated:
             d["calibration"] = vars(self.calib).copy()
             d["sink_weight"] = self.sink_weight
@@ -191,6 +199,8 @@ class QuantizeResult:
     timings: tuple = ()                 # walker LayerTiming per layer (calibrated methods)
     walk: str | None = None             # the walk used (calibrated methods): "sequential" | "two-pass"
     smoothing: SmoothRecord | None = None  # SmoothQuant's α and scales per layer and group
+    spin: object = None                 # rotations.spinquant.SpinResult: the learned R1/R2 and loss curve
+    rotations: dict | None = None       # {"R1": [hidden, hidden], "R2": [hd, hd]} float64, as fused
 
 
 def planned_formats(loaded: Loaded, config: QuantizeConfig) -> dict[str, Format]:
@@ -239,8 +249,11 @@ def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch
     and static input scale) or give it the quantized weight in place (an embedding); report the
     weight error."""
     W_f = W_f.detach().float().clone()
-    if isinstance(root.get_submodule(name), torch.nn.Linear):
-        module = QuantLinear(q, bias, *act, input_transform=input_transform_of(root.get_submodule(name)))
+    old = root.get_submodule(name)
+    if isinstance(old, torch.nn.Linear):
+        s_in, s_out = getattr(old, "incoherence_signs", (None, None))   # QuIP's (solve._make_incoherent)
+        module = QuantLinear(q, bias, *act, input_transform="hadamard" if s_in is not None else input_transform_of(old),
+                             input_signs=s_in, output_signs=s_out)
         root.set_submodule(name, module)
         W_dq = module.W_dq
     else:
@@ -261,9 +274,15 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     start = time.perf_counter()
     if config.calibrated and samples is None:
         raise LowbitError(f"method {config.method} needs calibration samples")
+    spin, matrices = None, None
     if config.rotation is not None:
         try:
-            rotate(loaded.model, loaded.spec, loaded.dims, config.rotation)
+            check_rotatable(loaded.spec)
+            matrices = rotation_matrices(config.rotation, loaded.dims.hidden, loaded.dims.head_dim)
+            if config.rotation.spin is not None:
+                spin = _spin(loaded, config, samples, matrices, progress)
+                matrices = {"R1": spin.R1, **({"R2": spin.R2} if spin.R2 is not None else {})}
+            rotate(loaded.model, loaded.spec, loaded.dims, config.rotation, matrices)
         except ValueError as e:
             raise LowbitError(str(e)) from None
         logger.info("rotated: %s", config.rotation.to_dict())
@@ -320,7 +339,30 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
                               act=(acts.get(name), None)))
     seconds = time.perf_counter() - start
     logger.info("quantized %d linears in %.1f s", len(reports), seconds)
-    return QuantizeResult(config, tuple(reports), seconds, plan, timings, used, smoothing)
+    return QuantizeResult(config, tuple(reports), seconds, plan, timings, used, smoothing, spin, matrices)
+
+
+def _spin(loaded: Loaded, config: QuantizeConfig, samples, matrices: dict, progress: bool):
+    """SpinQuant's training of R1/R2 from `matrices`, through the planned default weight, activation and
+    KV formats (rotations.spinquant)."""
+    from .rotations.spinquant import learn_rotations
+
+    spec, spin = loaded.spec, config.rotation.spin
+    act = config.act_plan.default if config.act_plan is not None else None
+    prepare = (lambda m: install_kv_quant(m, spec, config.kv)) if config.kv is not None else None
+    bar = tqdm(total=spin.steps, desc="spinquant", unit="step", disable=not progress, leave=False)
+
+    def report(step, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    try:
+        result = learn_rotations(loaded.model, spec, loaded.dims, samples, matrices["R1"], matrices.get("R2"),
+                                 config.format_plan.default, act, spin, prepare, report)
+    finally:
+        bar.close()
+    logger.info("spinquant: %d steps in %.0f s, loss %.3f -> %.3f%s", len(result.losses), result.seconds,
+                result.losses[0], result.losses[-1], " (time limit)" if result.stopped_early else "")
+    return result
 
 
 def planned_acts(config: QuantizeConfig, formats: dict[str, Format], inside: str) -> dict[str, ActFormat]:

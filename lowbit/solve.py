@@ -77,6 +77,8 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
                 raise LowbitError(f"layer {index}: SmoothQuant: {e}") from None
         in_scales = input_scales(stats, act_of, s_of)
         todo = [name for name in stats if fmt_of[name] is not None]  # whole layer or one group
+        if config.incoherence is not None:
+            _make_incoherent(index, layer, spec, todo, H, config.incoherence)
         solved = _gptq_by_input(index, layer, todo, H, imp, fmt_of, config) if use_gptq else {}
         for name in todo:
             fmt, linear = fmt_of[name], layer.get_submodule(name)
@@ -100,6 +102,36 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
             write(layer, name, full[name], q, W_f, fmt, (loss, rtn_loss), (act_of[name], in_scales.get(name)))
 
     return solve
+
+
+def _make_incoherent(index: int, layer: torch.nn.Module, spec, names: list[str], H: dict, inc) -> None:
+    """QuIP's incoherence: each named linear's weight becomes W̃ = M_outᵀ W M_inᵀ in place, its
+    Hessian M_in H M_inᵀ (one per input group, so GPTQ still shares solves), and the linear is
+    marked with its signs for the write-back (rotations.incoherence). Slots come from the spec, so a
+    sequential walk solving one group at a time draws the same signs."""
+    from .rotations.fuse import input_transform_of
+    from .rotations.incoherence import incoherent_hessian, incoherent_weight, signs_for
+
+    done: dict[int, tuple] = {}
+    for name in names:
+        linear = layer.get_submodule(name)
+        if input_transform_of(linear) is not None:
+            raise LowbitError(f"layer {index} {name}: incoherence and an online rotation on the same linear")
+        group = next(i for i, g in enumerate(spec.groups) if name in g.linears)
+        try:
+            if id(H[name]) not in done:
+                s_in = signs_for(linear.in_features, inc.seed, index, 100 + group)
+                H_t = None if H[name] is None else incoherent_hessian(H[name], s_in).to(H[name].dtype)
+                done[id(H[name])] = (s_in, H_t)
+            s_in, H_t = done[id(H[name])]
+            s_out = signs_for(linear.out_features, inc.seed, index, spec.linears.index(name))
+        except ValueError as e:
+            raise LowbitError(f"layer {index} {name}: {e}") from None
+        with torch.no_grad():
+            linear.weight.copy_(incoherent_weight(linear.weight, s_in, s_out).to(linear.weight.dtype))
+        linear.incoherence_signs = (s_in, s_out)
+    for name in names:
+        H[name] = done[id(H[name])][1] if id(H[name]) in done else H[name]
 
 
 def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict, imp: dict, fmt_of: dict,

@@ -60,6 +60,21 @@ def activation_summary(model) -> str:
         "; each input is quantized as the linear reads it (dynamic scales per forward, static ones from calibration)"
 
 
+def rotation_kv_summary(model) -> str:
+    """Online rotations and the simulated KV quantizer the model runs, as one line ("" when none)."""
+    from ..nn.qlinear import QuantLinear
+
+    parts = []
+    online = sum(1 for m in model.modules() if isinstance(m, QuantLinear) and m.input_transform is not None)
+    if online:
+        parts.append(f"online Hadamard on the input of {online} linears")
+    kv = next((m.lowbit_kv for m in model.modules() if getattr(m, "lowbit_kv", None) is not None), None)
+    if kv is not None:
+        parts.append(f"KV cache {kv.name}: K (after RoPE) and V quantized as they enter attention, every query "
+                     "reads the de-quantized values of every earlier token of its window and its own")
+    return "; ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.text import read_text
     from ..eval.perplexity import check_ctx, evaluate, tokenize
@@ -102,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if acts:
         record["activations"] = acts
         print(f"activations: {acts}")
+    rot = rotation_kv_summary(loaded.model)
+    if rot:
+        record["rotations_kv"] = rot
+        print(f"rotations/KV: {rot}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1))

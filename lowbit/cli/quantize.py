@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         "default: its own")
     r.add_argument("--rotate-seed", default=None, metavar="N",
                    help="seed of the rotations' random signs / Gaussian (default 0, or the recipe's)")
+    r.add_argument("--save-rotation", default=None, metavar="FILE",
+                   help="also write the rotation matrices fused in (R1, R2; SpinQuant's learned ones) as safetensors: "
+                        "a recipe's `rotate: {learned: FILE}` applies them again")
     p.add_argument("--clip", default=None, choices=("none", "mse"),
                    help="clip search (default: mse for awq, as AutoAWQ; none for the others). mse: rtn and "
                         "gptq pick each group's shrink factor minimising the weight error; awq picks clip "
@@ -221,6 +224,7 @@ def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
                                            clip_sweeps=args.clip_sweeps)),
             smooth=_smooth(args, recipe), act_plan=_act_plan(args, recipe), rotation=_rotation(args, recipe),
             kv=recipe.kv if recipe is not None else None,
+            incoherence=recipe.incoherence if recipe is not None else None,
             inputs=args.inputs,
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
@@ -258,9 +262,16 @@ def run(args: argparse.Namespace) -> int:
         method["walk"] = result.walk                  # what "auto" resolved to
     if text is not None:
         method["calibration"].update(text=text.origin, text_sha256=text.sha256)
+    if result.spin is not None:
+        method["rotation"]["spin_result"] = {"losses": list(result.spin.losses), "seconds": result.spin.seconds,
+                                             "stopped_early": result.spin.stopped_early}
     out = save_quantized(loaded, method, args.out, overwrite=args.overwrite)
     if args.write_plan:
         config.format_plan.save(args.write_plan)
+    if args.save_rotation and result.rotations is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in result.rotations.items()}, args.save_rotation)
     if args.save_plan and result.plan is not None:
         result.plan.meta.update(calibration=method["calibration"])
         result.plan.save(args.save_plan)

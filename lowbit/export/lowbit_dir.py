@@ -49,6 +49,11 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
                          "bits": module.fmt.storage_bits((module.out_features, module.in_features))}
         if module.input_transform is not None:
             entries[name]["input_transform"] = module.input_transform
+        for key in ("input_signs", "output_signs"):            # QuIP's incoherence: the random signs
+            if key in module._buffers:
+                tensors[f"{name}.{key}"] = module._buffers[key].contiguous()
+        if "output_signs" in module._buffers:
+            entries[name]["output_transform"] = "hadamard"
         if module.act is not None:
             entries[name]["activations"] = module.act.to_dict()
             if "input_scale" in module._buffers:
@@ -154,7 +159,9 @@ def load_quantized(source: ModelSource) -> Loaded:
         try:
             act = act_format_from_dict(entry["activations"]) if "activations" in entry else None
             module = QuantLinear(q, bias, act, tensors.pop(f"{name}.input_scale", None),
-                                 input_transform=entry.get("input_transform"))
+                                 input_transform=entry.get("input_transform"),
+                                 input_signs=tensors.pop(f"{name}.input_signs", None),
+                                 output_signs=tensors.pop(f"{name}.output_signs", None))
         except ValueError as e:
             raise LowbitError(f"{path / MANIFEST}: tensor {name}: {e}") from None
         model.set_submodule(name, module)

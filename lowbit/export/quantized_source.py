@@ -65,11 +65,11 @@ def read_quantized(src: str, target: str) -> QuantizedSource:
     if manifest.get("method", {}).get("kv_cache"):
         raise LowbitError(f"{src} quantizes its KV cache (lowbit's simulated quantizer); --format {target} "
                           "would not carry it (refused)")
-    online = [n for n, e in manifest["tensors"].items() if e.get("input_transform")]
+    online = [n for n, e in manifest["tensors"].items() if e.get("input_transform") or e.get("output_transform")]
     if online:
-        raise LowbitError(f"{src}: {len(online)} linears rotate their input online ({online[0]}: "
-                          f"{manifest['tensors'][online[0]]['input_transform']}); --format {target} has no place "
-                          "for an online rotation, so the export would compute a different model (refused)")
+        raise LowbitError(f"{src}: {len(online)} linears rotate their input or output online (first: {online[0]}); "
+                          f"--format {target} has no place for an online rotation, so the export would compute "
+                          "a different model (refused)")
     for name, entry in manifest["tensors"].items():
         if "activations" in entry:
             acts[name] = act_format_from_dict(entry["activations"])

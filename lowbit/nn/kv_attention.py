@@ -56,6 +56,8 @@ def _fake_quantize_heads(x: torch.Tensor, fmt: ActFormat | None) -> torch.Tensor
     if fmt is None:
         return x
     rows = x.reshape(-1, x.shape[-1])                     # [B, H, T, hd] -> [B*H*T, hd]: one row per head and token
+    if x.requires_grad:                                   # training rotations through it: straight-through
+        return x + (fake_quantize_act(rows.detach(), fmt).reshape(x.shape) - x).detach()
     return fake_quantize_act(rows, fmt).reshape(x.shape)
 
 

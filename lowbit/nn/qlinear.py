@@ -42,11 +42,19 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, q: QTensor, bias: Tensor | None = None, act: ActFormat | None = None,
-                 input_scale: Tensor | None = None, kernel: str = "auto", input_transform: str | None = None):
+                 input_scale: Tensor | None = None, kernel: str = "auto", input_transform: str | None = None,
+                 input_signs: Tensor | None = None, output_signs: Tensor | None = None):
         super().__init__()
         if input_transform not in (None, "hadamard"):
             raise ValueError(f"unknown input transform {input_transform!r} (known: hadamard)")
-        self.input_transform = input_transform   # online rotation of x before anything else (R4)
+        if input_signs is not None and input_transform is None:
+            raise ValueError("input signs go with an input transform")
+        self.input_transform = input_transform   # online rotation of x before anything else (R4, QuIP)
+        for name, signs, n in (("input_signs", input_signs, q.shape[1]), ("output_signs", output_signs, q.shape[0])):
+            if signs is not None:
+                if signs.shape != (n,) or not bool((signs.abs() == 1).all()):
+                    raise ValueError(f"{name} must be [{n}] of ±1")
+                self.register_buffer(name, signs.detach().to(torch.int8).clone())
         hold_qtensor(self, q)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.register_buffer("W_dq", self.fmt.dequantize(q), persistent=False)
@@ -90,20 +98,31 @@ class QuantLinear(nn.Module):
         if self.input_transform is not None:
             from ..rotations.hadamard import hadamard_transform
 
-            x = hadamard_transform(x)
+            signs = self._buffers.get("input_signs")
+            x = hadamard_transform(x if signs is None else x * signs.to(x.dtype))
+        out_signs = self._buffers.get("output_signs")
+        bias = self.bias if out_signs is None else None       # added after the output transform
         if self.act is None:
-            return F.linear(x, self.W_dq.to(x.dtype), self.bias)
-        scale = self._buffers.get("input_scale")
-        if self.kernel == "auto" and "W_c" in self._buffers:
-            y, cols = int8_forward(x, self.W_c, self.w_scale, self.W_dq, self.bias, self.act, scale)
+            y = F.linear(x, self.W_dq.to(x.dtype), bias)
         else:
-            y, cols = simulated_forward(x, self.W_dq, self.bias, self.act, scale)
-        if cols is not None:
-            self.outliers += cols.to(torch.long)
-            self.forwards += 1
+            scale = self._buffers.get("input_scale")
+            if self.kernel == "auto" and "W_c" in self._buffers:
+                y, cols = int8_forward(x, self.W_c, self.w_scale, self.W_dq, bias, self.act, scale)
+            else:
+                y, cols = simulated_forward(x, self.W_dq, bias, self.act, scale)
+            if cols is not None:
+                self.outliers += cols.to(torch.long)
+                self.forwards += 1
+        if out_signs is not None:
+            from ..rotations.hadamard import hadamard_transform
+
+            y = hadamard_transform(y) * out_signs.to(y.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
         act = "" if self.act is None else f", act={self.act.name}"
         rot = "" if self.input_transform is None else f", input_transform={self.input_transform}"
+        rot += ", output_transform=hadamard" if "output_signs" in self._buffers else ""
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt.name}{act}{rot}"

@@ -3,6 +3,7 @@
     description: "SmoothQuant O1: ..."
     steps:                       # in order; the last weight step rounds (rtn or gptq)
       - rotate: {kind: hadamard, seed: 0}   # optional, first: QuaRot's fused rotations (r2, r4)
+      - incoherence: {seed: 0}   # optional, right before gptq: QuIP's Hadamards on both sides of W
       - smooth: {alpha: 0.5}     # or alpha: search (per group, on the quantized output error)
       - rtn: {}
     weights: {default: int8-ch-sym}                # a FormatPlan (tensors: {PATTERN: FORMAT} too)
@@ -24,10 +25,12 @@ from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
 from ..methods.smoothquant import SmoothConfig
 from ..plans import FormatPlan
+from ..rotations.incoherence import IncoherenceConfig
 from ..rotations.plan import RotationConfig
 
 HERE = Path(__file__).resolve().parent
-STEP_CONFIGS = {"rotate": RotationConfig, "smooth": SmoothConfig, "awq": AwqConfig, "gptq": GptqConfig, "rtn": RtnConfig}
+STEP_CONFIGS = {"rotate": RotationConfig, "incoherence": IncoherenceConfig, "smooth": SmoothConfig,
+                "awq": AwqConfig, "gptq": GptqConfig, "rtn": RtnConfig}
 KEYS = ("description", "steps", "weights", "activations", "kv_cache")
 
 
@@ -47,6 +50,10 @@ class Recipe:
     @property
     def rotation(self) -> RotationConfig | None:
         return self.configs.get("rotate")
+
+    @property
+    def incoherence(self) -> IncoherenceConfig | None:
+        return self.configs.get("incoherence")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "method": self.method,
@@ -92,6 +99,10 @@ def _method(steps: list[str], where: str) -> str:
         if steps[0] != "rotate":
             raise ValueError(f"{where}: rotate is the first step")
         steps = steps[1:]
+    if "incoherence" in steps:
+        if steps[-2:] != ["incoherence", "gptq"]:
+            raise ValueError(f"{where}: incoherence goes right before gptq")
+        steps = [s for s in steps if s != "incoherence"]
     rounding = [s for s in steps if s in ("rtn", "gptq")]
     if len(rounding) > 1 or (rounding and steps[-1] not in ("rtn", "gptq")):
         raise ValueError(f"{where}: one rounding step (rtn or gptq), last")

@@ -52,6 +52,30 @@ def _set(p: Tensor, value: Tensor) -> None:
     p.copy_(value.to(p.dtype))
 
 
+# The rotations as pure functions of a weight (also differentiable: SpinQuant trains through them).
+def rotate_reader(W: Tensor, R1: Tensor) -> Tensor:
+    """A linear reading the rotated stream, or the embedding/head rows: W [out, hidden] -> W R1."""
+    return W @ R1
+
+
+def rotate_writer(W: Tensor, R1: Tensor) -> Tensor:
+    """A linear writing to the stream: W [hidden, in] -> R1ᵀ W (its bias b -> b R1 = rotate_reader)."""
+    return R1.T @ W
+
+
+def rotate_value_rows(W: Tensor, R2: Tensor) -> Tensor:
+    """v_proj's rows (or bias) per head: W [kv*hd, ...] -> per head R2ᵀ W_h."""
+    hd = R2.shape[0]
+    Wh = W.reshape(-1, hd, *W.shape[1:])                  # [kv*hd, ...] -> [kv, hd, ...]
+    return torch.einsum("ji,kj...->ki...", R2, Wh).reshape(W.shape)
+
+
+def rotate_out_columns(W: Tensor, R2: Tensor) -> Tensor:
+    """o_proj's input columns per head: W [hidden, h*hd] -> per head W_h R2."""
+    hd = R2.shape[0]
+    return (W.reshape(W.shape[0], -1, hd) @ R2).reshape(W.shape)   # [hidden, h*hd] -> [hidden, h, hd]
+
+
 def untie_head(model: nn.Module, spec) -> None:
     """Give the LM head its own weight (a copy of the embedding's) and mark the config untied."""
     head, embed = model.get_submodule(spec.head), model.get_submodule(spec.embed)
@@ -94,17 +118,17 @@ def rotate_residual(model: nn.Module, spec, R1: Tensor) -> None:
         raise ValueError("fuse the norms first (fuse_norms): a weighted RMSNorm does not commute with R1")
     if head.weight.data_ptr() == embed.weight.data_ptr():
         raise ValueError("the LM head is tied to the embedding: untie it first (fuse_norms does)")
-    _set(embed.weight, embed.weight.double() @ R1)                # rows [vocab, hidden] @ R1
-    _set(head.weight, head.weight.double() @ R1)
+    _set(embed.weight, rotate_reader(embed.weight.double(), R1))    # rows [vocab, hidden] @ R1
+    _set(head.weight, rotate_reader(head.weight.double(), R1))
     for layer in _layers(model, spec):
         for name in spec.residual_readers:
             w = layer.get_submodule(name).weight
-            _set(w, w.double() @ R1)                             # input columns: W R1
+            _set(w, rotate_reader(w.double(), R1))
         for name in spec.residual_writers:
             linear = layer.get_submodule(name)
-            _set(linear.weight, R1.T @ linear.weight.double())   # output rows: R1ᵀ W
+            _set(linear.weight, rotate_writer(linear.weight.double(), R1))
             if linear.bias is not None:
-                _set(linear.bias, linear.bias.double() @ R1)
+                _set(linear.bias, rotate_reader(linear.bias.double(), R1))
 
 
 @torch.no_grad()
@@ -115,12 +139,10 @@ def rotate_heads(model: nn.Module, spec, head_dim: int, R2: Tensor) -> None:
     v_name, o_name = spec.value_out
     for layer in _layers(model, spec):
         v, o = layer.get_submodule(v_name), layer.get_submodule(o_name)
-        Wv = v.weight.double().view(-1, head_dim, v.weight.shape[1])      # [kv*hd, hidden] -> [kv, hd, hidden]
-        _set(v.weight, torch.einsum("ji,kjh->kih", R2, Wv).reshape(v.weight.shape))
+        _set(v.weight, rotate_value_rows(v.weight.double(), R2))
         if v.bias is not None:
-            _set(v.bias, (v.bias.double().view(-1, head_dim) @ R2).reshape(-1))   # [kv*hd] -> [kv, hd]
-        Wo = o.weight.double().view(o.weight.shape[0], -1, head_dim)       # [hidden, h*hd] -> [hidden, h, hd]
-        _set(o.weight, (Wo @ R2).reshape(o.weight.shape))
+            _set(v.bias, rotate_value_rows(v.bias.double(), R2))
+        _set(o.weight, rotate_out_columns(o.weight.double(), R2))
 
 
 def _online_hadamard(module: nn.Module, args: tuple):

@@ -3,7 +3,7 @@ as its own step before any quantization (QuaRot: randomized Hadamards; SpinQuant
 loaded from a file)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from .fuse import check_rotatable, fuse_norms, rotate_down_input, rotate_heads, rotate_residual
 from .hadamard import orthogonal
+from .spinquant import SpinConfig
 
 KINDS = ("hadamard", "random")
 
@@ -20,13 +21,17 @@ class RotationConfig:
     """kind: "hadamard" (randomized Hadamard, random orthogonal with a warning where no construction
     exists) or "random" (Haar orthogonal); seed: the random signs / Gaussian; r2: per-head v/o
     rotation; r4: online Hadamard before down_proj; learned: a safetensors file with R1 [hidden,
-    hidden] and R2 [head_dim, head_dim] (SpinQuant's) used instead of seeded ones."""
+    hidden] and R2 [head_dim, head_dim] (SpinQuant's) used instead of seeded ones; spin_steps > 0:
+    SpinQuant — R1/R2 trained from the seeded ones on the calibration samples (spinquant.py) first."""
 
     kind: str = "hadamard"
     seed: int = 0
     r2: bool = True
     r4: bool = True
     learned: str | None = None
+    spin_steps: int = 0
+    spin_lr: float = 1.5
+    spin_time_limit: float = 1800.0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -35,15 +40,26 @@ class RotationConfig:
             raise ValueError(f"rotation seed must be an integer, got {self.seed!r}")
         if self.learned is not None and not Path(self.learned).is_file():
             raise ValueError(f"learned rotations: no file {self.learned}")
+        if isinstance(self.spin_steps, bool) or not isinstance(self.spin_steps, int) or self.spin_steps < 0:
+            raise ValueError(f"spin_steps must be an integer >= 0, got {self.spin_steps!r}")
+        if self.spin_steps and self.learned is not None:
+            raise ValueError("give learned rotations or spin_steps, not both")
+        if self.spin_steps:
+            self.spin        # validates lr and time limit
+
+    @property
+    def spin(self) -> SpinConfig | None:
+        return SpinConfig(self.spin_steps, self.spin_lr, self.spin_time_limit) if self.spin_steps else None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "seed": self.seed, "r2": self.r2, "r4": self.r4, "learned": self.learned}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RotationConfig":
-        unknown = set(d) - {"kind", "seed", "r2", "r4", "learned"}
+        known = [f.name for f in fields(cls)]
+        unknown = set(d) - set(known)
         if unknown:
-            raise ValueError(f"unknown rotation option(s) {sorted(unknown)} (known: kind, seed, r2, r4, learned)")
+            raise ValueError(f"unknown rotation option(s) {sorted(unknown)} (known: {', '.join(known)})")
         return cls(**d)
 
 

@@ -49,6 +49,10 @@ def test_a_kv_recipe_saves_and_reloads(capsys, tiny_llama_dir, calib, tmp_path):
     out = tmp_path / "q"
     code, _, err = run_cli(capsys, "quantize", str(tiny_llama_dir), "--recipe", str(recipe), "--out", str(out))
     assert code == 0, err
+    code, printed, err = run_cli(capsys, "eval", str(out), "--text", str(calib), "--ctx", "32", "--windows", "2")
+    assert code == 0, err
+    assert "KV cache k a4-g8-asym, v a4-g8-asym, R3 Hadamard on q/k" in printed
+    assert "online Hadamard on the input of 2 linears" in printed
     again = load(str(out))
     attention = again.model.get_submodule(f"{again.spec.layers}.0.{again.spec.attention}")
     assert attention.lowbit_kv == KvQuant(act_format_from_name("a4-g8-asym"), act_format_from_name("a4-g8-asym"), True)

@@ -18,7 +18,9 @@ def test_quarot_recipe_runs_and_the_model_reloads(capsys, tiny_llama_dir, calib,
                            "--samples", "4", "--seq-len", "64", "--rotate-seed", "5", "--out", str(out))
     assert code == 0, err
     manifest = json.loads((out / "lowbit.json").read_text())
-    assert manifest["method"]["rotation"] == {"kind": "hadamard", "seed": 5, "r2": True, "r4": True, "learned": None}
+    rotation = manifest["method"]["rotation"]
+    assert {k: rotation[k] for k in ("kind", "seed", "r2", "r4", "learned", "spin_steps")} == \
+        {"kind": "hadamard", "seed": 5, "r2": True, "r4": True, "learned": None, "spin_steps": 0}
     downs = [e for n, e in manifest["tensors"].items() if n.endswith("mlp.down_proj")]
     assert downs and all(e["input_transform"] == "hadamard" for e in downs)
     loaded, fp = load(str(out)), load(str(tiny_llama_dir))
