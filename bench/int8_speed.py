@@ -70,6 +70,33 @@ def linear_rows(repeats: int) -> list[dict]:
     return rows
 
 
+ONLINE = {  # name -> (transform size, linear it precedes (in, out) or None, rows per token)
+    "smollm2 R4 before down": (1536, (1536, 576), 1), "smollm2 R3 on q/k heads": (64, None, 9 + 3),
+    "gemma3 R4 before down": (2048, (2048, 640), 1), "gemma3 R3 on q/k heads": (256, None, 4 + 1),
+}
+
+
+def online_rows(repeats: int, tokens: int = 2048) -> list[dict]:
+    """The online Hadamards' cost at `tokens` tokens (rotations issue): the fast transform against the
+    float32 linear it precedes (R4), or for R3 the transform of every q and k head of one layer."""
+    from lowbit.rotations.hadamard import hadamard_transform
+
+    rows, g = [], torch.Generator().manual_seed(0)
+    for name, (n, linear, heads) in ONLINE.items():
+        x = torch.randn(tokens * heads, n, generator=g)
+        with torch.no_grad():
+            t_had = timed(lambda: hadamard_transform(x), repeats)
+            t_lin = None
+            if linear is not None:
+                W = torch.randn(linear[1], linear[0], generator=g) * 0.02
+                t_lin = timed(lambda: F.linear(x, W), repeats)
+        rows.append({"transform": name, "size": n, "tokens": tokens, "rows": tokens * heads, "hadamard_s": t_had,
+                     "linear_float32_s": t_lin, "cost_vs_linear": None if t_lin is None else t_had / t_lin})
+        print(f"{name:26s} {n:5d}: hadamard {t_had * 1e3:8.3f} ms" +
+              ("" if t_lin is None else f", the linear {t_lin * 1e3:8.3f} ms ({t_had / t_lin:.2f}x)"), flush=True)
+    return rows
+
+
 def prefill_rows(models: list[str], repeats: int) -> list[dict]:
     """One 2048-token window through each whole model: float32, W8A8 on the int8 kernel, simulated."""
     from lowbit.models.load import load
@@ -90,8 +117,19 @@ def prefill_rows(models: list[str], repeats: int) -> list[dict]:
             for m in linears:
                 m.kernel = "simulated"
             t_sim = timed(lambda: loaded.model(ids, logits_to_keep=1), repeats)
+        rotated = None
+        if loaded.spec.rotation_refusal == "":                # QuaRot's W8A8: the same kernel plus online R4
+            from lowbit.rotations.plan import RotationConfig
+
+            again = load(name)
+            with torch.no_grad():
+                quantize(again, QuantizeConfig(plan=recipe.weights, act_plan=recipe.activations,
+                                               rotation=RotationConfig()), progress=False)
+                rotated = timed(lambda: again.model(ids, logits_to_keep=1), repeats)
+            del again
         rows.append({"model": name, "tokens": 2048, "float32_s": t_float, "int8_s": t_int8, "simulated_s": t_sim,
-                     "speedup_int8": t_float / t_int8, "quantized_linears": len(linears)})
+                     "speedup_int8": t_float / t_int8, "quantized_linears": len(linears),
+                     "int8_rotated_s": rotated, "speedup_int8_rotated": None if rotated is None else t_float / rotated})
         print(f"{name} prefill 2048: float {t_float:.3f} s, int8 {t_int8:.3f} s ({t_float / t_int8:.2f}x), "
               f"simulated {t_sim:.3f} s", flush=True)
     return rows
@@ -105,11 +143,12 @@ def main() -> None:
     a = p.parse_args()
     load_before = os.getloadavg()[0]
     linears = linear_rows(a.repeats)
+    online = online_rows(a.repeats)
     prefill = prefill_rows(a.models, max(3, a.repeats // 2))
     write_json(__import__("pathlib").Path(a.json), {
         "bench": "int8_speed", "machine": machine(), "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0], "repeats": a.repeats, "activations": "a8-token-sym",
-        "weights": "int8-ch-sym", "rows": linears, "prefill": prefill})
+        "weights": "int8-ch-sym", "rows": linears, "online_rotations": online, "prefill": prefill})
     print(table(["shape", "tokens", "float32 ms", "int8 ms", "speedup"],
                 [[r["shape"], r["tokens"], r["float32_s"] * 1e3, r["int8_s"] * 1e3, f"{r['speedup_int8']:.2f}x"]
                  for r in linears]))

@@ -20,10 +20,12 @@ from pathlib import Path
 from common import REPO
 from recipe_rows import add_args, assemble, evaluate_rows, quantize_rows
 
+HERE = Path(__file__).resolve().parent
 SEEDS = (0, 1, 2, 3, 4)
 ROWS = {  # label -> lowbit quantize flags, in the order they run
     "w4a4kv4-naive": ["--recipe", "w4a4kv4-naive"],
     **{f"quarot-w4a4kv4-seed{s}": ["--recipe", "quarot-w4a4kv4", "--rotate-seed", str(s)] for s in SEEDS},
+    "quarot-w4a4kv4-g128": ["--recipe", str(HERE / "recipes" / "quarot-w4a4kv4-g128.yaml")],
     "w4a4-naive": ["--recipe", "w4a4-naive"],
     "quarot-w4a4": ["--recipe", "quarot-w4a4"],
     "w4a8-smoothquant": ["--recipe", "w4a8-smoothquant"],
@@ -33,7 +35,7 @@ ROWS = {  # label -> lowbit quantize flags, in the order they run
     # weight-only 2-3 bits, calibrated as weight_only.json's best rows (32 x 2048) to compare with them
     "quip-w2": ["--recipe", "quip-w2", "--samples", "32", "--seq-len", "2048"],
     "quip-w3": ["--recipe", "quip-w3", "--samples", "32", "--seq-len", "2048"],
-    "spinquant-w4a4kv4": ["--recipe", "spinquant-w4a4kv4"],
+    "spinquant-w4a4kv4": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-15min.yaml")],
 }
 WEIGHT_ONLY = REPO / "bench" / "results" / "weight_only.json"
 

@@ -18,13 +18,14 @@ def _label(r: dict) -> str:
 
 def _row(r: dict) -> list[str]:
     if "error" in r:
-        return [_label(r), "failed: " + str(r["error"]).replace("|", "/")[:160], "", "", "", "", "", "", ""]
+        return [_label(r), "failed: " + str(r["error"]).replace("|", "/")[:160], "", "", "", "", "", "", "", ""]
     inc = r.get("ppl_increase")
     delta = f"{100 * inc:+.2f}%" if inc is not None else \
         (f"n/a: {r['eval_windows']} windows" if r.get("note") else "")
     return [_label(r), ppl(r.get("ppl")), delta, sig(r.get("kld"), 3),
             sig(r.get("kld_p99"), 3), "" if r.get("top1_changed") is None else f"{100 * r['top1_changed']:.2f}%",
-            fixed(r.get("weight_bits"), 2), str(r.get("act_bits", "")), seconds(r.get("quantize_seconds"))]
+            fixed(r.get("weight_bits"), 2), str(r.get("act_bits", "")), seconds(r.get("quantize_seconds")),
+            fixed(r.get("load_average"), 1) if r.get("load_average") is not None else ""]
 
 
 def _targets(rows: list[dict]) -> list[str]:
@@ -64,9 +65,9 @@ def _shares(rows: list[dict]) -> str:
 
 
 def _w8a8_section(model: str, d: dict, name: str) -> str:
-    head = ["row", "ppl", "Δppl", "KLD", "KLD p99", "top-1 changed", "W bits", "A bits", "quantize s"]
+    head = ["row", "ppl", "Δppl", "KLD", "KLD p99", "top-1 changed", "W bits", "A bits", "quantize s", "load"]
     return (f"## {MODELS[model]} (`bench/results/{name}`)\n\n" + table(head, [_row(r) for r in d["rows"]],
-                                                                     set(range(1, 9)))
+                                                                     set(range(1, 10)))
             + "\n\nTargets (issue 24):\n" + "\n".join(_targets(d["rows"])) + "\n\n" + _shares(d["rows"])
             + "\n\n" + "\n".join(header_lines(d)))
 
@@ -86,7 +87,9 @@ def w8a8_page() -> str:
              "the first 20 windows, GPTQ convention, KLD against the float model; calibration from WikiText-2 "
              "validation. Δppl is against the float32 row of the same run. W bits: bits per weight of the "
              "quantized linears as stored; A bits: the activations' code width. LLM.int8()'s float columns use the "
-             "de-quantized int8 weights, so they cost no storage. Peer rows are evaluated in their own environments "
+             "de-quantized int8 weights, so they cost no storage. quantize s: wall time of the `lowbit quantize` "
+             "process; load: the machine's 1-minute load average when it ended (rows quantized beside other "
+             "benchmarks took several times longer than alone). Peer rows are evaluated in their own environments "
              "with lowbit's evaluation code on the same tokens against the same float reference "
              "(`bench/peers/w8a8_peers.py`); a row a tool could not produce is a failure row with its reason.")
     return page("Weights and activations (`bench/w8a8.py`)", intro, sections)
@@ -99,7 +102,14 @@ def int8_speed_page() -> str:
     body = [[r["shape"], str(r["tokens"]), sig(r["float32_s"] * 1e3, 3), sig(r["int8_s"] * 1e3, 3),
              f"{r['speedup_int8']:.2f}×", f"{r['speedup_int_mm_only']:.2f}×"] for r in d["rows"]]
     prefill = [[MODELS.get(r["model"], r["model"]), sig(r["float32_s"], 3), sig(r["int8_s"], 3),
-                sig(r["simulated_s"], 3), f"{r['speedup_int8']:.2f}×"] for r in d["prefill"]]
+                sig(r["simulated_s"], 3), f"{r['speedup_int8']:.2f}×",
+                "not measured" if "int8_rotated_s" not in r else "refused (Gemma 3's post-norms)"
+                if r["int8_rotated_s"] is None else
+                f"{sig(r['int8_rotated_s'], 3)} ({r['speedup_int8_rotated']:.2f}×)"] for r in d["prefill"]]
+    online = [[r["transform"], str(r["rows"]), sig(r["hadamard_s"] * 1e3, 3),
+               "" if r["linear_float32_s"] is None else sig(r["linear_float32_s"] * 1e3, 3),
+               "" if r["cost_vs_linear"] is None else f"{r['cost_vs_linear']:.2f}×"]
+              for r in d.get("online_rotations", [])]
     intro = ("lowbit's int8 kernel (per-token int8 activations × per-channel int8 weights through `torch._int_mm`, "
              "int32 accumulation, then the scales; `python bench/int8_speed.py`) against float32 `F.linear` in the "
              "same run on this CPU. Speed-up = float32 time / int8 time, medians of repeated runs; the int8 time "
@@ -108,5 +118,9 @@ def int8_speed_page() -> str:
     return page("The int8 kernel (`bench/int8_speed.py`)", intro, [
         table(["shape", "tokens", "float32 ms", "int8 ms", "speed-up", "_int_mm alone"], body, {1, 2, 3, 4, 5}),
         "## Prefill of one 2048-token window, whole model (W8A8 per-token)\n\n" +
-        table(["model", "float32 s", "int8 s", "simulated s", "speed-up"], prefill, {1, 2, 3, 4}),
+        table(["model", "float32 s", "int8 s", "simulated s", "speed-up", "int8 + QuaRot's online R4 s"], prefill,
+              {1, 2, 3, 4, 5}),
+        "## Online Hadamards (rotations) at 2048 tokens\n\nThe fast transform (Walsh–Hadamard butterflies and a "
+        "small Paley matmul) against the float32 linear it precedes; R3 transforms every q and k head of one "
+        "layer.\n\n" + table(["transform", "rows", "hadamard ms", "linear ms", "cost / linear"], online, {1, 2, 3, 4}),
         "\n".join(header_lines(d))])

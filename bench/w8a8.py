@@ -32,11 +32,12 @@ ROWS = {  # label -> lowbit quantize flags (in the order they are run: the issue
     "w8a8-smoothquant-static": ["--recipe", "w8a8-smoothquant-static"],
     "w4a8-smoothquant": ["--recipe", "w4a8-smoothquant"],
     "w4a4-naive": ["--recipe", "w4a4-naive"],
-    "w8a8-smoothquant-search": ["--recipe", "w8a8-smoothquant", "--alpha", "search"],
+    "w8a8-smoothquant-a0.5": ["--recipe", "w8a8-smoothquant", "--alpha", "0.5"],
     "w8a8-smoothquant-o2": ["--recipe", "w8a8-smoothquant-o2"],
     "w4a8-smoothquant-ch": ["--recipe", str(HERE / "recipes" / "w4a8-smoothquant-ch.yaml")],
-    "w8a8-smoothquant-static-search": ["--recipe", "w8a8-smoothquant-static", "--alpha", "search"],
+    "w8a8-smoothquant-static-a0.5": ["--recipe", "w8a8-smoothquant-static", "--alpha", "0.5"],
     "w8a8-smoothquant-search-split": ["--recipe", str(HERE / "recipes" / "w8a8-smoothquant-search-split.yaml")],
+    "quarot-w8a8": ["--recipe", "quarot-w8a8"],    # the rotations issue's W8A8 (Llama/Qwen2 only; shared work dir)
 }
 PEERS = REPO / "bench" / "results" / "peers" / "w8a8"
 

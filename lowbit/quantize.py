@@ -42,14 +42,14 @@ from .methods.gptq import GptqConfig
 from .methods.rtn import RtnConfig
 from .methods.smoothquant import SmoothConfig
 from .models.load import Loaded
-from .nn.kv_attention import KvQuant, install_kv_quant
+from .nn.kv_attention import KvQuant
 from .nn.qlinear import QuantLinear
 from .nn.qweight import attach_quantized_weight
 from .plans import FormatPlan
 from .rotations.fuse import input_transform_of
-from .rotations.fuse import check_rotatable
 from .rotations.incoherence import IncoherenceConfig
-from .rotations.plan import RotationConfig, rotate, rotation_matrices
+from .rotations.plan import RotationConfig
+from .quantize_rotate import rotate_and_install_kv
 from .solve import calibrated_solve, quantize_linear
 from .solve_act import SmoothRecord
 
@@ -274,23 +274,7 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     start = time.perf_counter()
     if config.calibrated and samples is None:
         raise LowbitError(f"method {config.method} needs calibration samples")
-    spin, matrices = None, None
-    if config.rotation is not None:
-        try:
-            check_rotatable(loaded.spec)
-            matrices = rotation_matrices(config.rotation, loaded.dims.hidden, loaded.dims.head_dim)
-            if config.rotation.spin is not None:
-                spin = _spin(loaded, config, samples, matrices, progress)
-                matrices = {"R1": spin.R1, **({"R2": spin.R2} if spin.R2 is not None else {})}
-            rotate(loaded.model, loaded.spec, loaded.dims, config.rotation, matrices)
-        except ValueError as e:
-            raise LowbitError(str(e)) from None
-        logger.info("rotated: %s", config.rotation.to_dict())
-    if config.kv is not None:     # installed first: later layers calibrate on the quantized cache's outputs
-        try:
-            install_kv_quant(loaded.model, loaded.spec, config.kv)
-        except ValueError as e:
-            raise LowbitError(str(e)) from None
+    matrices, spin = rotate_and_install_kv(loaded, config, samples, progress)
     formats = planned_formats(loaded, config)
     spec = loaded.spec
     if spec.head in formats and loaded.model.config.tie_word_embeddings and spec.embed not in formats:
@@ -340,29 +324,6 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     seconds = time.perf_counter() - start
     logger.info("quantized %d linears in %.1f s", len(reports), seconds)
     return QuantizeResult(config, tuple(reports), seconds, plan, timings, used, smoothing, spin, matrices)
-
-
-def _spin(loaded: Loaded, config: QuantizeConfig, samples, matrices: dict, progress: bool):
-    """SpinQuant's training of R1/R2 from `matrices`, through the planned default weight, activation and
-    KV formats (rotations.spinquant)."""
-    from .rotations.spinquant import learn_rotations
-
-    spec, spin = loaded.spec, config.rotation.spin
-    act = config.act_plan.default if config.act_plan is not None else None
-    prepare = (lambda m: install_kv_quant(m, spec, config.kv)) if config.kv is not None else None
-    bar = tqdm(total=spin.steps, desc="spinquant", unit="step", disable=not progress, leave=False)
-
-    def report(step, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-    try:
-        result = learn_rotations(loaded.model, spec, loaded.dims, samples, matrices["R1"], matrices.get("R2"),
-                                 config.format_plan.default, act, spin, prepare, report)
-    finally:
-        bar.close()
-    logger.info("spinquant: %d steps in %.0f s, loss %.3f -> %.3f%s", len(result.losses), result.seconds,
-                result.losses[0], result.losses[-1], " (time limit)" if result.stopped_early else "")
-    return result
 
 
 def planned_acts(config: QuantizeConfig, formats: dict[str, Format], inside: str) -> dict[str, ActFormat]:

@@ -120,3 +120,22 @@ def test_real_smollm2_rotated_equals_the_original_in_float64():
     with torch.no_grad():
         after = model(ids).logits
     assert _rel(after, before) < 1e-9
+
+
+def test_an_order_without_hadamard_falls_back_to_random_orthogonal_with_a_warning(tmp_path):
+    """hidden 172 = 4·43 and head_dim 86 have no construction here: R1/R2 become Haar orthogonal (warned), the
+    model still computes the same function; R4 needs a real Hadamard (intermediate 128 has one)."""
+    from conftest import _tiny
+    from transformers import LlamaConfig
+
+    path = _tiny(LlamaConfig(vocab_size=257, hidden_size=172, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64), tmp_path / "m")
+    loaded = load(str(path))
+    model = loaded.model.double()
+    ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.warns(UserWarning, match="172"):
+        rotate(model, loaded.spec, loaded.dims, RotationConfig())
+    with torch.no_grad():
+        assert _rel(model(ids).logits, before) < 1e-9
