@@ -77,12 +77,13 @@ def w8a8_page() -> str:
     if (RESULTS / "ct_w8a8_check.json").exists():
         c = load("ct_w8a8_check.json")
         body = [[r["src"].split("/")[-1], r["model"], sig(r["lowbit_ppl"], 5), sig(r["plain_env"]["ppl"], 5),
-                 f"{100 * (r['ppl_ratio'] - 1):+.3f}%", str(r["plain_env"]["quantizes_inputs"]),
+                 f"{100 * (r['ppl_ratio'] - 1):+.3f}%", str(r["plain_env"].get("windows", "")),
+                 str(r["plain_env"]["quantizes_inputs"]),
                  f"transformers {r['plain_env']['versions']['transformers']}, compressed-tensors "
                  f"{r['plain_env']['versions']['compressed_tensors']}"] for r in c["rows"]]
         sections.append("## Exported W8A8 checkpoints in an environment without lowbit (`bench/peers/ct_w8a8_check.py`)"
                         "\n\n" + table(["lowbit directory", "model", "lowbit ppl", "plain env ppl", "Δ",
-                                        "forward quantizes inputs", "reader"], body, {2, 3, 4}))
+                                        "windows", "forward quantizes inputs", "reader"], body, {2, 3, 4, 5}))
     intro = ("Weights and activations quantized (`python bench/w8a8.py --model M`): WikiText-2 raw test, ctx 2048, "
              "the first 20 windows, GPTQ convention, KLD against the float model; calibration from WikiText-2 "
              "validation. Δppl is against the float32 row of the same run. W bits: bits per weight of the "

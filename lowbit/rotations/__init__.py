@@ -1,5 +1,6 @@
-"""Rotations for incoherence processing: Hadamard matrices (Sylvester ⊗ Paley), randomized
-Hadamard and Haar-random orthogonal matrices, and fast Hadamard transforms."""
+"""Rotations against outliers: Hadamard matrices (Sylvester ⊗ Paley) and fast transforms
+(hadamard), QuaRot's rotations fused into a model (fuse, plan), SpinQuant's learned ones
+(spinquant), QuIP's two-sided incoherence (incoherence). See docs/rotations.md."""
 from lowbit.rotations.hadamard import (
     NoHadamardError,
     fwht,
@@ -11,9 +12,11 @@ from lowbit.rotations.hadamard import (
     random_orthogonal,
     random_signs,
 )
+from lowbit.rotations.plan import RotationConfig, rotate, rotation_matrices
 
 __all__ = [
     "NoHadamardError",
+    "RotationConfig",
     "fwht",
     "hadamard",
     "hadamard_transform",
@@ -22,4 +25,6 @@ __all__ = [
     "random_hadamard",
     "random_orthogonal",
     "random_signs",
+    "rotate",
+    "rotation_matrices",
 ]

@@ -109,6 +109,7 @@ def test_rotated_quantized_model_saves_and_reloads(tiny_llama_dir, tmp_path):
         assert torch.equal(again.model(ids).logits, before)
 
 
+@pytest.mark.real_model
 @needs_smollm2
 def test_real_smollm2_rotated_equals_the_original_in_float64():
     loaded = load("smollm2-135m")
