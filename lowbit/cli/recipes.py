@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     for name in builtin_names():
         r = load_recipe(name)
         acts = "-" if r.activations is None else r.activations.default.name
-        rows.append([name, r.method, r.weights.default.name, acts, r.description])
-    print(table(["recipe", "method", "weights", "activations", "description"], rows))
+        method = "+".join((["spinquant" if r.rotation.spin_steps else "rotate"] if r.rotation else []) +
+                          (["incoherence"] if r.incoherence else []) + [r.method])
+        kv = "-" if r.kv is None else "/".join("float" if f is None else f.name for f in (r.kv.k, r.kv.v))
+        rows.append([name, method, r.weights.default.name, acts, kv, r.description])
+    print(table(["recipe", "steps", "weights", "activations", "KV cache", "description"], rows))
     return 0

@@ -36,7 +36,8 @@ def test_spec_without_down_projection(capsys, planted_dir, tmp_path, monkeypatch
         loaded = real_load(arg)
         spec = loaded.spec
         groups = spec.groups[:-1] + (LinearGroup("mlp.up_proj", ("mlp.missing_proj",), source_kind="linear"),)
-        loaded.spec = dataclasses.replace(spec, groups=groups, down="mlp.missing_proj")
+        loaded.spec = dataclasses.replace(spec, groups=groups, down="mlp.missing_proj",
+                                          residual_writers=("self_attn.o_proj", "mlp.missing_proj"))
         return loaded
 
     monkeypatch.setattr(load_module, "load", load_with_missing_down)
