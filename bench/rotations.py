@@ -14,6 +14,7 @@ own one-line refusal.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ ROWS = {  # label -> lowbit quantize flags, in the order they run
     # weight-only 2-3 bits, calibrated as weight_only.json's best rows (32 x 2048) to compare with them
     "quip-w2": ["--recipe", "quip-w2", "--samples", "32", "--seq-len", "2048"],
     "quip-w3": ["--recipe", "quip-w3", "--samples", "32", "--seq-len", "2048"],
-    "spinquant-w4a4kv4": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-15min.yaml")],
+    "spinquant-w4a4kv4": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-10min.yaml")],
 }
 WEIGHT_ONLY = REPO / "bench" / "results" / "weight_only.json"
 
@@ -98,6 +99,15 @@ def main() -> None:
         return
     start = time.perf_counter()
     labels = evaluate_rows(a, work)
+    for label in labels[1:]:          # SpinQuant's loss curve, from the saved directory's manifest
+        manifest = work / label / "lowbit.json"
+        record = work / f"{label}.quantize.json"
+        if manifest.exists() and record.exists():
+            spin = json.loads(manifest.read_text())["method"].get("rotation", {}).get("spin_result")
+            if spin:
+                rec = json.loads(record.read_text())
+                rec["spin"] = spin
+                record.write_text(json.dumps(rec))
     failures = [{"model": a.model, "row": r, "tool": "lowbit", "flags": ROWS[r], "error": why}
                 for r, why in refused.items()]
     assemble(a, "rotations", work, labels, failures + weight_only_rows(a.model), path, start, {

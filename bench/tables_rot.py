@@ -86,6 +86,14 @@ def _section(model: str, d: dict, name: str) -> str:
         text += "\n\nOver the seeds of the random signs:\n\n" + table(
             ["rows", "seeds", "ppl mean ± sd", "ppl range", "KLD mean"],
             [[k, *_spread(v)] for k, v in seeds.items()], {1, 2, 3, 4})
+    for r in d["rows"]:
+        if r.get("spin"):
+            losses = r["spin"]["losses"]
+            marks = ", ".join(f"{i}: {losses[i]:.3f}" for i in sorted({0, len(losses) // 4, len(losses) // 2,
+                                                                         3 * len(losses) // 4, len(losses) - 1}))
+            text += (f"\n\nSpinQuant's training (`{r['row']}`): {len(losses)} Cayley SGD steps in "
+                     f"{r['spin']['seconds']:.0f} s{' (stopped by its time limit)' if r['spin']['stopped_early'] else ''}; "
+                     f"loss by step {marks}.")
     if any(r.get("tool") == "float" for r in d["rows"]):
         text += "\n\nTargets (issue 25):\n" + "\n".join(_targets(d))
     return text + "\n\n" + "\n".join(header_lines(d))
