@@ -132,6 +132,28 @@ def run_measured(argv: list[str], env: dict, log: Path) -> tuple[float, float, i
     return time.perf_counter() - start, cpu, usage.ru_maxrss // 1024, os.waitstatus_to_exitcode(status)
 
 
+def run_worker(python, script: Path, args: list[str], partial: Path, threads: int, log: Path) -> dict:
+    """Run `script --worker ARGS --out partial` under the peer's `python` (offline, `threads` OMP threads,
+    nice 5), measured; returns the worker's JSON plus wall/CPU time, peak RSS and the load around it.
+    RuntimeError with the log's tail when the worker fails."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
+    argv = ["nice", "-n", "5", str(python), str(Path(script).resolve()), "--worker", *args, "--out", str(partial)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONPATH", None)
+    log.parent.mkdir(exist_ok=True)
+    load_before = os.getloadavg()[0]
+    wall, cpu, rss, code = run_measured(argv, env, log)
+    if code != 0 or not partial.exists():
+        lines = log.read_text(errors="replace").strip().splitlines()
+        raise RuntimeError(f"worker exited {code}:\n" + "\n".join(lines[-15:]))
+    result = json.loads(partial.read_text())
+    partial.unlink()
+    return {**result, "worker_wall_seconds": wall, "worker_cpu_seconds": cpu, "peak_rss_mib": rss,
+            "threads": threads, "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+
+
 def run_peer(name: str, model: str, setting: dict, samples_file: Path, out_dir: Path, threads: int = 1) -> dict:
     """Quantize `model` with peer `name` at setting {"bits", "group", "sym"}; the de-quantized
     float directory goes to out_dir. Returns peer.json plus wall time and peak RSS; raises

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from w8a8_tools import _bits_per_weight, _kl
+from w8a8_tools import _kl, compressed_stored_bits
 
 # the llm-compressor examples/transform recipes these follow
 SPIN_EXAMPLE = dict(rotations=["R1", "R2", "R4"], transform_block_size=64, transform_type="hadamard")
@@ -186,16 +186,4 @@ class Rotation:
         return F.linear(per_token(x, self.act_bits) if self.acts else x, W, module.bias)
 
     def stored_bits(self, model, names):
-        import tempfile
-        from pathlib import Path
-
-        from safetensors import safe_open
-
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp, save_compressed=True)        # its own compressed checkpoint
-            tensors = {}
-            for file in Path(tmp).glob("*.safetensors"):
-                with safe_open(str(file), "pt") as f:
-                    tensors.update({k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[0] in names})
-        return _bits_per_weight(model, names, lambda m: [(k.rpartition(".")[2], t) for k, t in tensors.items()
-                                                         if model.get_submodule(k.rpartition(".")[0]) is m])
+        return compressed_stored_bits(model, names)

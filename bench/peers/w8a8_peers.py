@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
 from common import CALIB_TEXT, EVAL_TEXT, LLMC, QUANTO, REPO, RESULTS, TORCHAO, BITSANDBYTES, _venv_module, \
-    failure_reason, float_dir, run_measured, write_samples
+    failure_reason, float_dir, run_worker, write_samples
 
 HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "w8a8"
@@ -89,29 +88,12 @@ def run(peer: str, model: str, a) -> dict:
         row["calibration"] = {"text": str(CALIB_TEXT), "samples": a.samples, "seq_len": a.seq_len, "seed": a.seed,
                               "file": str(samples)}
         source = float_dir(model)
-        partial = Path(a.out_dir) / f".{peer}_{model}.worker.json"
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.unlink(missing_ok=True)
-        argv = ["nice", "-n", "5", str(python), str(Path(__file__).resolve()), "--worker", "--peer", peer,
-                "--model-name", model, "--float-dir", str(source), "--samples-file", str(samples),
-                "--eval-ids", str(eval_ids(model)), "--ctx", str(a.ctx), "--windows", str(a.windows),
-                "--out", str(partial)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), CUDA_VISIBLE_DEVICES="",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false")
-        env.pop("PYTHONPATH", None)
-        LOGS.mkdir(exist_ok=True)
         log = LOGS / f"w8a8_{peer}_{model}.log"
-        load_before = os.getloadavg()[0]
-        wall, cpu, rss, code = run_measured(argv, env, log)
-        if code != 0 or not partial.exists():
-            lines = log.read_text(errors="replace").strip().splitlines()
-            raise RuntimeError(f"{peer} worker exited {code}:\n" + "\n".join(lines[-15:]))
-        row.update(json.loads(partial.read_text()))
-        partial.unlink()
-        row.update(worker_wall_seconds=wall, worker_cpu_seconds=cpu, peak_rss_mib=rss, threads=a.threads,
-                   load_average_before=load_before, load_average_after=os.getloadavg()[0], float_dir=str(source),
-                   log=str(log.relative_to(REPO)))
+        row.update(run_worker(python, Path(__file__), [
+            "--peer", peer, "--model-name", model, "--float-dir", str(source), "--samples-file", str(samples),
+            "--eval-ids", str(eval_ids(model)), "--ctx", str(a.ctx), "--windows", str(a.windows)],
+            Path(a.out_dir) / f".{peer}_{model}.worker.json", a.threads, log))
+        row.update(float_dir=str(source), log=str(log.relative_to(REPO)))
         if row.get("calibration_used") is False:
             row["calibration"] = None
     except Exception as e:  # a peer that cannot run is a row saying why, not a gap

@@ -150,19 +150,24 @@ class LlmCompressor:
                 "input_activations_args": str(module.quantization_scheme.input_activations)}
 
     def stored_bits(self, model, names):
-        import tempfile
-        from pathlib import Path
+        return compressed_stored_bits(model, names)
 
-        from safetensors import safe_open
 
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp, save_compressed=True)        # its own compressed checkpoint
-            tensors = {}
-            for file in Path(tmp).glob("*.safetensors"):
-                with safe_open(str(file), "pt") as f:
-                    tensors.update({k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[0] in names})
-        return _bits_per_weight(model, names, lambda m: [(k.rpartition(".")[2], t) for k, t in tensors.items()
-                                                         if model.get_submodule(k.rpartition(".")[0]) is m])
+def compressed_stored_bits(model, names) -> float:
+    """Bits per weight of the linears `names` as llm-compressor stores them (its own compressed checkpoint)."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, save_compressed=True)
+        tensors = {}
+        for file in Path(tmp).glob("*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[0] in names})
+    return _bits_per_weight(model, names, lambda m: [(k.rpartition(".")[2], t) for k, t in tensors.items()
+                                                     if model.get_submodule(k.rpartition(".")[0]) is m])
 
 
 class LlmCompressorNoSmooth(LlmCompressor):

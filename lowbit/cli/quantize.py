@@ -37,8 +37,8 @@ def add_parser(sub) -> None:
                         "a8-tensor-sym, a8-static-sym (calibrated; needs --calib), a4-g128-asym, "
                         "...-clip0.9, ...-split6 (LLM.int8()'s float columns); default: weights only")
     x.add_argument("--alpha", default=None, metavar="A|search",
-                   help="SmoothQuant's migration strength in [0, 1] (default 0.5, or the recipe's), or "
-                        "'search' per layer on the quantized output error")
+                   help="SmoothQuant's migration strength in [0, 1] (the paper: 0.5), or 'search' per layer on the "
+                        "quantized output error (default: the recipe's — w8a8-smoothquant searches — else 0.5)")
     x.add_argument("--outlier-threshold", type=float, default=None, metavar="T",
                    help="LLM.int8(): input columns with any |x| >= T go through the float path (recipe "
                         "llm-int8's default: 6)")
