@@ -36,9 +36,19 @@ ROWS = {  # label -> lowbit quantize flags, in the order they run
     # weight-only 2-3 bits, calibrated as weight_only.json's best rows (32 x 2048) to compare with them
     "quip-w2": ["--recipe", "quip-w2", "--samples", "32", "--seq-len", "2048"],
     "quip-w3": ["--recipe", "quip-w3", "--samples", "32", "--seq-len", "2048"],
-    "spinquant-w4a4kv4": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-10min.yaml")],
+    # SpinQuant with the bounded Cayley step and the weights in the training loop, over the same seeds
+    **{f"spinquant-w4a4kv4-seed{s}": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-5min.yaml"),
+                                      "--rotate-seed", str(s)] for s in SEEDS},
+    "spinquant-w4a4kv4-w16": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-5min-w16.yaml")],
 }
 WEIGHT_ONLY = REPO / "bench" / "results" / "weight_only.json"
+PEERS = REPO / "bench" / "results" / "peers" / "rotations"      # bench/peers/rotation_peers.py
+
+
+def peer_rows(model: str) -> list[dict]:
+    """The rotation peers' rows of this model (their cache is float: KV 32 bits)."""
+    files = sorted(PEERS.glob(f"*_{model}.json")) + sorted(PEERS.glob(f"*_{model}_g*.json")) if PEERS.is_dir() else []
+    return [{"kv_bits": 32, "row": f.stem, **json.loads(f.read_text())} for f in files]
 
 
 def weight_only_rows(model: str) -> list[dict]:
@@ -110,7 +120,7 @@ def main() -> None:
                 record.write_text(json.dumps(rec))
     failures = [{"model": a.model, "row": r, "tool": "lowbit", "flags": ROWS[r], "error": why}
                 for r, why in refused.items()]
-    assemble(a, "rotations", work, labels, failures + weight_only_rows(a.model), path, start, {
+    assemble(a, "rotations", work, labels, failures + weight_only_rows(a.model) + peer_rows(a.model), path, start, {
         "KLD": lambda r: r.get("kld"), "top-1": lambda r: r.get("top1_changed"),
         "W bits": lambda r: r.get("weight_bits"), "A bits": lambda r: r.get("act_bits"),
         "KV bits": lambda r: r.get("kv_bits"), "seconds": lambda r: r.get("quantize_seconds")})

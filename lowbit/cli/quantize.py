@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..errors import LowbitError
@@ -185,7 +186,7 @@ def _rotation(args: argparse.Namespace, recipe):
     try:
         if base is None:
             return RotationConfig(kind=kind, seed=seed)
-        return RotationConfig(kind=kind, seed=seed, r2=base.r2, r4=base.r4, learned=base.learned)
+        return dataclasses.replace(base, kind=kind, seed=seed)     # the recipe's other settings (SpinQuant's) kept
     except ValueError as e:
         raise LowbitError(f"--rotate: {e}") from None
 

@@ -22,7 +22,8 @@ class RotationConfig:
     exists) or "random" (Haar orthogonal); seed: the random signs / Gaussian; r2: per-head v/o
     rotation; r4: online Hadamard before down_proj; learned: a safetensors file with R1 [hidden,
     hidden] and R2 [head_dim, head_dim] (SpinQuant's) used instead of seeded ones; spin_steps > 0:
-    SpinQuant — R1/R2 trained from the seeded ones on the calibration samples (spinquant.py) first."""
+    SpinQuant — R1/R2 trained from the seeded ones on the calibration samples (spinquant.py) first,
+    with the weights quantized during training only when spin_weights."""
 
     kind: str = "hadamard"
     seed: int = 0
@@ -32,6 +33,7 @@ class RotationConfig:
     spin_steps: int = 0
     spin_lr: float = 1.5
     spin_time_limit: float = 1800.0
+    spin_weights: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -49,7 +51,7 @@ class RotationConfig:
 
     @property
     def spin(self) -> SpinConfig | None:
-        return SpinConfig(self.spin_steps, self.spin_lr, self.spin_time_limit) if self.spin_steps else None
+        return SpinConfig(self.spin_steps, self.spin_lr, self.spin_time_limit, self.spin_weights) if self.spin_steps else None
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -7,7 +7,11 @@ as the identity), activations and K/V likewise; the loss is the language-model c
 one calibration window; G = ∂loss/∂R, and the Cayley step
     A = G Rᵀ − R Gᵀ (skew-symmetric),   R ← (I + η/2 A)⁻¹ (I − η/2 A) R
 stays on the manifold (RᵀR = I up to float64 round-off) and descends: d/dη loss = −|G|² + tr(GᵀRGᵀR) ≤ 0.
-The learning rate decays linearly to 0 over the steps (SpinQuant's schedule).
+The step is η = min(lr, 1/‖A‖₁) (‖·‖₁ the largest column sum of |A|): the reference Cayley SGD's
+rule, which bounds each step's rotation whatever the gradient's scale, so lr = 1.5 only acts once
+the gradient is small; lr decays linearly to 0 over the steps (SpinQuant's schedule).
+SpinQuant learns R for a network whose weights stay in float when GPTQ quantizes them afterwards
+(its README: W16A4KV4 rotations for a W4A4KV4 GPTQ model); `weights=True` quantizes them too (RTN).
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ from .fuse import (fuse_norms, rotate_down_input, rotate_out_columns, rotate_rea
 
 @dataclass(frozen=True)
 class SpinConfig:
-    """steps of Cayley SGD (one calibration window each), initial learning rate, wall-time budget."""
+    """steps of Cayley SGD (one calibration window each), initial learning rate, wall-time budget;
+    weights: quantize the weights (STE) during training, not only activations and K/V."""
 
     steps: int = 100
     lr: float = 1.5
     time_limit: float = 1800.0
+    weights: bool = False
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -38,6 +44,8 @@ class SpinConfig:
             raise ValueError(f"spin lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
             raise ValueError(f"spin time_limit must be > 0 seconds, got {self.time_limit!r}")
+        if not isinstance(self.weights, bool):
+            raise ValueError(f"spin weights must be true or false, got {self.weights!r}")
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,13 @@ class SpinResult:
 
 
 def cayley_step(R: Tensor, G: Tensor, lr: float) -> Tensor:
-    """One Cayley SGD step of R [n, n] (orthogonal, float64) along the gradient G [n, n]."""
+    """One Cayley SGD step of R [n, n] (orthogonal, float64) along the gradient G [n, n], of size
+    η = min(lr, 1/‖A‖₁)."""
     R, G = R.double(), G.double()
     A = G @ R.T - R @ G.T                                   # skew-symmetric [n, n]
+    eta = min(lr, 1.0 / max(float(A.abs().sum(0).max()), 1e-12))
     eye = torch.eye(R.shape[0], dtype=R.dtype)
-    return torch.linalg.solve(eye + (lr / 2) * A, (eye - (lr / 2) * A) @ R)
+    return torch.linalg.solve(eye + (eta / 2) * A, (eye - (eta / 2) * A) @ R)
 
 
 def _ste(x: Tensor, quantized: Tensor) -> Tensor:
@@ -92,9 +102,12 @@ def learn_rotations(model: nn.Module, spec, dims, samples: Tensor, R1: Tensor, R
                     act: ActFormat | None, config: SpinConfig, prepare=None, progress=None) -> SpinResult:
     """Train R1 (and R2) from (R1, R2) on `samples` [N, L] token ids (step k uses window k mod N),
     through a copy of `model` with fused norms, the online R4, the activation format `act` on every
-    decoder linear's input and `w_fmt` on their weights; prepare(copy) may add more (the simulated
-    KV quantizer). `model` itself is not changed. progress(step, loss) is called after each step."""
+    decoder linear's input and, when config.weights, `w_fmt` on their weights; prepare(copy) may add
+    more (the simulated KV quantizer). `model` itself is not changed. progress(step, loss) is called
+    after each step."""
     from torch.func import functional_call
+
+    w_fmt = w_fmt if config.weights else None
 
     start = time.perf_counter()
     work = copy.deepcopy(model).float().train(False)

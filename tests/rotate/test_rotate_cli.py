@@ -66,3 +66,15 @@ def test_exports_refuse_online_rotations(capsys, tiny_llama_dir, tmp_path):
     code, _, err = run_cli(capsys, "export", str(out), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"))
     assert_one_line_error(code, err, "online", "refused")
     assert not (tmp_path / "ct").exists()
+
+
+def test_rotate_seed_keeps_the_recipes_spinquant_settings():
+    import argparse
+
+    from lowbit.cli.quantize import _rotation
+    from lowbit.recipes import load_recipe
+
+    recipe = load_recipe("spinquant-w4a4kv4")
+    rotation = _rotation(argparse.Namespace(rotate=None, rotate_seed="3"), recipe)
+    assert rotation.seed == 3 and rotation.spin_steps == recipe.rotation.spin_steps > 0
+    assert rotation.spin == recipe.rotation.spin

@@ -32,13 +32,14 @@ def test_cayley_step_is_orthogonal_and_descends():
     assert losses[-1] < 0.01 * losses[0]
 
 
-def test_training_through_a_quantized_tiny_model(tiny_llama_dir):
+@pytest.mark.parametrize("weights", [True, False])
+def test_training_through_a_quantized_tiny_model(tiny_llama_dir, weights):
     loaded = load(str(tiny_llama_dir))
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     ids = torch.randint(0, 257, (4, 48), generator=torch.Generator().manual_seed(0))
     R1, R2 = random_hadamard(loaded.dims.hidden, 0), random_hadamard(loaded.dims.head_dim, 1)
     result = learn_rotations(loaded.model, loaded.spec, loaded.dims, ids, R1, R2, format_from_name("int3-ch-sym"),
-                             act_format_from_name("a4-token-sym"), SpinConfig(steps=24, lr=1.0))
+                             act_format_from_name("a4-token-sym"), SpinConfig(steps=24, lr=1.0, weights=weights))
     assert len(result.losses) == 24 and not result.stopped_early
     first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
     assert last < first                                       # the same 4 windows cycle: the loss falls
@@ -53,6 +54,8 @@ def test_bad_spin_settings():
         SpinConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         SpinConfig(lr=-1)
+    with pytest.raises(ValueError, match="weights"):
+        SpinConfig(weights="yes")
 
 
 def test_spin_recipe_saves_its_rotation_and_the_file_applies_again(capsys, tiny_llama_dir, calib, tmp_path):
