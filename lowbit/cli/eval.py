@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 from ..log import logger
+from .kv_args import add_kv_args, install, kv_config
 from .table import table
 
 
@@ -24,6 +25,7 @@ def add_parser(sub) -> None:
                    help="reference model for KL divergence (default: the source recorded in a lowbit "
                         "directory; none for a float model); 'none' turns KLD off")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    add_kv_args(p)
     p.set_defaults(run=run)
 
 
@@ -84,9 +86,11 @@ def run(args: argparse.Namespace) -> int:
     text = read_text(args.text)                 # cheap checks before the slow load
     if args.windows is not None and args.windows < 1:
         raise LowbitError(f"--windows {args.windows} must be at least 1")
+    kv = kv_config(args, args.ctx)
     start = time.perf_counter()
     loaded = load(args.model)
     check_ctx(loaded.model, args.ctx)
+    kv_line = install(loaded, kv) if kv is not None else ""
     ref_arg = _reference(args, loaded)
     reference = load(ref_arg).model if ref_arg else None
     if reference is not None and reference.config.vocab_size != loaded.model.config.vocab_size:
@@ -117,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if acts:
         record["activations"] = acts
         print(f"activations: {acts}")
+    if kv_line:
+        record["kv_cache"] = {**kv.to_dict(), "convention": kv_line}
+        print(f"kv cache: {kv_line}")
     rot = rotation_kv_summary(loaded.model)
     if rot:
         record["rotations_kv"] = rot

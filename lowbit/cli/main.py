@@ -13,12 +13,13 @@ from . import analyze as analyze_cmd
 from . import demo as demo_cmd
 from . import eval as eval_cmd
 from . import export as export_cmd
+from . import generate as generate_cmd
 from . import import_ as import_cmd
 from . import info as info_cmd
 from . import quantize as quantize_cmd
 from . import recipes as recipes_cmd
 
-VERBS = (quantize_cmd, recipes_cmd, eval_cmd, export_cmd, import_cmd, info_cmd, analyze_cmd, demo_cmd)
+VERBS = (quantize_cmd, recipes_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, info_cmd, analyze_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

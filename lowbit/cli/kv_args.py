@@ -1,0 +1,72 @@
+"""The KV-cache flags shared by `lowbit eval` and `lowbit generate`, and their validation."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import LowbitError
+
+KV_CONVENTION = ("KV cache {name}: K (after RoPE) and V quantized as they are written, every attention read sees "
+                 "the de-quantized values{residual}; each window's tokens attend to the quantized K/V of every "
+                 "earlier token of that window, as a token-by-token generation's cache would hold them")
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    from ..kv.config import METHODS
+
+    g = p.add_argument_group("KV cache (quantized as generation would store it; docs/kv_cache.md)")
+    g.add_argument("--kv", choices=METHODS, default=None, help="quantize the KV cache with this method")
+    g.add_argument("--kv-bits", type=float, default=None,
+                   help="bits per cached value: int/kivi 2, 3, 4, 8; turboquant 2, 2.5, 3, 3.5, 4; "
+                        "16 = the float cache")
+    g.add_argument("--kv-group", type=int, default=None,
+                   help="int: values per group along head_dim (default head_dim; per-channel: tokens, default 32); "
+                        "kivi: K's tokens per group and V's group along head_dim (default 32)")
+    g.add_argument("--kv-residual", type=int, default=0, metavar="R",
+                   help="keep the newest R tokens in float (KIVI's residual window; default 0)")
+    g.add_argument("--kv-axis", choices=("token", "channel"), default="token", help="int only: K and V per token "
+                   "(default) or per channel in groups of tokens")
+    g.add_argument("--kv-sym", action="store_true", help="int only: a symmetric grid (default asymmetric)")
+    g.add_argument("--kv-qjl", action="store_true", help="turboquant only: K's last bit as the QJL residual")
+    g.add_argument("--kv-seed", default="0", help="turboquant's rotation and QJL seed (default 0)")
+
+
+def kv_config(args: argparse.Namespace, ctx: int | None = None):
+    """The KvCacheConfig the flags ask for, or None for the float cache. One-line LowbitError on bad input."""
+    from ..kv.config import KvCacheConfig
+
+    if args.kv is None:
+        if args.kv_bits is not None and args.kv_bits != 16:
+            raise LowbitError("--kv-bits needs --kv METHOD (int, kivi, turboquant)")
+        return None
+    if args.kv_bits is None:
+        raise LowbitError(f"--kv {args.kv} needs --kv-bits")
+    if args.kv_bits == 16:
+        return None
+    try:
+        seed = int(args.kv_seed)
+    except ValueError:
+        raise LowbitError(f"--kv-seed must be an integer, got {args.kv_seed!r}") from None
+    bits = int(args.kv_bits) if float(args.kv_bits).is_integer() else args.kv_bits
+    try:
+        config = KvCacheConfig(args.kv, bits, args.kv_group, args.kv_residual, args.kv_axis, args.kv_sym,
+                               args.kv_qjl, seed)
+        if ctx is not None:
+            config.check_context(ctx)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+    return config
+
+
+def install(loaded, config) -> str:
+    """Make loaded.model read its K/V as the packed cache would; the convention line. LowbitError
+    (one line) when the model already quantizes its cache or its attention cannot be served."""
+    from ..kv.attention import install_kv_cache
+
+    if any(getattr(m, "lowbit_kv", None) is not None for m in loaded.model.modules()):
+        raise LowbitError("this model already quantizes its KV cache (its recipe's kv_cache): --kv cannot be added")
+    try:
+        install_kv_cache(loaded.model, loaded.spec, config)
+    except ValueError as e:
+        raise LowbitError(f"--kv on {loaded.spec.family}: {e}") from None
+    residual = f", except the newest {config.residual} tokens kept in float" if config.residual else ""
+    return KV_CONVENTION.format(name=config.name, residual=residual)

@@ -1,0 +1,96 @@
+"""The packed cache's semantics inside one forward pass, for perplexity: every query sees what a
+token-by-token generation with QuantizedKVCache would hold when that query was written.
+
+After token t is written the cache holds F(t) quantized tokens and the rest of 0..t in float, with
+F(t) = max(0, ⌊(t + 1 − R) / m⌋·m) (R the residual window, m the token group of per-channel K, else
+1). A token's quantized value does not depend on when it was flushed (per-token methods quantize it
+alone; a per-channel K group is complete when flushed), so one pass computes all of them: attention
+runs over [K_q ; K] (2T keys) with query t allowed key j of K_q iff j < F(t) and key j of K iff
+F(t) ≤ j ≤ t — intersected with the model's own mask (causal, sliding window). TurboQuant's channel
+split is chosen on the window, as on a generation's first write (its prompt).
+Installed as the transformers attention implementation "lowbit_kvcache" around SDPA.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .codec import KvCodec
+from .config import KvCacheConfig
+
+IMPLEMENTATION = "lowbit_kvcache"
+
+
+def flushed(T: int, residual: int, multiple: int) -> Tensor:
+    """F(t) for t = 0..T−1: quantized tokens in the cache right after token t is written [T]."""
+    t = torch.arange(T)
+    return ((t + 1 - residual).clamp_min(0) // multiple) * multiple
+
+
+def cache_views(key: Tensor, value: Tensor, config: KvCacheConfig, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(K_q, V_q, F): the window's K/V [B, H, T, D] as the cache would de-quantize them (the trailing
+    tokens of an incomplete token group left as they are: never read quantized) and F [T]."""
+    T, D = key.shape[-2], key.shape[-1]
+    k_codec, v_codec = KvCodec(config, D, layer, "k"), KvCodec(config, D, layer, "v")
+    m = max(k_codec.token_multiple, v_codec.token_multiple)
+    full = T // m * m                                                   # tokens in complete groups
+    kq, vq = key.clone(), value.clone()
+    if full:
+        kq[..., :full, :] = k_codec.roundtrip(key[..., :full, :])
+        vq[..., :full, :] = v_codec.roundtrip(value[..., :full, :])
+    return kq, vq, flushed(T, config.residual, m)
+
+
+def split_mask(allowed: Tensor, F: Tensor) -> Tensor:
+    """allowed [B|1, 1, T, T] bool (the model's mask) -> [B|1, 1, T, 2T]: quantized keys j < F(t),
+    float keys F(t) ≤ j, both within `allowed`."""
+    T = allowed.shape[-1]
+    j = torch.arange(T)
+    quantized = j[None, :] < F[:, None]                                 # [T, T]: query t, key j
+    return torch.cat([allowed & quantized, allowed & ~quantized], dim=-1)
+
+
+def _allowed(attention_mask: Tensor | None, q_len: int, k_len: int, device) -> Tensor:
+    """The model's mask as bool [B|1, 1, q, k] (None: causal)."""
+    if attention_mask is None:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :k_len]
+    return attention_mask[..., :k_len] > torch.finfo(attention_mask.dtype).min / 2   # additive float mask
+
+
+def kvcache_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """transformers' attention signature: SDPA over the cache's de-quantized and float K/V."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    config: KvCacheConfig | None = getattr(module, "lowbit_kvcache", None)
+    T = key.shape[-2]
+    if config is None or query.shape[-2] != T:      # no cache config, or a generation step: plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kq, vq, F = cache_views(key, value, config, module.layer_idx)
+    mask = split_mask(_allowed(attention_mask, T, T, key.device), F.to(key.device))
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, torch.cat([kq, key], -2), torch.cat([vq, value], -2), mask,
+                                  is_causal=False, **kwargs)
+
+
+def _register() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, kvcache_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+
+
+def install_kv_cache(model: nn.Module, spec, config: KvCacheConfig) -> None:
+    """Make every decoder layer's attention of `model` read K/V as the packed cache would (in place)."""
+    _register()
+    for layer in model.get_submodule(spec.layers):
+        attention = layer.get_submodule(spec.attention)
+        if not hasattr(attention, "layer_idx") or not hasattr(attention, "head_dim"):
+            raise ValueError(f"{type(attention).__name__}: the KV cache needs an attention module with layer_idx "
+                             "and head_dim (transformers' attention interface)")
+        KvCodec(config, attention.head_dim, attention.layer_idx, "v")      # validates the group against head_dim
+        attention.lowbit_kvcache = config
+    model.config._attn_implementation = IMPLEMENTATION

@@ -1,0 +1,137 @@
+"""One layer's K/V codec: encode [B, H, T, D] float states into stored chunks and decode them back,
+for the methods of config.py (pure tensor work; the cache decides when tokens are written)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..rotations.hadamard import orthogonal
+from .config import KvCacheConfig
+from .quantizers import (Codes, int_dequantize, int_quantize, qjl_matrix, turboquant, turboquant_dequantize)
+
+
+@dataclass
+class Chunk:
+    """T consecutive tokens of K or V as stored: one Codes per channel set."""
+
+    tokens: int
+    parts: list[Codes]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def extend(self, other: "Chunk") -> "Chunk":
+        """This chunk followed by `other` along the tokens (per-token layouts: codes [B, H, T, bytes])."""
+        parts = [Codes(torch.cat([a.packed, b.packed], -2), a.bits, a.n,
+                       {k: torch.cat([a.side[k], b.side[k]], -2) for k in a.side}) for a, b in zip(self.parts, other.parts)]
+        return Chunk(self.tokens + other.tokens, parts)
+
+
+class KvCodec:
+    """Encodes/decodes one layer's K or V ("k" / "v") under `config`; head_dim D."""
+
+    def __init__(self, config: KvCacheConfig, head_dim: int, layer: int, which: str):
+        self.config, self.D, self.which = config, head_dim, which
+        self.seed = config.seed * 1000 + 2 * layer + (which == "v")
+        group = config.group or (32 if config.method == "kivi" else head_dim)
+        if self.per_channel:
+            self.group = config.token_group()
+        else:
+            self.group = group
+            if head_dim % group:
+                raise ValueError(f"head_dim {head_dim} is not a multiple of the KV group {group}")
+        self.dtype = torch.float32
+        self.split: Tensor | None = None           # turboquant: [H, D] channel order, high-bit channels first
+        self._rot: dict[int, Tensor] = {}
+        self._S: dict[int, Tensor] = {}
+
+    @property
+    def per_channel(self) -> bool:
+        """K per channel in groups of tokens (kivi, int axis=channel)."""
+        c = self.config
+        return self.which == "k" and (c.method == "kivi" or (c.method == "int" and c.axis == "channel"))
+
+    @property
+    def token_multiple(self) -> int:
+        """Chunks must hold a multiple of this many tokens."""
+        return self.group if self.per_channel else 1
+
+    # ------------------------------------------------------------------ turboquant's parts
+    def _parts(self, x: Tensor) -> list[tuple[int, int]]:
+        """[(channels, bits)] of turboquant's channel sets (one set at an integer rate)."""
+        b = self.config.bits
+        lo = int(math.floor(b))
+        hi_n = round((b - lo) * self.D)
+        return [(hi_n, lo + 1), (self.D - hi_n, lo)] if hi_n else [(self.D, lo)]
+
+    def _choose_split(self, x: Tensor) -> None:
+        """High-bit channels: per head, the largest RMS over the first write's tokens (and batch);
+        one channel set (an integer rate): the channels in their own order."""
+        H = x.shape[1]
+        if len(self._parts(x)) == 1:
+            self.split = torch.arange(self.D).expand(H, -1)
+            return
+        rms = x.float().pow(2).mean(dim=(0, 2))                       # [B, H, T, D] -> [H, D]
+        self.split = torch.argsort(rms, dim=-1, descending=True, stable=True)
+
+    def _rotation(self, n: int) -> Tensor:
+        if n not in self._rot:
+            self._rot[n] = orthogonal(n, "hadamard", self.seed + 7919 * n).float()
+        return self._rot[n]
+
+    def _qjl(self, n: int) -> Tensor | None:
+        if not (self.config.qjl and self.which == "k"):
+            return None
+        if n not in self._S:
+            self._S[n] = qjl_matrix(n, self.seed + 104729 * n)
+        return self._S[n]
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """x [B, H, T, D] with each head's channels in split order."""
+        idx = self.split[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1)
+        return torch.gather(x, -1, idx)
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, x: Tensor) -> Chunk:
+        """x [B, H, T, D] -> Chunk (T a multiple of token_multiple)."""
+        B, H, T, D = x.shape
+        self.dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if T % self.token_multiple:
+            raise ValueError(f"{T} tokens do not fill groups of {self.token_multiple}")
+        c = self.config
+        if c.method in ("int", "kivi"):
+            bits = int(c.bits)
+            if self.per_channel:
+                xt = x.transpose(-1, -2)                               # [B, H, T, D] -> [B, H, D, T]: groups of tokens
+                return Chunk(T, [int_quantize(xt, bits, self.group, c.symmetric)])
+            return Chunk(T, [int_quantize(x, bits, self.group, c.symmetric)])
+        if self.split is None:
+            self._choose_split(x)
+        xs, parts, start = self._gather(x), [], 0
+        for n, bits in self._parts(x):
+            part = xs[..., start:start + n]
+            parts.append(turboquant(part, self._rotation(n), bits, self._qjl(n)))
+            start += n
+        return Chunk(T, parts)
+
+    def decode(self, chunk: Chunk) -> Tensor:
+        """float32 [B, H, T, D] of a chunk."""
+        c = self.config
+        if c.method in ("int", "kivi"):
+            y = int_dequantize(chunk.parts[0], c.symmetric)
+            return y.transpose(-1, -2) if self.per_channel else y      # [B, H, D, T] -> [B, H, T, D]
+        pieces, start = [], 0
+        for (n, _), q in zip(self._parts(None), chunk.parts):
+            pieces.append(turboquant_dequantize(q, self._rotation(n), self._qjl(n), self.dtype))
+            start += n
+        ys = torch.cat(pieces, -1)                                     # [B, H, T, D] in split order
+        out = torch.empty_like(ys)
+        return out.scatter_(-1, self.split[None, :, None, :].expand_as(ys), ys)
+
+    def roundtrip(self, x: Tensor) -> Tensor:
+        """decode(encode(x)) in x's dtype."""
+        return self.decode(self.encode(x)).to(x.dtype)

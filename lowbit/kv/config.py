@@ -1,0 +1,96 @@
+"""What a quantized KV cache stores: method, bits, groups, the float residual window — validated.
+
+  int         K and V per token (groups of `group` along head_dim) or per channel (groups of `group`
+              tokens), 2/3/4/8 bits, asymmetric (min/scale) or symmetric.
+  kivi        KIVI's layout: K per channel in groups of `group` tokens, V per token in groups of
+              `group` along head_dim, 2/3/4/8 bits asymmetric; tokens reach the quantized store in
+              whole groups, the newest `residual` (at least) staying in float.
+  turboquant  per head a randomized Hadamard, then Lloyd–Max levels for the rotated coordinates;
+              bits 2, 2.5, 3, 3.5, 4 (a fractional rate splits the channels: the (b − ⌊b⌋)·head_dim
+              channels of largest RMS on the first write get ⌊b⌋ + 1 bits, the rest ⌊b⌋, each set
+              rotated on its own); `qjl` gives K's last bit to the QJL residual (unbiased q·k).
+K is quantized after RoPE (what a cache holds; per-channel K keeps RoPE's paired channels apart).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+METHODS = ("int", "kivi", "turboquant")
+INT_BITS = (2, 3, 4, 8)
+TURBO_BITS = (2, 2.5, 3, 3.5, 4)
+
+
+@dataclass(frozen=True)
+class KvCacheConfig:
+    """method, bits, group (int: along head_dim, default head_dim; kivi: tokens per K group and V's
+    group along head_dim, default 32), residual (newest tokens kept in float), axis (int only:
+    "token" or "channel"), symmetric (int only), qjl (turboquant only), seed (turboquant's rotations)."""
+
+    method: str = "int"
+    bits: float = 4
+    group: int | None = None
+    residual: int = 0
+    axis: str = "token"
+    symmetric: bool = False
+    qjl: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown KV cache method {self.method!r} (known: {', '.join(METHODS)})")
+        allowed = TURBO_BITS if self.method == "turboquant" else INT_BITS
+        if isinstance(self.bits, bool) or self.bits not in allowed:
+            raise ValueError(f"--kv {self.method} supports --kv-bits {', '.join(map(str, allowed))}; got {self.bits!r}")
+        if self.group is not None and (isinstance(self.group, bool) or not isinstance(self.group, int)
+                                       or self.group < 1):
+            raise ValueError(f"KV group must be a positive integer, got {self.group!r}")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"KV residual window must be an integer >= 0, got {self.residual!r}")
+        if self.axis not in ("token", "channel"):
+            raise ValueError(f"KV axis must be 'token' or 'channel', got {self.axis!r}")
+        if self.axis == "channel" and self.method != "int":
+            raise ValueError("axis applies to --kv int only (kivi fixes K per channel, V per token)")
+        if self.symmetric and self.method != "int":
+            raise ValueError("symmetric applies to --kv int only")
+        if self.symmetric and self.bits < 2:
+            raise ValueError("a symmetric grid needs at least 2 bits")
+        if self.qjl and self.method != "turboquant":
+            raise ValueError("qjl applies to --kv turboquant only")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"KV seed must be an integer, got {self.seed!r}")
+
+    @property
+    def name(self) -> str:
+        parts = [f"{self.method}{self.bits:g}"]
+        if self.method == "int":
+            parts.append(f"{self.axis}" + ("-sym" if self.symmetric else ""))
+        if self.group:
+            parts.append(f"g{self.group}")
+        if self.qjl:
+            parts.append("qjl")
+        if self.residual:
+            parts.append(f"r{self.residual}")
+        return "-".join(parts)
+
+    def token_group(self) -> int | None:
+        """Tokens per quantization group along the sequence (per-channel K), or None."""
+        if self.method == "kivi" or (self.method == "int" and self.axis == "channel"):
+            return self.group or 32
+        return None
+
+    def check_context(self, context: int) -> None:
+        """ValueError when the residual window (or a token group) does not fit the context."""
+        if self.residual > context:
+            raise ValueError(f"--kv-residual {self.residual} is larger than the context ({context} tokens)")
+        if (g := self.token_group()) is not None and g > context:
+            raise ValueError(f"a KV token group of {g} is larger than the context ({context} tokens)")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KvCacheConfig":
+        known = {f.name for f in fields(cls)}
+        if unknown := set(d) - known:
+            raise ValueError(f"unknown KV cache option(s) {sorted(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d)

@@ -1,0 +1,167 @@
+"""The KV cache's formats: bit-exact packing, Lloyd–Max levels that satisfy their two conditions,
+int and TurboQuant quantizers equal to plain re-statements, stored bytes equal to the bits claimed."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.kv.codec import KvCodec
+from lowbit.kv.config import KvCacheConfig
+from lowbit.kv.lloyd_max import coordinate_density, lloyd_max, mse
+from lowbit.kv.packing import pack_codes, packed_bytes, unpack_codes
+from lowbit.kv.quantizers import (int_bits, int_dequantize, int_quantize, qjl_matrix, turboquant,
+                                  turboquant_dequantize)
+from lowbit.rotations.hadamard import random_hadamard
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_roundtrip_and_size(bits):
+    codes = torch.randint(0, 1 << bits, (3, 5, 37), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, packed_bytes(37, bits)) == (3, 5, math.ceil(37 * bits / 8))
+    assert torch.equal(unpack_codes(packed, bits, 37), codes.to(torch.uint8))
+
+
+def test_pack_layout_is_lsb_first():
+    # 2-bit codes 1, 2, 3, 0 -> bits 10 01 11 00 from the least significant end: 0b00111001
+    assert pack_codes(torch.tensor([1, 2, 3, 0]), 2).tolist() == [0b00111001]
+    # 3-bit codes 5, 6, 7: stream 101 011 111 (LSB first) -> bytes 0b11110101, 0b00000001
+    assert pack_codes(torch.tensor([5, 6, 7]), 3).tolist() == [0b11110101, 0b00000001]
+
+
+def test_pack_rejects_codes_out_of_range():
+    with pytest.raises(ValueError, match="outside"):
+        pack_codes(torch.tensor([4]), 2)
+    with pytest.raises(ValueError, match="1..8"):
+        pack_codes(torch.tensor([1]), 9)
+
+
+def _cell_moments(d: int, a: float, b: float) -> tuple[float, float]:
+    """∫ f_d and ∫ x f_d over [a, b] by 200-point Gauss–Legendre (independent of lloyd_max's grid)."""
+    nodes, weights = np.polynomial.legendre.leggauss(200)
+    x = (b - a) / 2 * nodes + (a + b) / 2
+    f = coordinate_density(torch.from_numpy(x), d).numpy()
+    w = weights * (b - a) / 2
+    return float((w * f).sum()), float((w * x * f).sum())
+
+
+@pytest.mark.parametrize("d", [24, 64, 256])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_lloyd_max_centroid_and_midpoint_conditions(d, bits):
+    levels, bounds = lloyd_max(d, bits)
+    assert len(levels) == 1 << bits and torch.all(levels.diff() > 0)
+    assert torch.allclose(levels, -levels.flip(0), atol=1e-15)                       # symmetric
+    assert torch.allclose(bounds, (levels[1:] + levels[:-1]) / 2, atol=1e-15)         # midpoint condition
+    edges = [-1.0, *bounds.tolist(), 1.0]
+    for i, level in enumerate(levels.tolist()):                                       # centroid condition
+        mass, moment = _cell_moments(d, edges[i], edges[i + 1])
+        assert abs(moment / mass - level) < 1e-6 * math.sqrt(1 / d) + 1e-9
+
+
+def test_lloyd_max_density_and_gaussian_limit():
+    nodes, weights = np.polynomial.legendre.leggauss(400)
+    f = coordinate_density(torch.from_numpy(nodes), 64).numpy()
+    assert abs((weights * f).sum() - 1) < 1e-9                                        # a density
+    # large d: √d · levels approach the N(0, 1) Lloyd–Max levels (±0.4528, ±1.5104 at 2 bits)
+    levels, _ = lloyd_max(4096, 2)
+    assert np.allclose((levels * 64).tolist(), [-1.5104, -0.4528, 0.4528, 1.5104], atol=2e-3)
+    errors = [mse(64, b) * 64 for b in (1, 2, 3, 4)]                                  # ≈ 0.36, 0.117, 0.03, 0.009
+    assert all(a > 2.5 * b for a, b in zip(errors, errors[1:])) and 0.1 < errors[1] < 0.125
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int_quantizer_equals_reference_and_stores_its_bits(bits, symmetric):
+    x = torch.randn(2, 3, 5, 64, generator=torch.Generator().manual_seed(bits)) * 3
+    q = int_quantize(x, bits, 32, symmetric)
+    y = int_dequantize(q, symmetric)
+    g = x.reshape(2, 3, 5, 2, 32)                                                      # a plain re-statement
+    if symmetric:
+        m = 2 ** (bits - 1) - 1
+        s = (g.abs().amax(-1, keepdim=True) / m).half().float()
+        ref = (torch.round(g / s).clamp(-m, m) * s)
+    else:
+        lo = g.amin(-1, keepdim=True).half().float()
+        s = ((g.amax(-1, keepdim=True) - lo) / (2 ** bits - 1)).half().float()
+        ref = lo + torch.round((g - lo) / s).clamp(0, 2 ** bits - 1) * s
+    assert torch.equal(y, ref.reshape(x.shape))
+    assert q.nbytes * 8 == x.numel() * int_bits(bits, 32, symmetric)
+
+
+def test_turboquant_picks_the_nearest_level_and_counts_its_bytes():
+    d, bits = 64, 3
+    R = random_hadamard(d, 0).float()
+    x = torch.randn(4, 2, 7, d, generator=torch.Generator().manual_seed(0))
+    q = turboquant(x, R, bits)
+    levels, _ = lloyd_max(d, bits)
+    u = (x / x.norm(dim=-1, keepdim=True).half().float()) @ R.T
+    nearest = (u[..., None] - levels.float()).abs().argmin(-1)
+    ref = (levels.float()[nearest] @ R) * x.norm(dim=-1, keepdim=True).half().float()
+    assert torch.allclose(turboquant_dequantize(q, R), ref, atol=1e-6)
+    assert q.nbytes == x[..., 0].numel() * (d * bits // 8 + 2)                         # codes + float16 norm
+    rel = ((turboquant_dequantize(q, R) - x).norm(dim=-1) ** 2 / x.norm(dim=-1) ** 2).mean()
+    assert abs(rel - mse(d, bits) * d) < 0.3 * mse(d, bits) * d                        # the MSE it promises
+
+
+def test_qjl_makes_inner_products_unbiased():
+    d = 64
+    R = random_hadamard(d, 1).float()
+    x = torch.randn(d, generator=torch.Generator().manual_seed(3))
+    y = torch.randn(d, generator=torch.Generator().manual_seed(4))
+    with_qjl, without = [], []
+    for seed in range(400):                                  # expectation over QJL's random matrix
+        S = qjl_matrix(d, seed)
+        with_qjl.append(float(turboquant_dequantize(turboquant(x, R, 2, S), R, S) @ y))
+    mse_only = float(turboquant_dequantize(turboquant(x, R, 1), R) @ y)
+    exact = float(x @ y)
+    mean, sd = np.mean(with_qjl), np.std(with_qjl) / math.sqrt(len(with_qjl))
+    assert abs(mean - exact) < 4 * sd                        # unbiased within the sampling error
+    assert abs(mse_only - exact) > abs(mean - exact)         # the 1-bit MSE quantizer alone is biased here
+
+
+@pytest.mark.parametrize("config, bits_per_value", [
+    (KvCacheConfig("int", 4), 4 + 32 / 64), (KvCacheConfig("int", 2, group=32), 2 + 32 / 32),
+    (KvCacheConfig("kivi", 2), 2 + 32 / 32), (KvCacheConfig("turboquant", 3), 3 + 16 / 64),
+    (KvCacheConfig("turboquant", 2.5), 2.5 + 32 / 64)])
+def test_codec_bytes_match_the_bits_claimed(config, bits_per_value):
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for which in "kv":
+        chunk = KvCodec(config, 64, 0, which).encode(x)
+        assert chunk.nbytes * 8 == pytest.approx(x.numel() * bits_per_value)
+
+
+def test_turboquant_split_gives_the_high_bits_to_the_largest_channels():
+    x = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(0))
+    x[..., 5] *= 20                                            # an outlier channel
+    codec = KvCodec(KvCacheConfig("turboquant", 2.5), 64, 0, "k")
+    y = codec.roundtrip(x)
+    assert codec.split[:, 0].tolist() == [5, 5]
+    plain = KvCodec(KvCacheConfig("turboquant", 2), 64, 0, "k").roundtrip(x)
+    assert (y - x).norm() < (plain - x).norm()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(method="int", bits=5), "supports --kv-bits 2, 3, 4, 8"), (dict(method="turboquant", bits=1.5), "2.5"),
+    (dict(method="kivi", bits=3.5), "supports"), (dict(method="nope"), "unknown KV cache method"),
+    (dict(residual=-1), "residual"), (dict(method="kivi", axis="channel"), "axis"),
+    (dict(method="int", qjl=True), "qjl"), (dict(group=0), "group"), (dict(seed="x"), "seed")])
+def test_bad_kv_configs(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        KvCacheConfig(**kwargs)
+
+
+def test_context_checks():
+    with pytest.raises(ValueError, match="larger than the context"):
+        KvCacheConfig("kivi", 2, residual=4096).check_context(2048)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_fast_unpack_equals_the_reference(bits):
+    from lowbit.kv.packing import unpack_reference
+
+    codes = torch.randint(0, 1 << bits, (4, 3, 50), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert torch.equal(unpack_codes(packed, bits, 50), unpack_reference(packed, bits, 50))
