@@ -36,10 +36,12 @@ ROWS = {  # label -> lowbit quantize flags, in the order they run
     # weight-only 2-3 bits, calibrated as weight_only.json's best rows (32 x 2048) to compare with them
     "quip-w2": ["--recipe", "quip-w2", "--samples", "32", "--seq-len", "2048"],
     "quip-w3": ["--recipe", "quip-w3", "--samples", "32", "--seq-len", "2048"],
-    # SpinQuant with the bounded Cayley step and the weights in the training loop, over the same seeds
-    **{f"spinquant-w4a4kv4-seed{s}": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-5min.yaml"),
-                                      "--rotate-seed", str(s)] for s in SEEDS},
-    "spinquant-w4a4kv4-w16": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-5min-w16.yaml")],
+    # lowbit's W4A4KV4: asymmetric 4-bit activations (the grid and clip chosen on WikiText-2 valid windows)
+    **{f"quarot-w4a4kv4-asym-seed{s}": ["--recipe", "quarot-w4a4kv4-asym", "--rotate-seed", str(s)] for s in SEEDS},
+    "quarot-w4a4-asym": ["--recipe", "quarot-w4a4-asym"],
+    # SpinQuant (bounded Cayley step, weights in the training loop) with the same quantizers, same seeds
+    **{f"spinquant-w4a4kv4-asym-seed{s}": ["--recipe", str(HERE / "recipes" / "spinquant-w4a4kv4-asym-4min.yaml"),
+                                           "--rotate-seed", str(s)] for s in SEEDS},
 }
 WEIGHT_ONLY = REPO / "bench" / "results" / "weight_only.json"
 PEERS = REPO / "bench" / "results" / "peers" / "rotations"      # bench/peers/rotation_peers.py
