@@ -16,7 +16,9 @@ def _label(r: dict) -> str:
         return f"lowbit {r['row']}"
     if r.get("tool") == "lowbit-weight-only":
         return f"lowbit {r['row']}"
-    return f"{r.get('tool', r.get('peer'))}: {r.get('method', r.get('peer', ''))}"
+    if r.get("peer"):
+        return f"{r.get('tool', '')}: {r['peer']} ({r.get('method', '')})"
+    return f"{r.get('tool', r.get('peer'))}: {r.get('method', '')}"
 
 
 def _row(r: dict) -> list[str]:
@@ -113,6 +115,9 @@ def _section(model: str, d: dict, name: str) -> str:
             text += (f"\n\nSpinQuant's training (`{r['row']}`): {len(losses)} Cayley SGD steps in "
                      f"{r['spin']['seconds']:.0f} s{' (stopped by its time limit)' if r['spin']['stopped_early'] else ''}; "
                      f"loss by step {marks}.")
+    notes = [f"- {_label(r)}: {r['notes']}" for r in d["rows"] if r.get("notes")]
+    if notes:
+        text += "\n\nNotes on rows:\n" + "\n".join(notes)
     if any(r.get("tool") == "float" for r in d["rows"]):
         text += "\n\nTargets (issue 25):\n" + "\n".join(_targets(d))
     return text + "\n\n" + "\n".join(header_lines(d))
