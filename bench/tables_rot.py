@@ -61,7 +61,10 @@ def _targets(d: dict) -> list[str]:
                          f"{mean / fp['ppl']:.2f}×, worst seed {worst / fp['ppl']:.2f}× — "
                          f"{'met' if worst <= 1.5 * fp['ppl'] else 'missed'}")
     spins, quarot = seeds.get("spinquant-w4a4kv4-asym", []), seeds.get("quarot-w4a4kv4-asym", [])
-    if not spins or not quarot:
+    refused = any("spinquant" in str(r.get("row", "")) and "refused" in str(r.get("error", "")) for r in rows)
+    if refused:
+        lines.append("- SpinQuant no worse than QuaRot: both refused on this model (their rows say why)")
+    elif not spins or not quarot:
         lines.append("- SpinQuant no worse than QuaRot: not measured yet")
     else:
         mean, spin = statistics.mean(r["ppl"] for r in quarot), statistics.mean(r["ppl"] for r in spins)
