@@ -52,7 +52,8 @@ class CacheView(nn.Module):
 
 
 def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor) -> float:
-    """Stored bits per cached value under `config`, from layer 0's K and V of the first 512 tokens."""
+    """Stored bits per cached value under `config`: layer 0's K of the first 512 tokens encoded by the
+    K and the V codec (the stored size depends on the shapes and the method, not on the values)."""
     from lowbit.kv.codec import KvCodec
 
     if config is None:

@@ -75,12 +75,9 @@ def kvcache_attention(module: nn.Module, query, key, value, attention_mask, **kw
 
 
 def _register() -> None:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from ..nn.kv_attention import register_sdpa_attention
 
-    if IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, kvcache_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    register_sdpa_attention(IMPLEMENTATION, kvcache_attention)
 
 
 def install_kv_cache(model: nn.Module, spec, config: KvCacheConfig) -> None:

@@ -75,13 +75,18 @@ def kv_quant_attention(module: nn.Module, query, key, value, attention_mask, **k
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register() -> None:
+def register_sdpa_attention(name: str, function) -> None:
+    """Register `function` as transformers attention implementation `name`, with SDPA's masks."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, kv_quant_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, function)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+def _register() -> None:
+    register_sdpa_attention(IMPLEMENTATION, kv_quant_attention)
 
 
 def install_kv_quant(model: nn.Module, spec, kv: KvQuant) -> None:

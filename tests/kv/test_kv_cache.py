@@ -79,5 +79,10 @@ def test_generation_is_deterministic_and_float_equals_transformers(tiny):
                                 past_key_values=QuantizedKVCache(KvCacheConfig("turboquant", 2.5), tiny.dims.n_layers))
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+    from transformers import DynamicCache
+
+    from lowbit.kv.generate import generate_greedy
+
     plain = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
-    assert plain.shape == runs[0].shape
+    ours = generate_greedy(tiny.model, ids, 10, DynamicCache(config=tiny.model.config))
+    assert torch.equal(ours.tokens, plain[0, ids.shape[1]:])          # the float cache: transformers' own tokens
