@@ -1,22 +1,33 @@
-"""KV cache (issue 26), lowbit's rows so far: perplexity, KLD and stored bits of each cache setting on
-one model, every setting evaluated on the same windows against the float cache in one pass per window
-(lowbit.kv.attention: each window's tokens read the quantized K/V of every earlier token of that
-window, as token-by-token generation's cache would hold them). Bits per cached value are measured
-from the packed codec on the window's own K (bytes × 8 / values), side data included.
-Not yet here (the issue's rest): the peers, passkey accuracy, tokens/s and RSS in generation, ctx 8192.
+"""KV cache (issue 26): lowbit's cache settings on one model, in four stages that fill one JSON file
+(bench/results/kv_cache_<model>.json, rows keyed by setting; the peers are bench/peers/kv_peers.py).
 
-    python bench/kv_cache.py --model smollm2-135m [--windows 20] [--ctx 2048] [--rows ...]
+  ppl       perplexity, KLD and top-1 changes of every setting against the float cache, all settings on
+            the same windows in one pass per window (lowbit.kv.attention: each window's tokens read the
+            quantized K/V of every earlier token of that window, as token-by-token generation's cache holds
+            them); bits per cached value measured from the packed codec on the window's own K
+            (bytes × 8 / values, side data included). --ctx 2048 --windows 20 by default.
+  long      the same at ctx 8192 (SmolLM2's whole context) on --long-windows windows.
+  passkey   the passkey prompts of bench/kv_inputs.py answered by greedy generation with the packed cache
+            (lowbit.kv.cache.QuantizedKVCache): accuracy overall, per depth and per length.
+  generate  `lowbit generate --prompt-file` (8k tokens of context: prompt of 8128, 64 new) in a process of
+            its own per setting: decode tokens/s, the cache's bytes per token, peak RSS; ratios against
+            the float cache of the same run.
+
+    python bench/kv_cache.py --model smollm2-135m --stage ppl [--windows 20] [--rows ...]
+    python bench/kv_cache.py --model smollm2-135m --stage long --stage passkey --stage generate
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common import EVAL_TEXT, REPO, machine, table, write_json
+from common import EVAL_TEXT, REPO, machine, run_measured, table
 
 from lowbit.kv.config import KvCacheConfig
 
@@ -34,6 +45,8 @@ ROWS = {   # label -> KvCacheConfig (None: the float cache)
     "turboquant3.5-qjl": KvCacheConfig("turboquant", 3.5, qjl=True),
     "turboquant2.5-qjl": KvCacheConfig("turboquant", 2.5, qjl=True),
 }
+MAIN_ROWS = ["float", "int8", "int4", "int2", "kivi4-r128", "kivi2-r128", "turboquant3.5", "turboquant2.5"]
+STAGES = ("ppl", "long", "passkey", "generate")
 
 
 class CacheView(nn.Module):
@@ -74,42 +87,136 @@ def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor) -> f
     return total * 8 / (2 * k.numel())
 
 
-def main() -> None:
+def perplexity(model: str, rows: list[str], ctx: int, windows: int) -> dict:
+    """{row: measured} for one ctx: every row on the same windows, float cache as KLD reference."""
     from lowbit.data.text import read_text
     from lowbit.eval.perplexity import evaluate_many, tokenize
     from lowbit.kv.attention import install_kv_cache
     from lowbit.models.load import load
 
+    loaded = load(model)
+    ids = tokenize(loaded.tokenizer, read_text(EVAL_TEXT).text)
+    bits = {r: bits_per_value(ROWS[r], loaded, ids) for r in rows}
+    reference = load(model).model                        # a second copy: the float cache, plain SDPA
+    install_kv_cache(loaded.model, loaded.spec, KvCacheConfig("int", 8))
+    views = {r: CacheView(loaded.model, loaded.spec, ROWS[r]) for r in rows}
+    results = evaluate_many(views, ids, ctx, windows, reference=reference, reference_name=f"{model} float cache")
+    fp = results.get("float")
+    return {r: {"ppl": res.ppl, "kld": res.kld.mean, "kld_p99": res.kld.p99, "top1_changed": res.kld.top1_changed,
+                "bits_per_value": bits[r], "windows": res.windows, "ctx": ctx, "seconds": res.seconds,
+                "convention": res.convention, **({"ppl_increase": res.ppl / fp.ppl - 1} if fp else {})}
+            for r, res in results.items()}
+
+
+def passkey(model: str, rows: list[str]) -> dict:
+    """{row: passkey scores}: kv_inputs' prompts, 8 greedy tokens each with a fresh packed (or float) cache."""
+    from safetensors.torch import load_file
+    from transformers import DynamicCache
+
+    import kv_inputs
+    from lowbit.kv.cache import QuantizedKVCache
+    from lowbit.kv.generate import generate_greedy
+    from lowbit.models.load import load
+
+    loaded = load(model)
+    files, meta = kv_inputs.passkey_inputs(model)
+    prompts = load_file(files)
+    out = {}
+    for r in rows:
+        cfg, start, answers = ROWS[r], time.perf_counter(), []
+        for i in range(len(meta)):
+            cache = (QuantizedKVCache(cfg, loaded.model.config.num_hidden_layers) if cfg
+                     else DynamicCache(config=loaded.model.config))
+            answers.append(loaded.tokenizer.decode(generate_greedy(loaded.model, prompts[f"ids_{i}"], 8, cache).tokens,
+                                                   skip_special_tokens=True))
+        out[r] = {**kv_inputs.score_passkey(meta, answers), "seconds": time.perf_counter() - start}
+        print(f"passkey {r}: {out[r]['accuracy']:.2f} {out[r]['by_length']}", flush=True)
+    return out
+
+
+def kv_flags(config: KvCacheConfig | None) -> list[str]:
+    """`lowbit generate` flags for a setting."""
+    if config is None:
+        return []
+    flags = ["--kv", config.method, "--kv-bits", f"{config.bits:g}", "--kv-residual", str(config.residual)]
+    if config.group:
+        flags += ["--kv-group", str(config.group)]
+    if config.axis != "token":
+        flags += ["--kv-axis", config.axis]
+    return flags + (["--kv-sym"] if config.symmetric else []) + (["--kv-qjl"] if config.qjl else [])
+
+
+def generation(model: str, rows: list[str], threads: int) -> dict:
+    """{row: `lowbit generate` after the 8k prompt}, each in its own process (peak RSS)."""
+    import tempfile
+
+    import kv_inputs
+
+    prompt, _ = kv_inputs.generation_prompt(model)
+    out = {}
+    for r in rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = Path(tmp) / "gen.json"
+            wall, rss, _ = run_measured([sys.executable, "-m", "lowbit", "-q", "generate", model, "--prompt-file",
+                                         str(prompt), "--max-new-tokens", str(kv_inputs.GEN_NEW), "--json",
+                                         str(summary), *kv_flags(ROWS[r])], threads)
+            rec = json.loads(summary.read_text())
+        out[r] = {**{k: rec[k] for k in ("prompt_tokens", "prefill_seconds", "decode_seconds",
+                                          "decode_tokens_per_second", "cache_bytes", "bytes_per_token", "text")
+                     if k in rec}, "peak_rss_mib": rss, "wall_seconds": wall, "threads": threads,
+                  "command": f"lowbit generate {model} --prompt-file {prompt.name} --max-new-tokens "
+                             f"{kv_inputs.GEN_NEW} {' '.join(kv_flags(ROWS[r]))}".strip()}
+        print(f"generate {r}: {out[r]['decode_tokens_per_second']:.1f} tok/s, {out[r]['bytes_per_token']:.0f} B/token, "
+              f"{rss} MiB", flush=True)
+    if "float" in out:
+        for rec in out.values():
+            f = out["float"]
+            rec.update(tokens_per_second_vs_float=rec["decode_tokens_per_second"] / f["decode_tokens_per_second"],
+                       bytes_per_token_vs_float=rec["bytes_per_token"] / f["bytes_per_token"],
+                       peak_rss_vs_float=rec["peak_rss_mib"] / f["peak_rss_mib"])
+    return out
+
+
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--stage", action="append", choices=STAGES, help="repeatable (default ppl)")
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--ctx", type=int, default=2048)
-    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--long-ctx", type=int, default=8192)
+    p.add_argument("--long-windows", type=int, default=2)
+    p.add_argument("--rows", nargs="*", default=None, choices=list(ROWS),
+                   help=f"default: all for ppl, {' '.join(MAIN_ROWS)} for the other stages")
+    p.add_argument("--threads", type=int, default=2, help="OMP threads of each `lowbit generate` process")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     path = Path(a.json or REPO / "bench" / "results" / f"kv_cache_{a.model}.json")
-    loaded = load(a.model)
-    ids = tokenize(loaded.tokenizer, read_text(EVAL_TEXT).text)
-    bits = {r: bits_per_value(ROWS[r], loaded, ids) for r in a.rows}
-    reference = load(a.model).model                        # a second copy: the float cache, plain SDPA
-    install_kv_cache(loaded.model, loaded.spec, KvCacheConfig("int", 8))
-    views = {r: CacheView(loaded.model, loaded.spec, ROWS[r]) for r in a.rows}
-    start = time.perf_counter()
-    results = evaluate_many(views, ids, a.ctx, a.windows, reference=reference, reference_name=f"{a.model} float cache")
-    rows, fp = [], results.get("float")
-    for r in a.rows:
-        res, cfg = results[r], ROWS[r]
-        rows.append({"model": a.model, "row": r, "tool": "lowbit", "kv_cache": cfg.to_dict() if cfg else None,
-                     "ppl": res.ppl, "kld": res.kld.mean, "kld_p99": res.kld.p99, "top1_changed": res.kld.top1_changed,
-                     "bits_per_value": bits[r], "eval_windows": res.windows, "eval_seconds": res.seconds,
-                     **({"ppl_increase": res.ppl / fp.ppl - 1} if fp else {})})
-    write_json(path, {"bench": "kv_cache", "model": a.model, "machine": machine(),
-                      "eval": {"text": str(EVAL_TEXT), "ctx": a.ctx, "windows": a.windows, "kld_ref": "float cache",
-                               "convention": results[a.rows[0]].convention},
-                      "eval_wall_seconds": time.perf_counter() - start, "rows": rows})
-    print(table(["row", "ppl", "+ppl", "KLD", "bits/value"],
-                [[r["row"], r["ppl"], f"{100 * r.get('ppl_increase', 0):.2f}%", r["kld"], r["bits_per_value"]]
-                 for r in rows]))
+    state = json.loads(path.read_text()) if path.exists() else {}
+    import kv_inputs
+
+    state.update(bench="kv_cache", model=a.model, machine=machine(), eval_text=str(EVAL_TEXT),
+                 values_per_token=kv_inputs.values_per_token(a.model))
+    stages = state.setdefault("stages", {})
+    for stage in a.stage or ["ppl"]:
+        rows = a.rows or (list(ROWS) if stage == "ppl" else MAIN_ROWS)
+        start = time.perf_counter()
+        if stage == "ppl":
+            result = perplexity(a.model, rows, a.ctx, a.windows)
+        elif stage == "long":
+            result = perplexity(a.model, rows, a.long_ctx, a.long_windows)
+        elif stage == "passkey":
+            result = passkey(a.model, rows)
+        else:
+            result = generation(a.model, rows, a.threads)
+        merged = stages.setdefault(stage, {"rows": {}})
+        merged["rows"].update(result)
+        merged["wall_seconds_last_run"] = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(state, indent=1))
+        if stage in ("ppl", "long"):
+            print(table(["row", "ctx", "ppl", "+ppl", "KLD", "bits/value"],
+                        [[r, v["ctx"], v["ppl"], f"{100 * v.get('ppl_increase', 0):.2f}%", v["kld"], v["bits_per_value"]]
+                         for r, v in result.items()]))
     print(f"wrote {path}")
 
 

@@ -21,6 +21,7 @@ _HERE = str(Path(__file__).resolve().parent)
 sys.path.insert(0, _HERE)   # tables_format lies beside this file (also when a test loads it by path)
 try:
     from tables_act import int8_speed_page, w8a8_page
+    from tables_kv import kv_page
     from tables_rot import rotations_page
     from tables_format import (DOCS, HEADLINE, MODELS, README, REPO, SETTINGS, Notes, blank, conditions_text,
                                fixed, header_lines, load, page, pct, ppl, seconds, share, sig, table)
@@ -301,7 +302,7 @@ def import_page() -> str:
 
 PAGES = {"rtn.md": rtn_page, "calibrated.md": calibrated_page, "gguf.md": gguf_page, "speed.md": speed_page,
          "import.md": import_page, "w8a8.md": w8a8_page, "int8_speed.md": int8_speed_page,
-         "rotations.md": rotations_page}
+         "rotations.md": rotations_page, "kv_cache.md": kv_page}
 
 
 def generate() -> dict[Path, str]:

@@ -19,7 +19,7 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                    help="bits per cached value: int/kivi 2, 3, 4, 8; turboquant 2, 2.5, 3, 3.5, 4; "
                         "16 = the float cache")
     g.add_argument("--kv-group", type=int, default=None,
-                   help="int: values per group along head_dim (default head_dim; per-channel: tokens, default 32); "
+                   help="int: values per group along head_dim (default 64, or head_dim where 64 does not divide it; per-channel: tokens, default 32); "
                         "kivi: K's tokens per group and V's group along head_dim (default 32)")
     g.add_argument("--kv-residual", type=int, default=0, metavar="R",
                    help="keep the newest R tokens in float (KIVI's residual window; default 0)")

@@ -49,11 +49,17 @@ def passkey_prompt(tokenizer, filler_ids: Tensor, length: int, depth: float, key
     return torch.cat([header, filler[:a], needle, filler[a:], question])[None]
 
 
-def run_passkey(model, tokenizer, filler_ids: Tensor, lengths: list[int], depths: list[float], make_cache,
-                trials: int = 1, seed: int = 0, progress=None) -> list[PasskeyTrial]:
-    """Every (length, depth) `trials` times with a fresh cache from make_cache(); greedy, 8 new tokens."""
-    from ..kv.generate import generate_greedy
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    length: int
+    depth: float
+    key: str
+    ids: Tensor                  # [1, length]
 
+
+def passkey_prompts(tokenizer, filler_ids: Tensor, lengths: list[int], depths: list[float], trials: int = 1,
+                    seed: int = 0) -> list[PasskeyPrompt]:
+    """Every (length, depth) `trials` times: a seeded key and filler offset each."""
     rng = random.Random(seed)
     out = []
     for length in lengths:
@@ -61,11 +67,23 @@ def run_passkey(model, tokenizer, filler_ids: Tensor, lengths: list[int], depths
             for _ in range(trials):
                 key = str(rng.randrange(10000, 100000))
                 offset = rng.randrange(0, max(1, filler_ids.numel() - length))
-                ids = passkey_prompt(tokenizer, filler_ids, length, depth, key, offset)
-                gen = generate_greedy(model, ids, 8, make_cache())
-                out.append(PasskeyTrial(length, depth, key, tokenizer.decode(gen.tokens, skip_special_tokens=True)))
-                if progress is not None:
-                    progress(out[-1])
+                out.append(PasskeyPrompt(length, depth, key,
+                                         passkey_prompt(tokenizer, filler_ids, length, depth, key, offset)))
+    return out
+
+
+def run_passkey(model, tokenizer, filler_ids: Tensor, lengths: list[int], depths: list[float], make_cache,
+                trials: int = 1, seed: int = 0, progress=None) -> list[PasskeyTrial]:
+    """passkey_prompts, each answered greedily (8 new tokens) with a fresh cache from make_cache()."""
+    from ..kv.generate import generate_greedy
+
+    out = []
+    for prompt in passkey_prompts(tokenizer, filler_ids, lengths, depths, trials, seed):
+        gen = generate_greedy(model, prompt.ids, 8, make_cache())
+        out.append(PasskeyTrial(prompt.length, prompt.depth, prompt.key,
+                                tokenizer.decode(gen.tokens, skip_special_tokens=True)))
+        if progress is not None:
+            progress(out[-1])
     return out
 
 

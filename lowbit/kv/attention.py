@@ -6,7 +6,9 @@ F(t) = max(0, ⌊(t + 1 − R) / m⌋·m) (R the residual window, m the token gr
 1). A token's quantized value does not depend on when it was flushed (per-token methods quantize it
 alone; a per-channel K group is complete when flushed), so one pass computes all of them: attention
 runs over [K_q ; K] (2T keys) with query t allowed key j of K_q iff j < F(t) and key j of K iff
-F(t) ≤ j ≤ t — intersected with the model's own mask (causal, sliding window). TurboQuant's channel
+F(t) ≤ j ≤ t — intersected with the model's own mask (causal, sliding window). Without a residual window and
+with per-token groups F(t) = t + 1: the queries read K_q alone under the model's own mask (half
+the keys, SDPA's causal path). TurboQuant's channel
 split is chosen on the window, as on a generation's first write (its prompt).
 Installed as the transformers attention implementation "lowbit_kvcache" around SDPA.
 """
@@ -68,6 +70,8 @@ def kvcache_attention(module: nn.Module, query, key, value, attention_mask, **kw
     if config is None or query.shape[-2] != T:      # no cache config, or a generation step: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kq, vq, F = cache_views(key, value, config, module.layer_idx)
+    if bool((F == torch.arange(1, T + 1)).all()):     # every earlier token already quantized: K_q alone, own mask
+        return sdpa_attention_forward(module, query, kq, vq, attention_mask, **kwargs)
     mask = split_mask(_allowed(attention_mask, T, T, key.device), F.to(key.device))
     kwargs.pop("is_causal", None)
     return sdpa_attention_forward(module, query, torch.cat([kq, key], -2), torch.cat([vq, value], -2), mask,

@@ -22,7 +22,7 @@ TURBO_BITS = (2, 2.5, 3, 3.5, 4)
 
 @dataclass(frozen=True)
 class KvCacheConfig:
-    """method, bits, group (int: along head_dim, default head_dim; kivi: tokens per K group and V's
+    """method, bits, group (int: along head_dim, default 64 where it divides head_dim, else head_dim; kivi: tokens per K group and V's
     group along head_dim, default 32), residual (newest tokens kept in float), axis (int only:
     "token" or "channel"), symmetric (int only), qjl (turboquant only), seed (turboquant's rotations)."""
 

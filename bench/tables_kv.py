@@ -1,0 +1,142 @@
+"""bench/tables.py's page for issue 26: the KV cache (kv_cache_*.json and the peers' rows under
+bench/results/peers/kv_cache/). Standard library only."""
+from __future__ import annotations
+
+import json
+
+from tables_format import MODELS, RESULTS, fixed, header_lines, model_sections, page, ppl, sig, table
+
+KV_MODELS = ("smollm2-135m", "gemma3-270m")
+PEER_DIR = RESULTS / "peers" / "kv_cache"
+NOMINAL = {"int8": 8, "int4": 4, "int2": 2, "int4-kchannel": 4, "int2-kchannel": 2, "kivi4-r128": 4, "kivi2-r128": 2}
+
+
+def _peers(model: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(PEER_DIR.glob(f"*_{model}.json"))]
+
+
+def _peer_bits(r: dict) -> float | None:
+    if "cache_type" in r:
+        return {"f32": 32, "f16": 16, "q8_0": 8, "q4_0": 4, "q4_1": 4}[r["cache_type"]]
+    return (r.get("settings") or {}).get("nbits")
+
+
+def _peer_increase(r: dict, fp: float | None) -> float | None:
+    """Against the peer's own float cache (llama.cpp) or lowbit's float row (same evaluation, transformers)."""
+    base = r.get("float_ppl_llamacpp", fp)
+    return r["ppl"] / base - 1 if "ppl" in r and base else None
+
+
+def _passkey(p: dict | None) -> str:
+    return "" if not p else f"{round(p['accuracy'] * len(p['trials']))}/{len(p['trials'])}"
+
+
+def _gen(g: dict | None, f: dict | None) -> list[str]:
+    if not g:
+        return ["", "", ""]
+    ratio = lambda k, fk: f" ({g[k] / f[fk]:.2f}×)" if f and f.get(fk) else ""
+    return [f"{g['decode_tokens_per_second']:.1f}{ratio('decode_tokens_per_second', 'decode_tokens_per_second')}",
+            f"{g['bytes_per_token']:.0f}{ratio('bytes_per_token', 'bytes_per_token')}",
+            f"{g['peak_rss_mib']}{ratio('peak_rss_mib', 'peak_rss_mib')}" if g.get("peak_rss_mib") else ""]
+
+
+def _rows(model: str, d: dict) -> tuple[list[list[str]], dict]:
+    st = d.get("stages", {})
+    ppl_rows = st.get("ppl", {}).get("rows", {})
+    pk, gen = st.get("passkey", {}).get("rows", {}), st.get("generate", {}).get("rows", {})
+    fp = ppl_rows.get("float", {}).get("ppl")
+    body = []
+    for name, r in ppl_rows.items():
+        inc = r.get("ppl_increase")
+        body.append([f"lowbit {name}", ppl(r["ppl"]), "" if inc is None else f"{100 * inc:+.2f}%", sig(r["kld"], 3),
+                     f"{100 * r['top1_changed']:.2f}%", fixed(r["bits_per_value"], 2), _passkey(pk.get(name)),
+                     *_gen(gen.get(name), gen.get("float"))])
+    peers = _peers(model)
+    f_llama = next((p.get("generation") for p in peers if p.get("cache_type") == "f16" and "error" not in p), None)
+    for r in peers:
+        label = f"{r.get('tool', '')}: {r['peer']}"
+        if "error" in r:
+            body.append([label, "failed: " + str(r["error"]).replace("|", "/")[:200], *[""] * 8])
+            continue
+        inc = _peer_increase(r, fp)
+        g = r.get("generation") or {}
+        bits = r.get("bits_per_value") or (8 * g["bytes_per_token"] / _values(d) if g.get("bytes_per_token") and _values(d)
+                                           else None)
+        body.append([label, ppl(r["ppl"]), "" if inc is None else f"{100 * inc:+.2f}%", sig(r["kld"], 3),
+                     f"{100 * r['top1_changed']:.2f}%", fixed(bits, 2), _passkey(r.get("passkey")),
+                     *_gen(g, f_llama if r.get("cache_type") else gen.get("float"))])
+    return body, {"fp": fp, "ppl": ppl_rows, "passkey": pk, "peers": peers}
+
+
+def _values(d: dict) -> int | None:
+    return d.get("values_per_token")
+
+
+def _targets(facts: dict) -> list[str]:
+    rows, pk, lines = facts["ppl"], facts["passkey"], []
+    for name, limit in (("turboquant3.5", 0.01), ("turboquant2.5", 0.03), ("kivi2-r128", 0.05)):
+        if name in rows and "ppl_increase" in rows[name]:
+            inc = rows[name]["ppl_increase"]
+            lines.append(f"- `{name}` within {100 * limit:.0f}% of the float cache's perplexity: {100 * inc:+.2f}% — "
+                         f"{'met' if inc <= limit else 'missed'}")
+    for peer in facts["peers"]:
+        bits, inc = _peer_bits(peer), _peer_increase(peer, facts["fp"])
+        ours = {n: r["ppl_increase"] for n, r in rows.items() if NOMINAL.get(n) == bits and "ppl_increase" in r}
+        if inc is None or not ours or "error" in peer:
+            continue
+        worse = [n for n, v in ours.items() if v > inc]
+        lines.append(f"- lowbit's {bits}-bit rows at most the increase of {peer['peer']} ({100 * inc:+.2f}%): "
+                     + ", ".join(f"`{n}` {100 * v:+.2f}%" for n, v in ours.items())
+                     + f" — {'met' if not worse else 'missed by ' + ', '.join(worse)}")
+    if "float" in pk and "turboquant3.5" in pk:
+        a, b = pk["float"]["accuracy"], pk["turboquant3.5"]["accuracy"]
+        lines.append(f"- passkey at 3.5 bits equal to float's: {_passkey(pk['turboquant3.5'])} vs {_passkey(pk['float'])}"
+                     f" — {'met' if b >= a else 'missed'}")
+    return lines
+
+
+def _section(model: str, d: dict, name: str) -> str:
+    head = ["row", "ppl", "Δppl", "KLD", "top-1 changed", "bits/value", "passkey", "decode tok/s", "cache B/token",
+            "peak RSS MiB"]
+    body, facts = _rows(model, d)
+    ppl_stage = d.get("stages", {}).get("ppl", {}).get("rows", {})
+    first = next(iter(ppl_stage.values()), {})
+    text = (f"## {MODELS[model]} (`bench/results/{name}`)\n\nctx {first.get('ctx', '?')}, {first.get('windows', '?')} "
+            "windows.\n\n" + table(head, body, set(range(1, 10))))
+    long_rows = d.get("stages", {}).get("long", {}).get("rows", {})
+    if long_rows:
+        r0 = next(iter(long_rows.values()))
+        text += (f"\n\nAt ctx {r0['ctx']} ({r0['windows']} windows):\n\n" + table(
+            ["row", "ppl", "Δppl", "KLD", "top-1 changed"],
+            [[f"lowbit {n}", ppl(r["ppl"]), f"{100 * r.get('ppl_increase', 0):+.2f}%", sig(r["kld"], 3),
+              f"{100 * r['top1_changed']:.2f}%"] for n, r in long_rows.items()], {1, 2, 3, 4}))
+    pk = facts["passkey"]
+    if pk:
+        depths = sorted({t["depth"] for p in pk.values() for t in p["trials"]})
+        lengths = sorted({t["length"] for p in pk.values() for t in p["trials"]})
+        text += ("\n\nPasskey retrieval, correct answers by prompt length (tokens) and depth of the key:\n\n" + table(
+            ["row", *[f"{n} @ {dd}" for n in lengths for dd in depths]],
+            [[n, *["✓" if t["correct"] else "✗" for t in sorted(p["trials"], key=lambda t: (t["length"], t["depth"]))]]
+             for n, p in pk.items()] +
+            [[f"{p['peer']}", *["✓" if t["correct"] else "✗" for t in sorted(p["passkey"]["trials"],
+                                                                             key=lambda t: (t["length"], t["depth"]))]]
+             for p in facts["peers"] if p.get("passkey")]))
+    if facts["fp"] is not None:
+        text += "\n\nTargets (issue 26):\n" + "\n".join(_targets(facts))
+    return text + "\n\n" + "\n".join(header_lines(d))
+
+
+def kv_page() -> str:
+    intro = ("The KV cache quantized as generation stores it (`python bench/kv_cache.py --model M --stage ppl "
+             "--stage long --stage passkey --stage generate`; docs/kv_cache.md): WikiText-2 raw test, GPTQ "
+             "convention, KLD against the float cache. A window's tokens read the quantized K/V of every earlier "
+             "token of that window (KIVI rows: the newest 128 to 159 in float). bits/value: the packed codes and "
+             "their side data per cached value. Passkey: a 5-digit key hidden at 25% and 75% depth in prompts of "
+             "1k to 8k tokens of the evaluation text, 8 greedy tokens. decode tok/s, cache B/token, peak RSS: "
+             "`lowbit generate` after an 8128-token prompt, 64 new tokens, one process per row (ratios against the "
+             "float cache of the same run). Peers (`bench/peers/kv_peers.py`): transformers' QuantizedCache "
+             "(quanto, HQQ; fed 64 tokens per call, the newest 64 to 192 tokens in float) scored by lowbit's "
+             "evaluation against the same float model; llama.cpp's cache types by its own llama-perplexity on "
+             "lowbit's F32 GGUF export (its convention: BOS per chunk, second half scored; its Δppl and KLD against "
+             "its F32 cache, its float row the f16 cache).")
+    return page("KV cache (`bench/kv_cache.py`)", intro, model_sections("kv_cache", KV_MODELS, _section))
