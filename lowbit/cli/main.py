@@ -16,10 +16,11 @@ from . import export as export_cmd
 from . import generate as generate_cmd
 from . import import_ as import_cmd
 from . import info as info_cmd
+from . import plan as plan_cmd
 from . import quantize as quantize_cmd
 from . import recipes as recipes_cmd
 
-VERBS = (quantize_cmd, recipes_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, info_cmd, analyze_cmd, demo_cmd)
+VERBS = (quantize_cmd, plan_cmd, recipes_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, info_cmd, analyze_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,87 @@
+"""`lowbit plan`: per-tensor formats at a target size, written as a plan file for `lowbit quantize --plan`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import LowbitError
+from .table import table
+
+
+def add_parser(sub) -> None:
+    from ..plans.planner import DEFAULT_FORMATS, LOSSES
+
+    p = sub.add_parser("plan", help="per-tensor formats that minimise the predicted loss at a target size",
+                       description="Choose a format for every decoder linear so that the summed predicted loss is "
+                                   "least at a size of at most --target-bpw bits per weight (lowbit's count: codes, "
+                                   "scales and zero-points of the quantized linears). Writes a plan file; apply it "
+                                   "with `lowbit quantize MODEL --plan FILE --method gptq --calib PATH`.")
+    p.add_argument("model", help="a model name, a .gguf file or an HF directory (a float model)")
+    p.add_argument("--target-bpw", type=float, required=True, metavar="B", help="bits per weight, at most")
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help=f"candidate formats, comma-separated (default: {','.join(DEFAULT_FORMATS)})")
+    p.add_argument("--loss", choices=LOSSES, default="kld",
+                   help="kld: each tensor's KLD when it alone is rounded, measured on the probe rows (default); "
+                        "proxy: its Hessian-weighted rounding error (one pass, much faster)")
+    p.add_argument("--calib", default=None, metavar="PATH",
+                   help="text for the probe rows (default: lowbit's built-in sample text; the evaluation text is refused)")
+    p.add_argument("--samples", type=int, default=4, help="probe rows (default: 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per probe row (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="where the rows start in the text (default: 0)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the plan file to write (.yaml, .yml or .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the summary and every predicted loss")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.default_text import default_text
+    from ..analysis.probe import Probe
+    from ..data.calibration import CalibConfig
+    from ..data.text import read_text
+    from ..models.load import load
+    from ..plans.planner import PlannerConfig, decoder_linears, measured_losses, plan_bits, proxy_losses
+    from ..quantize import calibration_samples
+
+    try:
+        config = PlannerConfig(args.target_bpw, tuple(f.strip() for f in args.formats.split(",") if f.strip()), args.loss)
+        calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml", ".json"):
+        raise LowbitError(f"--out {out}: a plan file ends in .yaml, .yml or .json")
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"--out {out} exists (use --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise LowbitError(f"--out {out}: no directory {out.parent}")
+    text = read_text(args.calib) if args.calib else default_text()
+    loaded = load(args.model)
+    rows = calibration_samples(loaded, text, calib)
+    names = decoder_linears(loaded.model, loaded.spec)
+    shapes = {n: tuple(loaded.model.get_submodule(n).weight.shape) for n in names}
+    fmts = config.candidates()
+    if config.loss == "kld":
+        probe = Probe(loaded.model, loaded.spec, rows)
+        losses = measured_losses(loaded.model, loaded.spec, probe, names, fmts)
+    else:
+        losses = proxy_losses(loaded.model, rows, names, fmts)
+    try:
+        plan = plan_bits(names, shapes, losses, config)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+    plan.format_plan().save(out)
+    summary = plan.summary()
+    print(table(["format", "tensors", "weights", "share"],
+                [[f, r["tensors"], r["params"], f"{100 * r['params'] / plan.params:.1f}%"]
+                 for f, r in sorted(summary["by_format"].items())]))
+    print(f"\n{plan.bits_per_weight:.4f} bits per weight (target {config.target_bpw:g}); predicted loss "
+          f"{plan.predicted_loss:.4g} ({config.loss}); wrote {out}")
+    print(f"apply it: lowbit quantize {args.model} --plan {out} --method gptq --calib PATH --out DIR")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            **summary, "model": args.model, "formats": list(config.formats), "probe": {
+                "text": text.origin, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
+            "choices": [vars(c) for c in plan.choices], "losses": plan.losses}, indent=1))
+    return 0

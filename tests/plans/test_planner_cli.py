@@ -1,0 +1,61 @@
+"""`lowbit plan` on a tiny model: the plan stays within the target, `lowbit quantize --plan` applies it
+and stores exactly the size the plan counted; bad input is one line and writes nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from support import assert_one_line_error, run_cli
+
+FORMATS = "int2-g32-sym,int4-g32-sym,int8-g32-sym"
+PROBE = ("--samples", "2", "--seq-len", "32")
+
+
+@pytest.mark.parametrize("loss", ["kld", "proxy"])
+def test_plan_hits_the_target_and_quantize_applies_it(tiny_llama_dir, tmp_path, capsys, loss):
+    plan, summary, out = tmp_path / "plan.yaml", tmp_path / "plan.json", tmp_path / "q"
+    code, stdout, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "3.5", "--formats", FORMATS,
+                                "--loss", loss, *PROBE, "--out", plan, "--json", summary)
+    assert code == 0, err
+    s = json.loads(summary.read_text())
+    assert s["bits_per_weight"] <= 3.5
+    assert len({c["format"] for c in s["choices"]}) > 1                  # a mixed plan, not a uniform one
+    # every tensor's loss is non-negative and falls (weakly) with more bits
+    for by_format in s["losses"].values():
+        two, four, eight = (by_format[f] for f in ("int2-g32-sym", "int4-g32-sym", "int8-g32-sym"))
+        assert 0 <= eight <= four <= two
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--plan", plan, "--method", "rtn", "--out", out,
+                           "--json", tmp_path / "q.json")
+    assert code == 0, err
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["bits_per_weight"] == pytest.approx(s["bits_per_weight"], abs=1e-12)
+
+
+def test_the_knapsack_beats_every_uniform_choice_of_the_same_size(tiny_llama_dir, tmp_path, capsys):
+    summary = tmp_path / "plan.json"
+    run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "4.6", "--formats", FORMATS, *PROBE,
+            "--out", tmp_path / "p.json", "--json", summary)
+    s = json.loads(summary.read_text())
+    uniform4 = sum(v["int4-g32-sym"] for v in s["losses"].values())
+    assert s["predicted_loss"] <= uniform4 + 1e-12                      # int4 everywhere (4.5 bpw) also fits
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (("--target-bpw", "1.0"), ("below the smallest size", "bits per weight")),
+    (("--target-bpw", "-2"), ("--target-bpw must be a positive number",)),
+    (("--target-bpw", "4", "--formats", "int4-g32-sym,bogus"), ("unknown format name 'bogus'",)),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, tmp_path, capsys, argv, needles):
+    plan = tmp_path / "plan.yaml"
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--formats", FORMATS, *PROBE, "--out", plan, *argv)
+    assert_one_line_error(code, err, *needles)
+    assert not plan.exists()
+
+
+def test_an_existing_plan_is_not_overwritten(tiny_llama_dir, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("keep me")
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "4", "--out", plan)
+    assert_one_line_error(code, err, "exists")
+    assert plan.read_text() == "keep me"
