@@ -22,8 +22,8 @@ from .knapsack import Option, smallest, solve
 from .plan import FormatPlan
 
 LOSSES = ("kld", "proxy")
-DEFAULT_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym", "int4-g128-sym", "int4-g64-sym", "int6-g64-sym",
-                   "int8-g128-sym")
+DEFAULT_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed", "int4-g128-sym-signed", "int4-g64-sym-signed",
+                   "int6-g64-sym-signed", "int8-g128-sym-signed")   # the signed grid: the best uniform rows
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""Planner (issue 27): `lowbit plan`'s per-tensor plans at target sizes, quantized by GPTQ within the plan,
+beside uniform GPTQ rows quantized the same way in the same run; and how well the cheap proxy ranks
+the (tensor, format) pairs against their measured KLD.
+
+Stages (resumable; records under --work/MODEL/):
+  losses   every decoder linear × candidate format: KLD when that tensor alone is rounded (probe rows of
+           WikiText-2 *validation*) and the Hessian-weighted proxy on the same rows; Spearman's rank
+           correlation of the two, over all pairs and within each format.
+  plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml.
+  quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
+           process (calibration from WikiText-2 validation).
+  eval     WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; then the JSON.
+
+    python bench/plan.py --model smollm2-135m [--targets 2.5 3.0 3.5 4.25] [--stage losses|plans|quantize|eval|all]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import CALIB_TEXT, REPO
+from recipe_rows import add_args, assemble, evaluate_rows, quantize_rows
+
+UNIFORM = {f"uniform-{f}": ["--method", "gptq", "--format", "int", "--bits", b, "--group", g]
+           for f, b, g in (("int2-g64", "2", "64"), ("int3-g64", "3", "64"), ("int3-g128", "3", "128"),
+                           ("int4-g128", "4", "128"), ("int4-g64", "4", "64"))}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def losses(a, work: Path) -> dict:
+    """Both losses for every (tensor, format), computed once (work/losses.json)."""
+    path = work / "losses.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    from lowbit.analysis.probe import Probe
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.models.load import load
+    from lowbit.plans.planner import PlannerConfig, decoder_linears, measured_losses, proxy_losses
+    from lowbit.quantize import calibration_samples
+
+    loaded = load(a.model)
+    rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(a.probe_samples, a.probe_seq_len, 1))
+    names = decoder_linears(loaded.model, loaded.spec)
+    fmts = PlannerConfig(3.0).candidates()
+    start = time.perf_counter()
+    with torch.no_grad():
+        kld = measured_losses(loaded.model, loaded.spec, Probe(loaded.model, loaded.spec, rows), names, fmts)
+    kld_s, start = time.perf_counter() - start, time.perf_counter()
+    proxy = proxy_losses(loaded.model, rows, names, fmts)
+    proxy_s = time.perf_counter() - start
+    pairs = [(kld[n][f.name], proxy[n][f.name]) for n in names for f in fmts]
+    out = {"names": names, "shapes": {n: list(loaded.model.get_submodule(n).weight.shape) for n in names},
+           "formats": [f.name for f in fmts], "kld": kld, "proxy": proxy, "kld_seconds": kld_s, "proxy_seconds": proxy_s,
+           "probe": {"text": str(CALIB_TEXT), "samples": a.probe_samples, "seq_len": a.probe_seq_len, "seed": 1},
+           "spearman_all": spearman([k for k, _ in pairs], [p for _, p in pairs]),
+           "spearman_by_format": {f.name: spearman([kld[n][f.name] for n in names], [proxy[n][f.name] for n in names])
+                                  for f in fmts}}
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def plans(a, work: Path, found: dict) -> dict:
+    """plan-<B>.yaml per target (measured KLD as the loss); {label: flags}."""
+    from lowbit.plans.planner import PlannerConfig, plan_bits
+
+    rows = {}
+    for target in a.targets:
+        label = f"plan-{target:g}"
+        path = work / f"{label}.yaml"
+        if not path.exists():
+            config = PlannerConfig(target, tuple(found["formats"]), "kld")
+            plan = plan_bits(found["names"], {n: tuple(s) for n, s in found["shapes"].items()}, found["kld"], config)
+            plan.format_plan().save(path)
+            (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
+        rows[label] = ["--plan", str(path), "--method", "gptq"]
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p, {}, "plan")
+    p.set_defaults(rows=None)
+    p.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.25])
+    p.add_argument("--probe-samples", type=int, default=4)
+    p.add_argument("--probe-seq-len", type=int, default=512)
+    p.set_defaults(stage="all")
+    a = p.parse_args()
+    work = Path(a.work) / a.model
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    found = losses(a, work)
+    print(f"proxy vs measured KLD, Spearman: {found['spearman_all']:.3f} over all pairs; by format "
+          + ", ".join(f"{k} {v:.3f}" for k, v in found["spearman_by_format"].items()), flush=True)
+    rows = {**plans(a, work, found), **UNIFORM}
+    a.rows = list(rows)
+    if a.stage in ("quantize", "all"):
+        quantize_rows(a, rows, work, lambda flags: {"plan": flags[1] if flags[0] == "--plan" else None})
+    if a.stage in ("eval", "all"):
+        labels = evaluate_rows(a, work)
+        path = Path(a.json or REPO / "bench" / "results" / f"plan_{a.model}.json")
+        assemble(a, "plan", work, labels, [], path, start, {"bpw": lambda r: r.get("weight_bits")})
+        data = json.loads(path.read_text())
+        data["proxy_rank"] = {k: found[k] for k in ("spearman_all", "spearman_by_format", "probe", "kld_seconds",
+                                                     "proxy_seconds")}
+        data["plans"] = {t: json.loads((work / f"plan-{t:g}.plan.json").read_text()) for t in a.targets}
+        path.write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
