@@ -58,7 +58,7 @@ class ActivationStore:
 
     def __iter__(self):
         for item in self._items:
-            yield item if self._dir is None else torch.load(item)
+            yield item if self._dir is None else torch.load(item, weights_only=True)   # our own tensors; never pickle
 
     def close(self) -> None:
         if self._dir is not None:

@@ -123,11 +123,39 @@ def save_quantized(loaded: Loaded, method: dict, out: Path, overwrite: bool = Fa
 def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LowbitError(f"{path}/{MANIFEST} is missing or not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise LowbitError(f"{path}/{MANIFEST} is not a JSON object")
     if manifest.get("schema") != SCHEMA:
-        raise LowbitError(f"{path}/{MANIFEST} has schema {manifest.get('schema')!r}; this lowbit reads {SCHEMA}")
+        raise LowbitError(f"{path}/{MANIFEST} has schema {str(manifest.get('schema'))[:40]!r}; this lowbit reads {SCHEMA}")
+    if not isinstance(manifest.get("tensors"), dict) or not all(isinstance(e, dict) for e in manifest["tensors"].values()):
+        raise LowbitError(f"{path}/{MANIFEST}: \"tensors\" must map each tensor name to an object")
+    if not isinstance(manifest.get("method", {}), dict):
+        raise LowbitError(f"{path}/{MANIFEST}: \"method\" must be an object")
     return manifest
+
+
+# what a lying lowbit.json entry raises while it is turned into formats, shapes and modules
+_BAD_ENTRY = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+def _quantized_module(name: str, entry: dict, tensors: dict):
+    """(kind, module or quantized weight) of one lowbit.json entry and its tensors (popped from `tensors`)."""
+    fmt = format_from_dict(entry["format"])
+    shape = entry["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and 0 < d < 2**31 for d in shape)):
+        raise ValueError(f"shape {str(shape)[:40]} is not two positive integers")
+    parts = {k: tensors.pop(f"{name}.{k}") for k in ("codes", "scales", "zeros") if f"{name}.{k}" in tensors}
+    q = fmt.unpack(parts, tuple(shape))
+    if entry.get("kind") == "weight":
+        return "weight", q                   # attached after the float tensors are loaded
+    act = act_format_from_dict(entry["activations"]) if "activations" in entry else None
+    module = QuantLinear(q, tensors.pop(f"{name}.bias", None), act, tensors.pop(f"{name}.input_scale", None),
+                         input_transform=entry.get("input_transform"),
+                         input_signs=tensors.pop(f"{name}.input_signs", None),
+                         output_signs=tensors.pop(f"{name}.output_signs", None))
+    return "linear", module
 
 
 def load_quantized(source: ModelSource) -> Loaded:
@@ -140,38 +168,35 @@ def load_quantized(source: ModelSource) -> Loaded:
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
-        raise LowbitError(f"cannot read {path / WEIGHTS}: {e}") from None
+        raise LowbitError(f"cannot read {path / WEIGHTS}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     config = AutoConfig.from_pretrained(str(path))
     with no_init_weights():                      # every weight comes from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     weights = {}
     for name, entry in manifest["tensors"].items():
-        fmt = format_from_dict(entry["format"])
-        parts = {k: tensors.pop(f"{name}.{k}") for k in ("codes", "scales", "zeros") if f"{name}.{k}" in tensors}
         try:
-            q = fmt.unpack(parts, tuple(entry["shape"]))
-        except ValueError as e:
-            raise LowbitError(f"{path / WEIGHTS}: tensor {name} does not match lowbit.json: {e}") from None
-        if entry.get("kind") == "weight":
-            weights[name] = q                    # attached after the float tensors are loaded
-            continue
-        bias = tensors.pop(f"{name}.bias", None)
-        try:
-            act = act_format_from_dict(entry["activations"]) if "activations" in entry else None
-            module = QuantLinear(q, bias, act, tensors.pop(f"{name}.input_scale", None),
-                                 input_transform=entry.get("input_transform"),
-                                 input_signs=tensors.pop(f"{name}.input_signs", None),
-                                 output_signs=tensors.pop(f"{name}.output_signs", None))
-        except ValueError as e:
-            raise LowbitError(f"{path / MANIFEST}: tensor {name}: {e}") from None
-        model.set_submodule(name, module)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+            kind, q = _quantized_module(name, entry, tensors)
+            if kind == "linear":
+                model.get_submodule(name)                                   # a name the model has
+                model.set_submodule(name, q)
+            else:
+                weights[name] = q
+        except _BAD_ENTRY as e:
+            raise LowbitError(f"{path / MANIFEST}: tensor {name[:60]!r} does not match the model or "
+                              f"{WEIGHTS}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:                    # a float tensor of the wrong shape
+        raise LowbitError(f"{path / WEIGHTS}: {str(e).splitlines()[-1].strip()[:300]}") from None
     if unexpected:
         raise LowbitError(f"{path / WEIGHTS}: unexpected tensors {unexpected[:3]}")
     if config.tie_word_embeddings:
         model.tie_weights()
     for name, q in weights.items():
-        attach_quantized_weight(model.get_submodule(name), q)
+        try:
+            attach_quantized_weight(model.get_submodule(name), q)
+        except _BAD_ENTRY as e:
+            raise LowbitError(f"{path / MANIFEST}: tensor {name[:60]!r}: {type(e).__name__}: {e}") from None
     missing = [k for k in missing if not _is_derived(model, k) and k.rsplit(".", 1)[0] not in weights]
     if missing:
         raise LowbitError(f"{path / WEIGHTS}: missing tensors {missing[:3]}")
@@ -184,7 +209,10 @@ def load_quantized(source: ModelSource) -> Loaded:
     if kv:
         from ..nn.kv_attention import KvQuant, install_kv_quant
 
-        install_kv_quant(model, spec, KvQuant.from_dict(kv))
+        try:
+            install_kv_quant(model, spec, KvQuant.from_dict(kv))
+        except _BAD_ENTRY as e:
+            raise LowbitError(f"{path / MANIFEST}: method.kv_cache: {type(e).__name__}: {e}") from None
     return Loaded(model.eval(), tokenizer, spec, ModelDims.from_config(config), source,
                   sha256_file(path / WEIGHTS))
 

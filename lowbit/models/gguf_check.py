@@ -43,6 +43,13 @@ class _Cursor:
         return self.take(self.u64(f"{what} length"), what)
 
 
+def _shown(raw: bytes) -> str:
+    """A name read from the file as it may appear in a one-line message: printable, at most 60 characters."""
+    text = raw[:60].decode("utf-8", errors="replace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text + ("…" if len(raw) > 60 else "")
+
+
 def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
     if vtype in _SCALAR:
         raw = cur.take(_SCALAR[vtype], f"value of {key}")
@@ -96,7 +103,7 @@ def _check(data, path: Path) -> None:
             raise ValueError(f"header claims {n_tensors} tensors and {n_kv} keys, more than the file can hold")
         alignment = DEFAULT_ALIGNMENT
         for _ in range(n_kv):
-            key = cur.string("key").decode("utf-8", errors="replace")
+            key = _shown(cur.string("key"))
             value = _value(cur, cur.u32(f"type of {key}"), key)
             if key == "general.alignment":
                 if not value or value & (value - 1):
@@ -104,7 +111,7 @@ def _check(data, path: Path) -> None:
                 alignment = value
         infos = []
         for _ in range(n_tensors):
-            name = cur.string("tensor name").decode("utf-8", errors="replace")
+            name = _shown(cur.string("tensor name"))
             n_dims = cur.u32(f"dimension count of {name}")
             if not 1 <= n_dims <= 4:
                 raise ValueError(f"tensor {name} has {n_dims} dimensions")

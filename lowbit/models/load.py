@@ -82,11 +82,16 @@ def _float_cache(source: ModelSource, sha: str) -> Path:
         start = time.perf_counter()
         logger.info("de-quantizing %s to float32 (once; cached in %s)", source.path.name, final)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(source.path.parent), gguf_file=source.path.name, dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(source.path.parent), gguf_file=source.path.name, dtype=torch.float32, output_loading_info=True)
         except Exception as e:  # transformers' GGUF loader raises assorted errors on files it cannot map
             raise LowbitError(f"transformers cannot load {source.path.name}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        # a tensor the file lacks (or names wrongly) would be left at random initialization
+        missing = [k for k in info["missing_keys"] if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing:
+            raise LowbitError(f"{source.path.name} lacks {len(missing)} of the model's tensors "
+                              f"(e.g. {', '.join(missing[:2])}): not loaded")
         model.save_pretrained(tmp)
         tokenizer_from_gguf(source.path).save_pretrained(tmp)
         (tmp / "lowbit_source.json").write_text(json.dumps(
@@ -122,11 +127,18 @@ def load_float_dir(path: Path):
     """(model, tokenizer) from a Hugging Face directory, float32, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=hf_config(path), dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), config=hf_config(path), dtype=torch.float32,
+                                                           output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # a missing, truncated or lying file
+        raise LowbitError(f"cannot load model from {path}: {(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None
+    # a tensor the files lack (or name wrongly) would be left at random initialization
+    missing = [k for k in info["missing_keys"] if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing:
+        raise LowbitError(f"{path} lacks {len(missing)} of the model's tensors (e.g. {', '.join(missing[:2])}): not loaded")
     return model.eval(), tokenizer
 
 

@@ -76,6 +76,8 @@ def _step(entry, where: str) -> tuple[str, object]:
     (name, options), = entry.items()
     if name not in STEP_CONFIGS:
         raise ValueError(f"{where}: unknown step {name!r} (known: {', '.join(STEP_CONFIGS)})")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"{where}: step {name}: its options are a mapping (`- {name}: {{...}}`), got {str(options)[:40]!r}")
     options = dict(options or {})
     cls = STEP_CONFIGS[name]
     known = [f.name for f in dataclasses.fields(cls)]
