@@ -96,3 +96,11 @@ def format_from_args(args: argparse.Namespace) -> Format | None:
         return make_format(name, group_size=args.group if args.group <= 0 else 0)
     except ValueError as e:
         raise LowbitError(str(e)) from None
+
+
+def recorded_command(argv) -> str:
+    """The command as a manifest records it: run-control flags that do not change the output left out, so
+    the same quantization gives the same bytes however it was started (--overwrite)."""
+    import shlex
+
+    return "lowbit " + " ".join(shlex.quote(str(a)) for a in argv if a not in ("--overwrite", "-q", "--quiet"))

@@ -63,6 +63,7 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)        # recorded by the verbs that write files
     _setup_logging(args.debug, args.quiet)
     try:
         return args.run(args) or 0

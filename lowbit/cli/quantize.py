@@ -10,7 +10,7 @@ from ..methods.awq import AwqConfig
 from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
 from ..quantize import CALIBRATED, INPUTS, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
-from .common import add_format_args, format_from_args, plan_from_args
+from .common import add_format_args, format_from_args, plan_from_args, recorded_command
 from .table import table
 
 
@@ -266,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
     if result.spin is not None:
         method["rotation"]["spin_result"] = {"losses": list(result.spin.losses), "seconds": result.spin.seconds,
                                              "stopped_early": result.spin.stopped_early}
+    method["command"] = recorded_command(getattr(args, "argv", []))
     out = save_quantized(loaded, method, args.out, overwrite=args.overwrite)
     if args.write_plan:
         config.format_plan.save(args.write_plan)

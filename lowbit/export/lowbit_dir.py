@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -98,7 +97,6 @@ def save_quantized(loaded: Loaded, method: dict, out: Path, overwrite: bool = Fa
         "lowbit": __version__,
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "transformers": __import__("transformers").__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "method": method,
         "source": {"arg": loaded.source.arg, "name": loaded.source.name, "kind": loaded.source.kind,
                    "path": str(loaded.source.path), "sha256": loaded.sha256},
@@ -109,7 +107,9 @@ def save_quantized(loaded: Loaded, method: dict, out: Path, overwrite: bool = Fa
     try:
         loaded.model.config.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit": __version__})
+        # one metadata key: safetensors writes its metadata map in hash order, so two keys made two runs'
+        # bytes differ (lowbit's version is in lowbit.json)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             shutil.rmtree(out)
