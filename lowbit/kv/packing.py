@@ -50,7 +50,12 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)             # [..., bytes, per]
         return codes.reshape(*packed.shape[:-1], -1)[..., :n]
-    return unpack_reference(packed, bits, n)
+    # any other width: 8 codes fill exactly `bits` bytes, so each run of `bits` bytes is one word
+    p = torch.nn.functional.pad(packed, (0, (-packed.shape[-1]) % bits)).to(torch.int64)
+    runs = p.reshape(*packed.shape[:-1], -1, bits)                               # [..., runs, bits bytes]
+    words = (runs << (8 * torch.arange(bits, dtype=torch.int64))).sum(-1)        # [..., runs]: ≤ 56 bits
+    codes = (words.unsqueeze(-1) >> (bits * torch.arange(8, dtype=torch.int64))) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)        # [..., runs·8] -> [..., n]
 
 
 def unpack_reference(packed: Tensor, bits: int, n: int) -> Tensor:

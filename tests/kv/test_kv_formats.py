@@ -158,10 +158,12 @@ def test_context_checks():
         KvCacheConfig("kivi", 2, residual=4096).check_context(2048)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_fast_unpack_equals_the_reference(bits):
+@pytest.mark.parametrize("n", [1, 7, 8, 50, 64])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+def test_fast_unpack_equals_the_reference(bits, n):
     from lowbit.kv.packing import unpack_reference
 
-    codes = torch.randint(0, 1 << bits, (4, 3, 50), generator=torch.Generator().manual_seed(bits))
+    codes = torch.randint(0, 1 << bits, (4, 3, n), generator=torch.Generator().manual_seed(bits))
     packed = pack_codes(codes, bits)
-    assert torch.equal(unpack_codes(packed, bits, 50), unpack_reference(packed, bits, 50))
+    assert torch.equal(unpack_codes(packed, bits, n), unpack_reference(packed, bits, n))
+    assert torch.equal(unpack_codes(packed, bits, n), codes.to(torch.uint8))
