@@ -10,6 +10,7 @@ from .. import __version__
 from ..errors import LowbitError
 from ..log import logger
 from . import analyze as analyze_cmd
+from . import compare as compare_cmd
 from . import demo as demo_cmd
 from . import eval as eval_cmd
 from . import export as export_cmd
@@ -20,7 +21,7 @@ from . import plan as plan_cmd
 from . import quantize as quantize_cmd
 from . import recipes as recipes_cmd
 
-VERBS = (quantize_cmd, plan_cmd, recipes_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, info_cmd, analyze_cmd, demo_cmd)
+VERBS = (quantize_cmd, plan_cmd, compare_cmd, recipes_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, info_cmd, analyze_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
