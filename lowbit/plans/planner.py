@@ -168,5 +168,5 @@ def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format]
         out[name] = {}
         for f in fmts:
             E = (W - f.fake_quantize(W)).double()                          # [d_out, d_in]
-            out[name][f.name] = float(torch.einsum("oi,ij,oj->", E, H[name], E) / count[name])
+            out[name][f.name] = float(((E @ H[name]) * E).sum() / count[name])          # tr(E H Eᵀ) / n
     return out
