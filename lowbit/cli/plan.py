@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="the plan file to write (.yaml, .yml or .json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary and every predicted loss")
+    p.add_argument("--llama-types", default=None, metavar="FILE",
+                   help="also write the plan for llama.cpp: a file for `llama-quantize --tensor-type-file FILE` "
+                        "(every candidate must be a GGUF type, e.g. --formats Q4_0,Q5_0,Q8_0,Q4_K,Q6_K)")
     p.set_defaults(run=run)
 
 
@@ -40,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.probe import Probe
     from ..data.calibration import CalibConfig
     from ..data.text import read_text
+    from ..models.gguf_names import family_for
     from ..models.load import load
-    from ..plans.planner import PlannerConfig, decoder_linears, measured_losses, plan_bits, proxy_losses
+    from ..plans.planner import (PlannerConfig, decoder_linears, llama_tensor_types, measured_losses, plan_bits,
+                                 proxy_losses)
     from ..quantize import calibration_samples
 
     try:
@@ -69,9 +74,12 @@ def run(args: argparse.Namespace) -> int:
         losses = proxy_losses(loaded.model, rows, names, fmts)
     try:
         plan = plan_bits(names, shapes, losses, config)
+        llama = llama_tensor_types(plan, family_for(loaded.model.config.model_type)) if args.llama_types else None
     except ValueError as e:
         raise LowbitError(str(e)) from None
     plan.format_plan().save(out)
+    if llama is not None:
+        Path(args.llama_types).write_text("\n".join(llama) + "\n")
     summary = plan.summary()
     print(table(["format", "tensors", "weights", "share"],
                 [[f, r["tensors"], r["params"], f"{100 * r['params'] / plan.params:.1f}%"]
@@ -79,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{plan.bits_per_weight:.4f} bits per weight (target {config.target_bpw:g}); predicted loss "
           f"{plan.predicted_loss:.4g} ({config.loss}); wrote {out}")
     print(f"apply it: lowbit quantize {args.model} --plan {out} --method gptq --calib PATH --out DIR")
+    if llama is not None:
+        print(f"or with llama.cpp: llama-quantize --tensor-type-file {args.llama_types} MODEL-F32.gguf OUT.gguf Q8_0")
     if args.json:
         Path(args.json).write_text(json.dumps({
             **summary, "model": args.model, "formats": list(config.formats), "probe": {

@@ -99,6 +99,46 @@ class BitPlan:
                 "predicted_loss": self.predicted_loss, "tensors": len(self.choices), "by_format": by}
 
 
+def stored_format(fmt: Format, shape: tuple[int, int]) -> Format | None:
+    """The format a tensor of `shape` is stored in when `fmt` is asked: a GGUF type whose block does not
+    divide the row takes llama.cpp's fallback type (None: it would fall back to float)."""
+    from ..formats import GGUFFormat
+    from .gguf_mixes import FLOAT_TYPES, fallback
+
+    if not isinstance(fmt, GGUFFormat):
+        return fmt
+    kind = fallback(fmt.name, int(shape[1]))
+    return None if kind in FLOAT_TYPES else GGUFFormat(kind)
+
+
+def _stored(fmts: list[Format], shape) -> list[Format]:
+    """The distinct formats a tensor of `shape` can be stored in, from the candidates (losses are keyed by these)."""
+    out = []
+    for f in fmts:
+        g = stored_format(f, shape)
+        if g is not None and g not in out:
+            out.append(g)
+    return out
+
+
+def llama_tensor_types(plan: "BitPlan", family) -> list[str]:
+    """llama-quantize --tensor-type-file lines (NAME=type, the GGUF name as an anchored pattern) that give
+    each planned tensor its type; ValueError when a choice is not a GGUF type."""
+    import re
+
+    from ..formats import GGUFFormat
+    from ..models.gguf_names import gguf_name
+
+    lines = []
+    for c in plan.choices:
+        fmt = format_from_name(c.format)
+        if not isinstance(fmt, GGUFFormat):
+            raise ValueError(f"{c.name} is planned as {c.format}, not a GGUF type: llama.cpp cannot write it")
+        name, _ = gguf_name(f"{c.name}.weight", family)
+        lines.append(f"^{re.escape(name)}$={fmt.name.lower()}")
+    return lines
+
+
 def decoder_linears(model, spec) -> list[str]:
     """Every decoder layer's linears, in order (the tensors `lowbit quantize` quantizes by default)."""
     n = len(model.get_submodule(spec.layers))
@@ -111,21 +151,25 @@ def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict
     ValueError when the target is below the smallest reachable size (named in bits per weight)."""
     fmts = config.candidates()
     params = sum(shapes[n][0] * shapes[n][1] for n in names)
-    items = [[Option(f.storage_bits(shapes[n]), losses[n][f.name]) for f in fmts] for n in names]
+    # per tensor the formats it can take as they will be stored (a GGUF type on a ragged row: llama.cpp's fallback)
+    allowed = {n: _stored(fmts, shapes[n]) for n in names}
+    if empty := [n for n in names if not allowed[n]]:
+        raise ValueError(f"no candidate format can store {empty[0]} (shape {tuple(shapes[empty[0]])})")
+    items = [[Option(g.storage_bits(shapes[n]), losses[n][g.name]) for g in allowed[n]] for n in names]
     budget = int(config.target_bpw * params)
     least = smallest(items)
     if least > budget:
         raise ValueError(f"--target-bpw {config.target_bpw:g} is below the smallest size these formats reach: "
                          f"{least / params:.4f} bits per weight")
     sol = solve(items, budget)
-    choices = tuple(TensorChoice(n, shapes[n][0] * shapes[n][1], fmts[j].name, items[i][j].size, items[i][j].loss)
-                    for i, (n, j) in enumerate(zip(names, sol.choice)))
+    choices = tuple(TensorChoice(n, shapes[n][0] * shapes[n][1], allowed[n][j].name, items[i][j].size,
+                                 items[i][j].loss) for i, (n, j) in enumerate(zip(names, sol.choice)))
     return BitPlan(config.target_bpw, config.loss, choices, losses)
 
 
 @torch.no_grad()
 def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], progress: bool = True) -> dict:
-    """{tensor: {format: KLD}} with that tensor alone fake-quantized (RTN), replayed from its layer."""
+    """{tensor: {stored format: KLD}} with that tensor alone fake-quantized (RTN), replayed from its layer."""
     from ..analysis.probe import fake_quantized
 
     out = {}
@@ -134,7 +178,7 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], pr
         layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
         module = model.get_submodule(name)
         out[name] = {}
-        for f in fmts:
+        for f in _stored(fmts, tuple(module.weight.shape)):
             with fake_quantized([module], f):
                 out[name][f.name] = probe.score(layer)["kld"]
             bar.update()
@@ -166,7 +210,7 @@ def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format]
     for name in names:
         W = model.get_submodule(name).weight.float()
         out[name] = {}
-        for f in fmts:
+        for f in _stored(fmts, tuple(W.shape)):
             E = (W - f.fake_quantize(W)).double()                          # [d_out, d_in]
             out[name][f.name] = float(((E @ H[name]) * E).sum() / count[name])          # tr(E H Eᵀ) / n
     return out
