@@ -9,7 +9,8 @@ quantized linear NAME of shape [out, in] with b-bit codes and G groups per row:
   NAME.weight_shape       int64 [2] = (out, in)
   NAME.bias               float, when the linear has one
 and config.json's `quantization_config` (quant_method compressed-tensors, format pack-quantized,
-one config group targeting Linear, the float linears — the LM head — in `ignore`).
+one config group targeting Linear, the float linears — the LM head — in `ignore`; a per-tensor plan
+of several integer formats: one config group per format, targeting its linears by name).
 
 Mapping of lowbit's integer conventions (exact: the reader's W_dq equals lowbit's bit for bit
 when loaded in float32):
@@ -51,14 +52,21 @@ def weights_args(bits: int, symmetric: bool, group_size: int) -> dict:
             "observer_kwargs": {}}
 
 
-def quantization_config(bits: int, symmetric: bool, group_size: int, ignore: list[str]) -> dict:
-    """config.json's `quantization_config` for one scheme applied to every Linear not ignored."""
+def quantization_config(bits: int, symmetric: bool, group_size: int, ignore: list[str],
+                        schemes: list[tuple[list[str], int, bool, int]] | None = None) -> dict:
+    """config.json's `quantization_config`: one scheme applied to every Linear not ignored, or (schemes:
+    [(module names, bits, symmetric, group)]) one config group per scheme targeting its modules by name."""
+    groups = {"group_0": {"targets": ["Linear"], "weights": weights_args(bits, symmetric, group_size),
+                          "input_activations": None, "output_activations": None, "format": FORMAT}}
+    if schemes:
+        groups = {f"group_{i}": {"targets": list(names), "weights": weights_args(b, sym, g),
+                                 "input_activations": None, "output_activations": None, "format": FORMAT}
+                  for i, (names, b, sym, g) in enumerate(schemes)}
     return {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_args(bits, symmetric, group_size),
-                                      "input_activations": None, "output_activations": None, "format": FORMAT}},
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -87,30 +95,37 @@ def write(src: str, out: Path, options: Mapping[str, object]) -> ExportReport:
     from safetensors.torch import save_file
 
     from .int_layout import regrid, to_grid
-    from .quantized_source import copy_tokenizer, linear_names, read_quantized, single_int_format, write_config
+    from .quantized_source import copy_tokenizer, int_formats, linear_names, read_quantized, write_config
 
     source = read_quantized(src, TARGET.name)
     if source.acts:                    # weights and activations: the int-quantized W8A8 layout
         from .compressed_tensors_w8a8 import write_w8a8
 
         return write_w8a8(source, out)
-    fmt = single_int_format(source, TARGET.name, BITS)
-    group, notes = regrid(fmt, sorted({q.shape[1] for q in source.quantized.values()}))
-    if fmt.bits == 2:
+    formats = int_formats(source, TARGET.name, BITS)
+    notes, groups, members = [], {}, {}
+    for fmt in formats:                # a plan's formats: one config group each, its modules by name
+        members[fmt] = [n for n, q in source.quantized.items() if q.fmt == fmt]
+        groups[fmt], more = regrid(fmt, sorted({source.quantized[n].shape[1] for n in members[fmt]}))
+        notes += [f"{fmt.name}: {n}" if len(formats) > 1 else n for n in more]
+    if any(f.bits == 2 for f in formats):
         notes.append("2-bit codes: transformers with compressed-tensors loads them; vLLM's kernels take 4 and 8 bits")
     tensors = {}
     for name, q in source.quantized.items():
-        for key, t in grid_tensors(to_grid(q, group)).items():
+        for key, t in grid_tensors(to_grid(q, groups[q.fmt])).items():
             tensors[f"{name}.{key}"] = t
         if name in source.biases:
             tensors[f"{name}.bias"] = source.biases[name].contiguous()
     tensors.update({k: v.contiguous() for k, v in source.floats.items()})
     ignore = [n for n in linear_names(source.config) if n not in source.quantized]
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_config(out, source.config, quantization_config(fmt.bits, fmt.symmetric, group, ignore))
+    first = formats[0]
+    schemes = [(members[f], f.bits, f.symmetric, groups[f]) for f in formats] if len(formats) > 1 else None
+    write_config(out, source.config, quantization_config(first.bits, first.symmetric, groups[first], ignore, schemes))
     copy_tokenizer(source.path, out, source.config)
-    return ExportReport({"scheme": f"int{fmt.bits} {'sym' if fmt.symmetric else 'asym'} "
-                                   f"{'group ' + str(group) if group else 'channel'}",
+    scheme = lambda f: f"int{f.bits} {'sym' if f.symmetric else 'asym'} {'group ' + str(groups[f]) if groups[f] else 'channel'}"
+    return ExportReport({"scheme": "; ".join(f"{scheme(f)} ({len(members[f])} linears)" if len(formats) > 1 else scheme(f)
+                                             for f in formats),
                          "linears": len(source.quantized), "ignored": ", ".join(ignore) or "-"}, tuple(notes))
 
 

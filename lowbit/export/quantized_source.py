@@ -86,6 +86,22 @@ def read_quantized(src: str, target: str) -> QuantizedSource:
     return QuantizedSource(path, config, manifest, quantized, biases, tensors, acts, input_scales)
 
 
+def int_formats(source: QuantizedSource, target: str, bits: tuple[int, ...]) -> list[IntFormat]:
+    """Every integer format of the quantized linears (a plan may mix them), or a LowbitError saying why
+    one cannot be exported."""
+    formats = source.formats()
+    if not formats:
+        raise LowbitError(f"{source.path} has no quantized linear")
+    for fmt in formats:
+        if not isinstance(fmt, IntFormat):
+            raise LowbitError(f"--format {target} stores uniform integer codes; {fmt.name} ({fmt.family}: "
+                              "non-uniform levels or float elements) has no representation there")
+        if fmt.bits not in bits:
+            raise LowbitError(f"--format {target} takes {'/'.join(map(str, bits))}-bit integers, not {fmt.bits}-bit "
+                              f"({fmt.name})")
+    return formats
+
+
 def single_int_format(source: QuantizedSource, target: str, bits: tuple[int, ...]) -> IntFormat:
     """The one integer format of all quantized linears, or a LowbitError saying why it cannot be exported."""
     formats = source.formats()
