@@ -93,6 +93,7 @@ class QuantizeConfig:
     rotation: RotationConfig | None = None   # fused rotations applied before anything else
     kv: KvQuant | None = None                # simulated KV-cache quantization (nn.kv_attention)
     incoherence: IncoherenceConfig | None = None   # QuIP's randomized Hadamards on both sides of each W
+    outliers: float = 0.0                    # share of each weight kept in float16 beside GPTQ (dense-and-sparse)
 
     def __post_init__(self):
         if (self.fmt is None) == (self.plan is None):
@@ -115,6 +116,13 @@ class QuantizeConfig:
                              "v is quantized)")
         if self.incoherence is not None and ("gptq" not in self.steps or self.inputs == "float"):
             raise ValueError("incoherence runs in the calibrated walk before GPTQ: use --method gptq (quantized inputs)")
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) \
+                or not 0 <= self.outliers < 0.1:
+            raise ValueError(f"the outlier share must be a number in [0, 0.1) (0.5% = 0.005), got {self.outliers!r}")
+        if self.outliers and ("gptq" not in self.steps or self.inputs == "float"
+                              or any(isinstance(f, GGUFFormat) for f in self._formats())):
+            raise ValueError("dense-and-sparse outliers are chosen on the Hessian and kept by GPTQ: use --method gptq "
+                             "(quantized inputs) with non-GGUF formats")
         if any(not isinstance(f, Format) for f in self._formats()):
             raise ValueError("the weight plan holds an activation format (a8-…): plan activations separately")
         if any(not isinstance(f, ActFormat) for f in self.act_formats):
@@ -170,6 +178,8 @@ class QuantizeConfig:
             d["kv_cache"] = self.kv.to_dict()
         if self.incoherence is not None:
             d["incoherence"] = vars(self.incoherence).copy()
+        if self.outliers:
+            d["outliers"] = self.outliers
         if self.calibrated:
             d["calibration"] = vars(self.calib).copy()
             d["sink_weight"] = self.sink_weight
@@ -244,7 +254,7 @@ def _untie_head(loaded: Loaded) -> None:
 
 
 def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch.Tensor, fmt: Format,
-           proxies: tuple = (None, None), act: tuple = (None, None)) -> LinearReport:
+           proxies: tuple = (None, None), act: tuple = (None, None), sparse=None) -> LinearReport:
     """Replace root.<name> by QuantLinear(q, bias, *act) (an nn.Linear; act: its activation format
     and static input scale) or give it the quantized weight in place (an embedding); report the
     weight error."""
@@ -253,7 +263,7 @@ def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch
     if isinstance(old, torch.nn.Linear):
         s_in, s_out = getattr(old, "incoherence_signs", (None, None))   # QuIP's (solve._make_incoherent)
         module = QuantLinear(q, bias, *act, input_transform="hadamard" if s_in is not None else input_transform_of(old),
-                             input_signs=s_in, output_signs=s_out)
+                             input_signs=s_in, output_signs=s_out, outliers=sparse)
         root.set_submodule(name, module)
         W_dq = module.W_dq
     else:
@@ -287,8 +297,8 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     acts = planned_acts(config, formats, f"{spec.layers}.")
     smoothing = SmoothRecord() if "smooth" in config.steps else None
 
-    def write(layer, name, full, q, W_f, fmt, proxies, act=(None, None)):
-        args = (layer, name, full, q, layer.get_submodule(name).bias, W_f, fmt, proxies, act)
+    def write(layer, name, full, q, W_f, fmt, proxies, act=(None, None), sparse=None):
+        args = (layer, name, full, q, layer.get_submodule(name).bias, W_f, fmt, proxies, act, sparse)
         if config.inputs == "float":
             pending.append(args)      # later layers must see this layer's float outputs
         else:

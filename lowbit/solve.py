@@ -16,7 +16,7 @@ from .errors import LowbitError
 from .formats import Format, GGUFFormat, QTensor
 from .formats.gguf import gguf_type
 from .methods.awq import clips_for, output_error, scaled_hessian, search_layer
-from .methods.gptq import GptqStats, gptq_shared
+from .methods.gptq import GptqStats, gptq_outliers, gptq_shared
 from .methods.gptq_gguf import gptq_gguf
 from .methods.rtn import rtn
 from .methods.weighted_grid import WeightedGrid
@@ -85,7 +85,7 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
             W_f = linear.weight.detach()
             try:
                 if use_gptq:
-                    q, st = solved[name]
+                    q, st, *sparse = solved[name]
                     loss, rtn_loss = st.proxy_loss, st.rtn_proxy_loss
                 else:
                     q = fmt.quantize(W_f, clips[name]) if name in clips else \
@@ -99,7 +99,8 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
                     rtn_loss = output_error(W_0, W_0q, H_orig[name].float())
             except ValueError as e:
                 raise LowbitError(f"layer {index} {name}: {e}") from None
-            write(layer, name, full[name], q, W_f, fmt, (loss, rtn_loss), (act_of[name], in_scales.get(name)))
+            write(layer, name, full[name], q, W_f, fmt, (loss, rtn_loss), (act_of[name], in_scales.get(name)),
+                  sparse[0] if use_gptq and sparse else None)
 
     return solve
 
@@ -136,8 +137,9 @@ def _make_incoherent(index: int, layer: torch.nn.Module, spec, names: list[str],
 
 def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict, imp: dict, fmt_of: dict,
                    config) -> dict:
-    """GPTQ of the named linears: {name: (QTensor, GptqStats)}. Integer/NF/FP8/MX formats share one
-    solve per (input, format); a GGUF type is solved per linear on its block grid."""
+    """GPTQ of the named linears: {name: (QTensor, GptqStats[, SparseOutliers])}. Integer/NF/FP8/MX formats
+    share one solve per (input, format) (dense-and-sparse: one per weight); a GGUF type is solved per
+    linear on its block grid."""
     by_input: dict[tuple, list[str]] = {}
     out, g = {}, config.gptq
     for name in names:
@@ -159,9 +161,11 @@ def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict
     for (_, fmt), group in by_input.items():
         try:
             # with the process's intra-op threads: nothing else runs while a group is solved
-            results = gptq_shared([layer.get_submodule(n).weight for n in group], H[group[0]], fmt,
-                                  block_size=g.block_size, damp=g.damp, act_order=g.act_order,
-                                  static_groups=g.static_groups, clip=g.clip)
+            options = dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order,
+                           static_groups=g.static_groups, clip=g.clip)
+            Ws = [layer.get_submodule(n).weight for n in group]
+            results = gptq_outliers(Ws, H[group[0]], fmt, config.outliers, **options) if config.outliers \
+                else gptq_shared(Ws, H[group[0]], fmt, **options)
         except ValueError as e:
             raise LowbitError(f"layer {index} {', '.join(group)}: {e}") from None
         out.update(zip(group, results))

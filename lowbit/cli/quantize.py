@@ -84,6 +84,10 @@ def add_parser(sub) -> None:
                         "benchmarked rows on both models at every setting (docs/results/calibrated.md)")
     g.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of mean(diag H) (default: 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block (default: 128)")
+    g.add_argument("--outliers", default=None, metavar="SHARE",
+                   help="dense-and-sparse: keep this share of each weight (e.g. 0.5%% or 0.005) in float16 beside "
+                        "the low-bit part, the weights of largest OBS saliency, chosen before GPTQ so it "
+                        "compensates around them; counted in bits per weight (48 bits each)")
     a = p.add_argument_group("awq")
     a.add_argument("--duo", action=argparse.BooleanOptionalAction, default=True,
                    help="also try AutoAWQ's weight-aware scales mean|x|^a / mean(|W|/absmax)^(1-a) besides "
@@ -229,9 +233,20 @@ def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
             inputs=args.inputs,
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
-            sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip), walk=args.walk)
+            sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip), walk=args.walk,
+            outliers=_share(args.outliers))
     except ValueError as e:
         raise LowbitError(str(e)) from None
+
+
+def _share(text: str | None) -> float:
+    """--outliers as a fraction: "0.5%" or "0.005"."""
+    if text is None:
+        return 0.0
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise LowbitError(f"--outliers {text!r}: a share such as 0.5% or 0.005") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ def size_report(model: torch.nn.Module) -> SizeReport:
         if isinstance(module, QuantLinear):
             shape = (module.out_features, module.in_features)
             q_params += shape[0] * shape[1]
-            q_bits += module.fmt.storage_bits(shape)
+            q_bits += module.fmt.storage_bits(shape) + module.outlier_bits   # dense-and-sparse: its float16 part
     for name, holder in quantized_weights(model).items():   # e.g. a GGUF mix's embedding
         shape = (holder.out_features, holder.in_features)
         q_params += shape[0] * shape[1]

@@ -48,9 +48,12 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
                          "bits": module.fmt.storage_bits((module.out_features, module.in_features))}
         if module.input_transform is not None:
             entries[name]["input_transform"] = module.input_transform
-        for key in ("input_signs", "output_signs"):            # QuIP's incoherence: the random signs
+        for key in ("input_signs", "output_signs", "outlier_index", "outlier_values"):   # QuIP's signs, dense-and-sparse
             if key in module._buffers:
                 tensors[f"{name}.{key}"] = module._buffers[key].contiguous()
+        if "outlier_index" in module._buffers:
+            entries[name]["outliers"] = module.outlier_index.numel()
+            entries[name]["bits"] += module.outlier_bits
         if "output_signs" in module._buffers:
             entries[name]["output_transform"] = "hadamard"
         if module.act is not None:
@@ -151,10 +154,18 @@ def _quantized_module(name: str, entry: dict, tensors: dict):
     if entry.get("kind") == "weight":
         return "weight", q                   # attached after the float tensors are loaded
     act = act_format_from_dict(entry["activations"]) if "activations" in entry else None
+    sparse = None
+    if "outliers" in entry:                      # dense-and-sparse: its float16 part
+        from ..formats.sparse import SparseOutliers
+
+        sparse = SparseOutliers(tensors.pop(f"{name}.outlier_index"), tensors.pop(f"{name}.outlier_values"),
+                                tuple(shape))
+        if sparse.index.numel() != entry["outliers"]:
+            raise ValueError(f"{sparse.index.numel()} outliers stored, lowbit.json says {entry['outliers']}")
     module = QuantLinear(q, tensors.pop(f"{name}.bias", None), act, tensors.pop(f"{name}.input_scale", None),
                          input_transform=entry.get("input_transform"),
                          input_signs=tensors.pop(f"{name}.input_signs", None),
-                         output_signs=tensors.pop(f"{name}.output_signs", None))
+                         output_signs=tensors.pop(f"{name}.output_signs", None), outliers=sparse)
     return "linear", module
 
 

@@ -70,6 +70,11 @@ def read_quantized(src: str, target: str) -> QuantizedSource:
         raise LowbitError(f"{src}: {len(online)} linears rotate their input or output online (first: {online[0]}); "
                           f"--format {target} has no place for an online rotation, so the export would compute "
                           "a different model (refused)")
+    sparse = [n for n, e in manifest["tensors"].items() if e.get("outliers")]
+    if sparse:
+        raise LowbitError(f"{src}: {len(sparse)} linears keep dense-and-sparse outliers (first: {sparse[0]}); "
+                          f"--format {target} has no place for the float16 part (refused; quantize without "
+                          "--outliers to export)")
     for name, entry in manifest["tensors"].items():
         if "activations" in entry:
             acts[name] = act_format_from_dict(entry["activations"])

@@ -197,7 +197,7 @@ def gptq(W: Tensor, H: Tensor, fmt: Format, *, block_size: int = 128, damp: floa
     so their codes encode 0. Pure: no hooks, I/O or device moves; W and H are not modified.
     """
     start = time.perf_counter()
-    q, damp = _gptq_codes(W, H, fmt, block_size, damp, act_order, static_groups, clip)
+    q, damp, _ = _gptq_codes(W, H, fmt, block_size, damp, act_order, static_groups, clip)
     return q, _stats(W, q, H, time.perf_counter() - start, damp)
 
 
@@ -209,8 +209,12 @@ def _stats(W: Tensor, q: QTensor, H: Tensor, seconds: float, damp: float) -> Gpt
 
 
 def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float, act_order: bool,
-                static_groups: bool, clip: str) -> tuple[QTensor, float]:
-    """gptq's solve without its statistics: (QTensor, the damping finally used)."""
+                static_groups: bool, clip: str, keep: Tensor | None = None) -> tuple[QTensor, float, Tensor | None]:
+    """gptq's solve without its statistics: (QTensor, the damping finally used, the kept weights).
+
+    keep: bool [out, in] weights held in float16 instead of rounded (dense-and-sparse): their error
+    is 0, the group parameters are computed with them set to 0; returns them [out, in] (0 elsewhere)
+    as GPTQ had updated them when their column was reached."""
     GptqConfig(block_size, damp, act_order, static_groups, clip)  # validates the options
     W0, H64, dead = checked_inputs(W, H, "gptq")
     out, n = W0.shape
@@ -219,6 +223,8 @@ def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float,
     perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
     U, damp = upper_inverse_cholesky(H64[perm][:, perm], damp)  # rows and columns in processing order
     Wt = Wk.T[perm].contiguous()  # [in, out]: row p = the column processed p-th (rows are contiguous)
+    Kt = None if keep is None else keep.T[perm].contiguous()  # [in, out]: the keep mask in processing order
+    kept = None if keep is None else torch.zeros_like(Wt)
 
     # groups: natural-order groups of the format; gid[p] = group of the column processed p-th
     s_shape = fmt.scale_shape((out, n))
@@ -229,8 +235,11 @@ def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float,
     inv[perm] = torch.arange(n)
     members = [inv[g * gsize:(g + 1) * gsize] for g in range(n_groups)]  # processing positions per group
 
-    def params(Wc: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Weights [out, w] of one group (or all groups) -> stored scales, zeros [R, groups]."""
+    def params(Wc: Tensor, Kc: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Weights [out, w] of one group (or all groups) -> stored scales, zeros [R, groups]; kept
+        weights (Kc) do not count towards the grid."""
+        if Kc is not None:
+            Wc = Wc.masked_fill(Kc, 0.0)
         q = fmt.quantize(Wc, mse_clip(Wc, fmt) if clip == "mse" else None)
         return q.scales, q.zeros
 
@@ -238,7 +247,7 @@ def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float,
     zeros = torch.empty(s_shape, dtype=torch.uint8) if fmt.has_zeros else None
     fparams: list = [None] * n_groups  # float32 (scale [R], zero [R] | None) of each group once known
     if act_order and static_groups:
-        scales, zeros = params(Wk)
+        scales, zeros = params(Wk, keep)
         fs, fz = _float_params(fmt, scales, zeros)
         fparams = [(fs[:, g], None if fz is None else fz[:, g]) for g in range(n_groups)]
 
@@ -257,7 +266,8 @@ def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float,
                 inside, beyond = pos[pos < i2] - i1, pos[pos >= i2]
                 pending = U[i1:i1 + i, beyond].T @ Err1[:i]  # [k, out] lazy update not yet applied
                 Wc = torch.cat([W1[inside], Wt[beyond] - pending]).T  # [w, out] -> [out, w]
-                s, z = params(Wc)
+                Kc = None if Kt is None else torch.cat([Kt[i1 + inside], Kt[beyond]]).T
+                s, z = params(Wc, Kc)
                 scales[:, g] = s[:, 0]
                 if zeros is not None:
                     zeros[:, g] = z[:, 0]
@@ -265,12 +275,17 @@ def _gptq_codes(W: Tensor, H: Tensor, fmt: Format, block_size: int, damp: float,
                 fparams[g] = (fs[:, 0], None if fz is None else fz[:, 0])
             w = W1[i]
             c, w_q = quant(w, *fparams[g])
+            if Kt is not None and bool(Kt[i1 + i].any()):     # kept weights: float16, no error to spread
+                m = Kt[i1 + i]
+                kept[i1 + i] = torch.where(m, w.half().float(), 0.0)
+                w_q = torch.where(m, kept[i1 + i], w_q)
             err = torch.sub(w, w_q, out=Err1[i]).div_(d[i])
             W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)  # OBS update of the rest of the block
             codes[i1 + i] = c
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later blocks
 
-    return QTensor(codes[inv].T.contiguous(), scales, zeros, (out, n), fmt), damp  # [in, out] -> [out, in]
+    q = QTensor(codes[inv].T.contiguous(), scales, zeros, (out, n), fmt)  # [in, out] -> [out, in]
+    return q, damp, None if kept is None else kept[inv].T.contiguous()
 
 
 def gptq_shared(Ws: list[Tensor], H: Tensor, fmt: Format, *, block_size: int = 128, damp: float = 0.01,
@@ -288,7 +303,7 @@ def gptq_shared(Ws: list[Tensor], H: Tensor, fmt: Format, *, block_size: int = 1
     if len(Ws) == 1 or fmt.scale_shape((1, n))[0] != 1 or fmt.scale_shape((2, n))[0] != 2:
         return [gptq(W, H, fmt, **options) for W in Ws]
     start = time.perf_counter()
-    q, damp = _gptq_codes(torch.cat([W.detach().float() for W in Ws]), H, fmt, **options)  # [Σ out_i, in]
+    q, damp, _ = _gptq_codes(torch.cat([W.detach().float() for W in Ws]), H, fmt, **options)  # [Σ out_i, in]
     seconds = time.perf_counter() - start
     results, r0 = [], 0
     for W in Ws:
@@ -297,4 +312,27 @@ def gptq_shared(Ws: list[Tensor], H: Tensor, fmt: Format, *, block_size: int = 1
                        None if q.zeros is None else q.zeros[r0:r1].contiguous(), (r1 - r0, n), fmt)
         results.append((part, _stats(W, part, H, seconds * (r1 - r0) / q.shape[0], damp)))
         r0 = r1
+    return results
+
+
+def gptq_outliers(Ws: list[Tensor], H: Tensor, fmt: Format, share: float, *, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
+                  clip: str = "none") -> list[tuple[QTensor, GptqStats, "SparseOutliers"]]:
+    """Dense-and-sparse GPTQ of weights [out_i, in] sharing H: in each weight the `share` of weights of
+    largest OBS saliency (methods.outliers) is kept in float16, GPTQ rounds the rest around them.
+    Returns [(dense QTensor, GptqStats of dense + sparse, SparseOutliers)] in the order of Ws."""
+    from lowbit.methods.outliers import SparseOutliers, choose_outliers
+
+    options = dict(block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups, clip=clip)
+    results = []
+    for W in Ws:                     # one weight at a time: its kept weights and group grids are its own
+        start = time.perf_counter()
+        keep = choose_outliers(W, H, fmt, share, damp)
+        q, used, kept = _gptq_codes(W, H, fmt, keep=keep, **options)
+        sparse = SparseOutliers.from_mask(kept, keep)
+        W_dq = sparse.apply(fmt.dequantize(q))
+        W0 = W.detach().float()
+        stats = GptqStats(proxy_loss(W0, W_dq, H), proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H),
+                          time.perf_counter() - start, used)
+        results.append((q, stats, sparse))
     return results

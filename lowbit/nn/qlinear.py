@@ -34,6 +34,8 @@ class QuantLinear(nn.Module):
 
     input_transform "hadamard": x is first rotated online by the normalized Hadamard (x Mᵀ; the
     weight was quantized as W Mᵀ: lowbit.rotations' R4).
+    outliers (methods.outliers.SparseOutliers): weights kept in float16 beside the low-bit part
+    (buffers outlier_index / outlier_values); W_dq takes their values.
     The integer codes, scales and zero-points (and a static activation format's input_scale)
     are the module's state; the float weight is a deterministic function of them, computed once
     and cached (not saved), so a reloaded module computes bit-identical outputs.
@@ -43,7 +45,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, q: QTensor, bias: Tensor | None = None, act: ActFormat | None = None,
                  input_scale: Tensor | None = None, kernel: str = "auto", input_transform: str | None = None,
-                 input_signs: Tensor | None = None, output_signs: Tensor | None = None):
+                 input_signs: Tensor | None = None, output_signs: Tensor | None = None, outliers=None):
         super().__init__()
         if input_transform not in (None, "hadamard"):
             raise ValueError(f"unknown input transform {input_transform!r} (known: hadamard)")
@@ -57,7 +59,14 @@ class QuantLinear(nn.Module):
                 self.register_buffer(name, signs.detach().to(torch.int8).clone())
         hold_qtensor(self, q)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.register_buffer("W_dq", self.fmt.dequantize(q), persistent=False)
+        W_dq = self.fmt.dequantize(q)
+        if outliers is not None:     # dense-and-sparse: the kept float16 weights replace the dense values
+            if tuple(outliers.shape) != tuple(q.shape):
+                raise ValueError(f"outliers of a {outliers.shape} weight on a {q.shape} linear")
+            self.register_buffer("outlier_index", outliers.index.clone())
+            self.register_buffer("outlier_values", outliers.values.clone())
+            W_dq = outliers.apply(W_dq)
+        self.register_buffer("W_dq", W_dq, persistent=False)
         self.act = None
         self.kernel = kernel
         self.set_act(act, input_scale)
@@ -80,6 +89,14 @@ class QuantLinear(nn.Module):
         else:
             self._buffers.pop("W_c", None)
             self._buffers.pop("w_scale", None)
+
+    @property
+    def outlier_bits(self) -> int:
+        """Stored bits of the dense-and-sparse part (0 without one)."""
+        from ..formats.sparse import INDEX_BITS, VALUE_BITS
+
+        index = self._buffers.get("outlier_index")
+        return 0 if index is None else index.numel() * (INDEX_BITS + VALUE_BITS)
 
     def reset_outlier_counts(self) -> None:
         self.outliers = torch.zeros(self.in_features, dtype=torch.long)

@@ -160,6 +160,12 @@ def write_gguf(loaded_or_source, out_path, requantize: str | None = None, label:
     from .metadata import copy_source_metadata, write_hf_metadata
 
     loaded = loaded_or_source if isinstance(loaded_or_source, Loaded) else load(str(loaded_or_source))
+    sparse = [n for n, m in loaded.model.named_modules() if "outlier_index" in getattr(m, "_buffers", {})]
+    if sparse:
+        from ...errors import LowbitError
+
+        raise LowbitError(f"{len(sparse)} linears keep dense-and-sparse outliers (first: {sparse[0]}); a GGUF file "
+                          "has no place for their float16 part (refused; quantize without --outliers to export)")
     the_mix = None if requantize is None else get_mix(requantize)
     out_path = Path(out_path)
     config = loaded.model.config

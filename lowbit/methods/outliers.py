@@ -1,0 +1,37 @@
+"""Dense-and-sparse weights (the seeds' "split" answer for weights; SpQR, SqueezeLLM): the few weights
+whose rounding costs most stay in float16 as a sparse matrix beside the low-bit dense part.
+
+Which ones: the largest OBS saliency of plain rounding, (w_ij − RTN(w_ij))² / [H⁻¹]_jj — the output
+error GPTQ's own update would have to absorb for that weight alone. They are chosen before GPTQ, so
+GPTQ keeps them exact (their error is 0) and compensates around them; the dense group scales are
+computed without them, so their range no longer stretches the grid of their group.
+Storage: a 32-bit flat index and a 16-bit value per kept weight.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.formats import Format
+from lowbit.formats.sparse import INDEX_BITS, VALUE_BITS, SparseOutliers  # noqa: F401  (re-exported)
+
+
+def obs_saliency(W: Tensor, H: Tensor, fmt: Format, damp: float = 0.01) -> Tensor:
+    """(w − RTN(w))² / [(H + λI)⁻¹]_jj per weight [out, in]; λ = damp · mean diag H (as GPTQ damps)."""
+    H64 = H.double().clone()
+    H64.diagonal()[H64.diagonal() == 0] = 1.0                              # dead inputs: as GPTQ treats them
+    H64.diagonal().add_(damp * float(H64.diagonal().mean()))
+    inv_diag = torch.linalg.inv(H64).diagonal().float()                    # [in]
+    E = W.float() - fmt.dequantize(fmt.quantize(W.float()))
+    return E.pow(2) / inv_diag[None, :]
+
+
+def choose_outliers(W: Tensor, H: Tensor, fmt: Format, share: float, damp: float = 0.01) -> Tensor:
+    """Bool mask [out, in] of the round(share · W.numel()) weights of largest OBS saliency."""
+    if not 0.0 <= share < 0.5:
+        raise ValueError(f"outlier share must be in [0, 0.5), got {share!r}")
+    k = round(share * W.numel())
+    mask = torch.zeros(W.numel(), dtype=torch.bool)
+    if k:
+        mask[torch.topk(obs_saliency(W, H, fmt, damp).reshape(-1), k).indices] = True
+    return mask.reshape(W.shape)
