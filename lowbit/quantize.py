@@ -94,6 +94,7 @@ class QuantizeConfig:
     kv: KvQuant | None = None                # simulated KV-cache quantization (nn.kv_attention)
     incoherence: IncoherenceConfig | None = None   # QuIP's randomized Hadamards on both sides of each W
     outliers: float = 0.0                    # share of each weight kept in float16 beside GPTQ (dense-and-sparse)
+    outlier_layout: str = "entries"          # "entries" (single weights) or "columns" (OWQ: whole input columns)
 
     def __post_init__(self):
         if (self.fmt is None) == (self.plan is None):
@@ -119,6 +120,8 @@ class QuantizeConfig:
         if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) \
                 or not 0 <= self.outliers < 0.1:
             raise ValueError(f"the outlier share must be a number in [0, 0.1) (0.5% = 0.005), got {self.outliers!r}")
+        if self.outlier_layout not in ("entries", "columns"):
+            raise ValueError(f"unknown outlier layout {self.outlier_layout!r} (known: entries, columns)")
         if self.outliers and ("gptq" not in self.steps or self.inputs == "float"
                               or any(isinstance(f, GGUFFormat) for f in self._formats())):
             raise ValueError("dense-and-sparse outliers are chosen on the Hessian and kept by GPTQ: use --method gptq "
@@ -179,7 +182,7 @@ class QuantizeConfig:
         if self.incoherence is not None:
             d["incoherence"] = vars(self.incoherence).copy()
         if self.outliers:
-            d["outliers"] = self.outliers
+            d["outliers"] = {"share": self.outliers, "layout": self.outlier_layout}
         if self.calibrated:
             d["calibration"] = vars(self.calib).copy()
             d["sink_weight"] = self.sink_weight

@@ -164,7 +164,7 @@ def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict
             options = dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order,
                            static_groups=g.static_groups, clip=g.clip)
             Ws = [layer.get_submodule(n).weight for n in group]
-            results = gptq_outliers(Ws, H[group[0]], fmt, config.outliers, **options) if config.outliers \
+            results = gptq_outliers(Ws, H[group[0]], fmt, config.outliers, layout=config.outlier_layout, **options) if config.outliers \
                 else gptq_shared(Ws, H[group[0]], fmt, **options)
         except ValueError as e:
             raise LowbitError(f"layer {index} {', '.join(group)}: {e}") from None

@@ -88,6 +88,9 @@ def add_parser(sub) -> None:
                    help="dense-and-sparse: keep this share of each weight (e.g. 0.5%% or 0.005) in float16 beside "
                         "the low-bit part, the weights of largest OBS saliency, chosen before GPTQ so it "
                         "compensates around them; counted in bits per weight (48 bits each)")
+    g.add_argument("--outlier-layout", choices=("entries", "columns"), default="entries",
+                   help="--outliers as single weights (default) or as whole input columns of largest summed "
+                        "saliency (OWQ; the share counts columns; 32 bits per column + 16 per weight)")
     a = p.add_argument_group("awq")
     a.add_argument("--duo", action=argparse.BooleanOptionalAction, default=True,
                    help="also try AutoAWQ's weight-aware scales mean|x|^a / mean(|W|/absmax)^(1-a) besides "
@@ -234,7 +237,7 @@ def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
             sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip), walk=args.walk,
-            outliers=_share(args.outliers))
+            outliers=_share(args.outliers), outlier_layout=args.outlier_layout)
     except ValueError as e:
         raise LowbitError(str(e)) from None
 

@@ -52,7 +52,7 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
             if key in module._buffers:
                 tensors[f"{name}.{key}"] = module._buffers[key].contiguous()
         if "outlier_index" in module._buffers:
-            entries[name]["outliers"] = module.outlier_index.numel()
+            entries[name]["outliers"] = module.outlier_values.numel()          # weights kept in float16
             entries[name]["bits"] += module.outlier_bits
         if "output_signs" in module._buffers:
             entries[name]["output_transform"] = "hadamard"
@@ -160,8 +160,8 @@ def _quantized_module(name: str, entry: dict, tensors: dict):
 
         sparse = SparseOutliers(tensors.pop(f"{name}.outlier_index"), tensors.pop(f"{name}.outlier_values"),
                                 tuple(shape))
-        if sparse.index.numel() != entry["outliers"]:
-            raise ValueError(f"{sparse.index.numel()} outliers stored, lowbit.json says {entry['outliers']}")
+        if sparse.kept != entry["outliers"]:
+            raise ValueError(f"{sparse.kept} outliers stored, lowbit.json says {entry['outliers']}")
     module = QuantLinear(q, tensors.pop(f"{name}.bias", None), act, tensors.pop(f"{name}.input_scale", None),
                          input_transform=entry.get("input_transform"),
                          input_signs=tensors.pop(f"{name}.input_signs", None),

@@ -315,8 +315,8 @@ def gptq_shared(Ws: list[Tensor], H: Tensor, fmt: Format, *, block_size: int = 1
     return results
 
 
-def gptq_outliers(Ws: list[Tensor], H: Tensor, fmt: Format, share: float, *, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
+def gptq_outliers(Ws: list[Tensor], H: Tensor, fmt: Format, share: float, *, layout: str = "entries",
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
                   clip: str = "none") -> list[tuple[QTensor, GptqStats, "SparseOutliers"]]:
     """Dense-and-sparse GPTQ of weights [out_i, in] sharing H: in each weight the `share` of weights of
     largest OBS saliency (methods.outliers) is kept in float16, GPTQ rounds the rest around them.
@@ -327,9 +327,9 @@ def gptq_outliers(Ws: list[Tensor], H: Tensor, fmt: Format, share: float, *, blo
     results = []
     for W in Ws:                     # one weight at a time: its kept weights and group grids are its own
         start = time.perf_counter()
-        keep = choose_outliers(W, H, fmt, share, damp)
+        keep = choose_outliers(W, H, fmt, share, damp, layout)
         q, used, kept = _gptq_codes(W, H, fmt, keep=keep, **options)
-        sparse = SparseOutliers.from_mask(kept, keep)
+        sparse = SparseOutliers.from_mask(kept, keep, layout)
         W_dq = sparse.apply(fmt.dequantize(q))
         W0 = W.detach().float()
         stats = GptqStats(proxy_loss(W0, W_dq, H), proxy_loss(W0, fmt.dequantize(fmt.quantize(W0)), H),

@@ -5,7 +5,9 @@ Which ones: the largest OBS saliency of plain rounding, (w_ij − RTN(w_ij))² /
 error GPTQ's own update would have to absorb for that weight alone. They are chosen before GPTQ, so
 GPTQ keeps them exact (their error is 0) and compensates around them; the dense group scales are
 computed without them, so their range no longer stretches the grid of their group.
-Storage: a 32-bit flat index and a 16-bit value per kept weight.
+Storage: a 32-bit flat index and a 16-bit value per kept weight; or (layout "columns", OWQ's
+outlier-aware mixed precision inside a tensor) whole input columns of largest summed saliency, a
+32-bit index per column and its float16 values.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import torch
 from torch import Tensor
 
 from lowbit.formats import Format
-from lowbit.formats.sparse import INDEX_BITS, VALUE_BITS, SparseOutliers  # noqa: F401  (re-exported)
+from lowbit.formats.sparse import SparseOutliers  # noqa: F401  (re-exported)
+
+LAYOUTS = ("entries", "columns")
 
 
 def obs_saliency(W: Tensor, H: Tensor, fmt: Format, damp: float = 0.01) -> Tensor:
@@ -26,10 +30,20 @@ def obs_saliency(W: Tensor, H: Tensor, fmt: Format, damp: float = 0.01) -> Tenso
     return E.pow(2) / inv_diag[None, :]
 
 
-def choose_outliers(W: Tensor, H: Tensor, fmt: Format, share: float, damp: float = 0.01) -> Tensor:
-    """Bool mask [out, in] of the round(share · W.numel()) weights of largest OBS saliency."""
+def choose_outliers(W: Tensor, H: Tensor, fmt: Format, share: float, damp: float = 0.01,
+                    layout: str = "entries") -> Tensor:
+    """Bool mask [out, in] of the round(share · W.numel()) weights of largest OBS saliency, or (columns,
+    OWQ) of the round(share · in) input columns of largest summed saliency."""
     if not 0.0 <= share < 0.5:
         raise ValueError(f"outlier share must be in [0, 0.5), got {share!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown outlier layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    if layout == "columns":
+        c = round(share * W.shape[1])
+        mask = torch.zeros(W.shape[1], dtype=torch.bool)
+        if c:
+            mask[torch.topk(obs_saliency(W, H, fmt, damp).sum(0), c).indices] = True
+        return mask[None, :].expand(W.shape).clone()
     k = round(share * W.numel())
     mask = torch.zeros(W.numel(), dtype=torch.bool)
     if k:

@@ -93,10 +93,10 @@ class QuantLinear(nn.Module):
     @property
     def outlier_bits(self) -> int:
         """Stored bits of the dense-and-sparse part (0 without one)."""
-        from ..formats.sparse import INDEX_BITS, VALUE_BITS
+        from ..formats.sparse import sparse_bits
 
         index = self._buffers.get("outlier_index")
-        return 0 if index is None else index.numel() * (INDEX_BITS + VALUE_BITS)
+        return 0 if index is None else sparse_bits(index, self.outlier_values)
 
     def reset_outlier_counts(self) -> None:
         self.outliers = torch.zeros(self.in_features, dtype=torch.long)

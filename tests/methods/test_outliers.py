@@ -64,3 +64,16 @@ def test_sparse_outliers_validate():
         SparseOutliers(torch.tensor([1]), torch.zeros(1, dtype=torch.float16), (2, 2))
     with pytest.raises(ValueError, match="share"):
         choose_outliers(torch.zeros(2, 2), torch.eye(2), make_format("int", bits=4, group_size=2), 0.7)
+
+
+def test_column_layout_keeps_whole_columns_and_counts_them():
+    W, H = _problem()
+    fmt = make_format("int", bits=3, group_size=32)
+    (q, st, sparse), = gptq_outliers([W], H, fmt, 2 / 64, layout="columns")
+    assert sparse.layout == "columns" and sparse.index.numel() == 2 and sparse.values.shape == (48, 2)
+    assert sparse.storage_bits == 2 * 32 + 48 * 2 * 16
+    assert 3 in sparse.index.tolist()                                # the outlier input channel
+    W_dq = sparse.apply(fmt.dequantize(q))
+    assert torch.equal(W_dq[:, sparse.index.long()], sparse.values.float())
+    q0, st0 = gptq(W, H, fmt)
+    assert st.proxy_loss < st0.proxy_loss

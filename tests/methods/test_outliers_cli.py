@@ -55,3 +55,12 @@ def test_outliers_need_gptq(tiny_llama_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "rtn", "--outliers", "1%",
                            "--out", tmp_path / "o")
     assert_one_line_error(code, err, "use --method gptq")
+
+
+def test_column_outliers_round_trip(tiny_llama_dir, calib, tmp_path, capsys):
+    code, _, err = _q(capsys, tiny_llama_dir, calib, tmp_path / "cols", "--outliers", "5%", "--outlier-layout", "columns")
+    assert code == 0, err
+    a = [m for m in load(str(tmp_path / "cols")).model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.outlier_values.dim() == 2 and m.outlier_index.numel() == round(0.05 * m.in_features) for m in a)
+    b = [m for m in load(str(tmp_path / "cols")).model.modules() if isinstance(m, QuantLinear)]
+    assert all(torch.equal(x.W_dq, y.W_dq) for x, y in zip(a, b))
