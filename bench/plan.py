@@ -1,6 +1,7 @@
 """Planner (issue 27): `lowbit plan`'s per-tensor plans at target sizes, quantized by GPTQ within the plan,
-beside uniform GPTQ rows quantized the same way in the same run; and how well the cheap proxy ranks
-the (tensor, format) pairs against their measured KLD.
+beside uniform GPTQ rows quantized the same way in the same run, and dense-and-sparse / OWQ-column rows on
+top of W3 and W2 (issue 27's parts 3 and 4); and how well the cheap proxy ranks the (tensor, format)
+pairs against their measured KLD.
 
 Stages (resumable; records under --work/MODEL/):
   losses   every decoder linear × candidate format: KLD when that tensor alone is rounded (probe rows of
@@ -26,6 +27,12 @@ from recipe_rows import add_args, assemble, evaluate_rows, quantize_rows
 UNIFORM = {f"uniform-{f}": ["--method", "gptq", "--format", "int", "--bits", b, "--group", g]
            for f, b, g in (("int2-g64", "2", "64"), ("int3-g64", "3", "64"), ("int3-g128", "3", "128"),
                            ("int4-g128", "4", "128"), ("int4-g64", "4", "64"))}
+# dense-and-sparse on top of W3 and W2 (single weights, 48 bits each), and OWQ's float16 columns at about the
+# same added bits (a column of 576 rows costs 16 bits per weight: 1.5% of the columns ≈ 0.5% of the weights)
+SPARSE = {f"{base}+{share}": UNIFORM[f"uniform-{base}"] + ["--outliers", share]
+          for base in ("int3-g64", "int2-g64") for share in ("0.1%", "0.5%", "1%")}
+SPARSE.update({f"{base}+cols{share}": UNIFORM[f"uniform-{base}"] + ["--outliers", share, "--outlier-layout", "columns"]
+               for base in ("int3-g64", "int2-g64") for share in ("0.3%", "1.5%", "3%")})
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -116,7 +123,7 @@ def main() -> None:
     found = losses(a, work)
     print(f"proxy vs measured KLD, Spearman: {found['spearman_all']:.3f} over all pairs; by format "
           + ", ".join(f"{k} {v:.3f}" for k, v in found["spearman_by_format"].items()), flush=True)
-    rows = {**plans(a, work, found), **UNIFORM}
+    rows = {**plans(a, work, found), **UNIFORM, **SPARSE}
     a.rows = list(rows)
     if a.stage in ("quantize", "all"):
         quantize_rows(a, rows, work, lambda flags: {"plan": flags[1] if flags[0] == "--plan" else None})
