@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from common import HQQ, QUANTO, REPO, RESULTS, _venv_module, failure_reason, flo
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "kv_peer_worker.py"
+EVAL = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 OUT = RESULTS / "kv_cache"
 LOGS = HERE / "logs"
 CHUNK = 64         # tokens per forward call (speed: 16 took 2.5× as long as a one-shot window)
@@ -51,7 +54,7 @@ PEERS = [*TRANSFORMERS, *LLAMACPP]
 
 # ---------------------------------------------------------------- driver (lowbit's environment)
 
-def _inputs(model: str):
+def _inputs():
     sys.path.insert(0, str(REPO / "bench"))
     import kv_inputs
 
@@ -60,7 +63,7 @@ def _inputs(model: str):
 
 def run_transformers(peer: str, model: str, a) -> dict:
     backend, venv, requirements, bits = TRANSFORMERS[peer]
-    kv = _inputs(model)
+    kv = _inputs()
     python = _venv_module().ensure_venv(venv, list(requirements))
     from w8a8_peers import eval_ids
 
@@ -90,7 +93,7 @@ def run_llamacpp(peer: str, model: str, a) -> dict:
     import llamacpp_tools as llamacpp
 
     kind = LLAMACPP[peer]
-    kv = _inputs(model)
+    kv = _inputs()
     gguf = f32_gguf(model)
     root = gguf.parent
     base = root / f"kv-base-c{a.ctx}-n{a.windows}.kld"
@@ -103,8 +106,6 @@ def run_llamacpp(peer: str, model: str, a) -> dict:
     out = llamacpp._tool("llama-perplexity", ["-m", str(gguf), "-c", str(a.ctx), "--chunks", str(a.windows), "-t",
                                               str(a.threads), "-fa", "on", "-ctk", kind, "-ctv", kind,
                                               "--kl-divergence-base", str(base), "--kl-divergence"], log)
-    import re
-
     found = {k: re.search(p, out) for k, p in llamacpp.KLD_FIELDS.items()}
     if missing := [k for k, m in found.items() if m is None]:
         raise RuntimeError(f"llama-perplexity printed no {', '.join(missing)}; see {log}")
@@ -118,7 +119,7 @@ def run_llamacpp(peer: str, model: str, a) -> dict:
                                          "llamacpp", "--gguf", str(gguf), "--cache-type", kind, "--passkey",
                                          str(passkey), "--prompt-ids", str(prompt_ids), "--new", str(kv.GEN_NEW),
                                          "--threads", str(a.threads), "--out", str(partial)],
-                                        {**__import__("os").environ, "OMP_NUM_THREADS": str(a.threads)}, wlog)
+                                        {**os.environ, "OMP_NUM_THREADS": str(a.threads)}, wlog)
     if code != 0 or not partial.exists():
         raise RuntimeError(f"llama.cpp worker exited {code}; see {wlog}")
     worker = json.loads(partial.read_text())
@@ -135,9 +136,6 @@ def run_llamacpp(peer: str, model: str, a) -> dict:
             "bits_source": "ggml block size of the cache type", "log": str(log),
             "convention": "llama-perplexity: BOS per chunk, second half of each chunk scored; KLD vs the F32 cache",
             "passkey": kv.score_passkey(meta, _decode(model, worker["passkey_tokens"])), "generation": gen}
-
-
-EVAL = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 
 
 def f32_gguf(model: str) -> Path:
