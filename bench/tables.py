@@ -22,6 +22,7 @@ sys.path.insert(0, _HERE)   # tables_format lies beside this file (also when a t
 try:
     from tables_act import int8_speed_page, w8a8_page
     from tables_kv import kv_page
+    from tables_plan import plan_page
     from tables_rot import rotations_page
     from tables_format import (DOCS, HEADLINE, MODELS, README, REPO, SETTINGS, Notes, blank, conditions_text,
                                fixed, header_lines, load, page, pct, ppl, seconds, share, sig, table)
@@ -302,7 +303,8 @@ def import_page() -> str:
 
 PAGES = {"rtn.md": rtn_page, "calibrated.md": calibrated_page, "gguf.md": gguf_page, "speed.md": speed_page,
          "import.md": import_page, "w8a8.md": w8a8_page, "int8_speed.md": int8_speed_page,
-         "rotations.md": rotations_page, "kv_cache.md": kv_page}
+         "rotations.md": rotations_page, "kv_cache.md": kv_page,
+         "plan.md": plan_page}
 
 
 def generate() -> dict[Path, str]:

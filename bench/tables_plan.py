@@ -1,0 +1,59 @@
+"""bench/tables.py's page for issue 27: the planner, dense-and-sparse and OWQ columns (plan_*.json).
+Standard library only."""
+from __future__ import annotations
+
+from tables_format import MODELS, fixed, header_lines, model_sections, page, ppl, sig, table
+
+PLAN_MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+def _targets(d: dict) -> list[str]:
+    rows = [r for r in d["rows"] if "kld" in r]
+    uniform = [r for r in rows if str(r.get("row", "")).startswith("uniform-")]
+    lines = []
+    for target, summary in sorted(d.get("plans", {}).items(), key=lambda kv: float(kv[0])):
+        t = float(target)
+        planned = next((r for r in rows if r.get("row") == f"plan-{t:g}"), None)
+        land = summary["bits_per_weight"]
+        lines.append(f"- plan at {t:g} bits per weight lands at {land:.4f} — "
+                     f"{'within 0.01, not over' if t - 0.01 <= land <= t else 'missed'}")
+        bigger = [r for r in uniform if r["weight_bits"] >= planned["weight_bits"] - 1e-9] if planned else []
+        if planned and bigger:
+            best = min(bigger, key=lambda r: r["kld"])
+            ratio = planned["kld"] / best["kld"]
+            lines.append(f"- plan-{t:g} KLD {sig(planned['kld'], 3)} vs the best uniform row at the same or larger "
+                         f"size (`{best['row']}`, {best['weight_bits']:.3f} bpw, KLD {sig(best['kld'], 3)}): "
+                         f"{ratio:.2f}× — {'met' if ratio <= 0.8 else 'missed'} (target 0.8×)")
+        elif planned:
+            lines.append(f"- plan-{t:g}: no uniform row at {planned['weight_bits']:.3f} bits per weight or more")
+    return lines
+
+
+def _section(model: str, d: dict, name: str) -> str:
+    head = ["row", "bits/weight", "ppl", "Δppl", "KLD", "top-1 changed", "quantize s"]
+    body = []
+    for r in sorted(d["rows"], key=lambda r: (r.get("weight_bits") or 0, str(r.get("row")))):
+        inc = r.get("ppl_increase")
+        body.append([str(r.get("row")), fixed(r.get("weight_bits"), 3), ppl(r.get("ppl")),
+                     "" if inc is None else f"{100 * inc:+.2f}%", sig(r.get("kld"), 3),
+                     "" if r.get("top1_changed") is None else f"{100 * r['top1_changed']:.2f}%",
+                     fixed(r.get("quantize_seconds"), 0)])
+    text = f"## {MODELS[model]} (`bench/results/{name}`)\n\n" + table(head, body, set(range(1, 7)))
+    rank = d.get("proxy_rank")
+    if rank:
+        text += ("\n\nThe proxy (Hessian-weighted rounding error) against the measured per-tensor KLD, Spearman's "
+                 f"rank correlation: {rank['spearman_all']:.3f} over every (tensor, format); by format "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in rank["spearman_by_format"].items())
+                 + f". Measuring the KLDs took {rank['kld_seconds']:.0f} s, the proxy {rank['proxy_seconds']:.0f} s.")
+    text += "\n\nTargets (issue 27):\n" + "\n".join(_targets(d))
+    return text + "\n\n" + "\n".join(header_lines(d))
+
+
+def plan_page() -> str:
+    intro = ("`lowbit plan`'s per-tensor plans (the knapsack over each decoder linear's measured KLD when it alone "
+             "is rounded) quantized by GPTQ within the plan, beside uniform GPTQ rows and dense-and-sparse / "
+             "OWQ-column rows quantized the same way in the same run (`python bench/plan.py --model M`): "
+             "WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; calibration and probe rows "
+             "from WikiText-2 validation. Bits per weight count every stored bit of the quantized linears "
+             "(outliers: 48 bits each; OWQ columns: 16 bits per weight and 32 per column).")
+    return page("Planner, dense-and-sparse (`bench/plan.py`)", intro, model_sections("plan", PLAN_MODELS, _section))
