@@ -86,3 +86,33 @@ def test_generation_is_deterministic_and_float_equals_transformers(tiny):
     plain = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
     ours = generate_greedy(tiny.model, ids, 10, DynamicCache(config=tiny.model.config))
     assert torch.equal(ours.tokens, plain[0, ids.shape[1]:])          # the float cache: transformers' own tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tiny_gemma3_dir):
+    loaded = load(str(tiny_gemma3_dir))
+    loaded.model.double()
+    return loaded
+
+
+@pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),
+                                    KvCacheConfig("turboquant", 3)], ids=lambda c: c.name)
+def test_gemma_sliding_window_cache_equals_the_one_pass_evaluation(tiny_gemma, config):
+    # 40 tokens: beyond the tiny Gemma's sliding window of 16, so the sliding layers' masks matter
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(2))
+    step = _stepwise(tiny_gemma.model, ids, QuantizedKVCache(config, tiny_gemma.dims.n_layers))
+    one = _one_pass(tiny_gemma, ids, config)
+    assert torch.allclose(step, one, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_fractional_turboquant_prefill_equals_the_one_pass_evaluation(tiny, tiny_gemma, which):
+    # a fractional rate splits channels on the first write: a prompt prefilled at once is that write, the
+    # window the one-pass evaluation splits on (token by token the first write would be one token)
+    loaded = tiny if which == "llama" else tiny_gemma
+    config = KvCacheConfig("turboquant", 3.5)
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        prefill = loaded.model(ids, past_key_values=QuantizedKVCache(config, loaded.dims.n_layers),
+                               use_cache=True).logits[0]
+    assert torch.allclose(prefill, _one_pass(loaded, ids, config), atol=1e-9, rtol=0)
