@@ -87,6 +87,10 @@ def _peer_targets(rows: list[dict]) -> list[str]:
     ok = lambda r: "ppl_increase" in r and r.get("act_bits") == 4
     peers = [r for r in rows if r.get("tool") not in ("lowbit", "float", "lowbit-weight-only") and ok(r)]
     if not peers:
+        failed = [r for r in rows if r.get("peer") and "error" in r and "w4a4" in str(r.get("peer"))]
+        if failed:
+            return ["- best lowbit W4A4KV4 at most 0.7× the best peer's increase: the peer's W4A4 failed on this "
+                    f"model ({', '.join(r['peer'] for r in failed)}; its row says why), and lowbit's rotations refuse it"]
         return ["- best lowbit W4A4KV4 at most 0.7× the best peer's increase: no peer W4A4 row yet"]
     peer = min(peers, key=lambda r: r["ppl"])
     out = []
