@@ -103,7 +103,8 @@ def perplexity(model: str, rows: list[str], ctx: int, windows: int) -> dict:
     results = evaluate_many(views, ids, ctx, windows, reference=reference, reference_name=f"{model} float cache")
     fp = results.get("float")
     return {r: {"ppl": res.ppl, "kld": res.kld.mean, "kld_p99": res.kld.p99, "top1_changed": res.kld.top1_changed,
-                "bits_per_value": bits[r], "windows": res.windows, "ctx": ctx, "seconds": res.seconds,
+                "bits_per_value": bits[r], "windows": res.windows, "ctx": ctx,
+                "tokens_scored": res.windows * (ctx - 1), "seconds": res.seconds,
                 "convention": res.convention, **({"ppl_increase": res.ppl / fp.ppl - 1} if fp else {})}
             for r, res in results.items()}
 

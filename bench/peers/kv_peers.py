@@ -40,7 +40,7 @@ WORKER = HERE / "kv_peer_worker.py"
 EVAL = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 OUT = RESULTS / "kv_cache"
 LOGS = HERE / "logs"
-CHUNK = 64         # tokens per forward call (speed: 16 took 2.5× as long as a one-shot window)
+CHUNK = 64         # tokens per forward call: smaller chunks are closer to generation and slower on this CPU
 TRANSFORMERS = {  # peer -> (QuantizedCache backend, venv, requirements, nbits)
     "transformers-quanto-int4": ("quanto", "quanto", QUANTO, 4),
     "transformers-quanto-int2": ("quanto", "quanto", QUANTO, 2),

@@ -37,8 +37,8 @@ class KvCodec:
     def __init__(self, config: KvCacheConfig, head_dim: int, layer: int, which: str):
         self.config, self.D, self.which = config, head_dim, which
         self.seed = config.seed * 1000 + 2 * layer + (which == "v")
-        # int's default: 64 values (quanto's q_group_size; Gemma 3's 256-wide heads at int4 on one 1024-token
-        # window: +773% ppl in one group per head, +66% in groups of 64), or the whole head when 64 does not divide it
+        # int's default: 64 values (quanto's q_group_size; one group across Gemma 3's 256-wide heads was far
+        # worse in development), or the whole head when 64 does not divide it
         group = config.group or (32 if config.method == "kivi" else 64 if head_dim % 64 == 0 else head_dim)
         if self.per_channel:
             self.group = config.token_group()

@@ -46,7 +46,6 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     if bits == 8:
         return packed.clone()
     if 8 % bits == 0:                                   # fast path: whole codes per byte
-        per = 8 // bits
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)             # [..., bytes, per]
         return codes.reshape(*packed.shape[:-1], -1)[..., :n]

@@ -27,6 +27,7 @@ from torch import Tensor
 from lowbit.formats import FP8Format, Format, IntFormat, MXFP4Format, NFFormat, QTensor
 from lowbit.formats.fp8 import FP8_DTYPES, FP8_MAX
 from lowbit.formats.mx import E2M1_MAGNITUDES, E8M0_BIAS, e2m1_round
+from lowbit.formats.sparse import SparseOutliers
 from lowbit.formats.normal_float import nf_levels
 from lowbit.methods.rtn import mse_clip
 
@@ -317,11 +318,11 @@ def gptq_shared(Ws: list[Tensor], H: Tensor, fmt: Format, *, block_size: int = 1
 
 def gptq_outliers(Ws: list[Tensor], H: Tensor, fmt: Format, share: float, *, layout: str = "entries",
                   block_size: int = 128, damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
-                  clip: str = "none") -> list[tuple[QTensor, GptqStats, "SparseOutliers"]]:
+                  clip: str = "none") -> list[tuple[QTensor, GptqStats, SparseOutliers]]:
     """Dense-and-sparse GPTQ of weights [out_i, in] sharing H: in each weight the `share` of weights of
     largest OBS saliency (methods.outliers) is kept in float16, GPTQ rounds the rest around them.
     Returns [(dense QTensor, GptqStats of dense + sparse, SparseOutliers)] in the order of Ws."""
-    from lowbit.methods.outliers import SparseOutliers, choose_outliers
+    from lowbit.methods.outliers import choose_outliers
 
     options = dict(block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups, clip=clip)
     results = []

@@ -11,7 +11,6 @@ import torch
 from export_support import lowbit_weights, run_peer
 from safetensors.torch import load_file
 
-from support import run_cli
 
 PLAN = {"default": "int4-g32-asym", "tensors": {"model.layers.0.mlp.*": "int2-g32-sym",
                                                 "model.layers.1.self_attn.*": "int8-g32-sym"}}

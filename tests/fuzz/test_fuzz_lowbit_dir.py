@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzz_support import FAST, SLOW, reads_or_refuses
-from support import run_cli
 
 from lowbit.models.load import load
 
@@ -23,7 +22,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.
 
 
 @pytest.fixture(scope="module")
-def saved(tiny_llama_dir, tmp_path_factory, capsys_module=None):
+def saved(tiny_llama_dir, tmp_path_factory):
     from lowbit.cli.main import main
 
     out = tmp_path_factory.mktemp("fuzz_lowbit") / "q"
