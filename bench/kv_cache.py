@@ -163,18 +163,21 @@ def generation(model: str, rows: list[str], threads: int) -> dict:
                                          str(summary), *kv_flags(ROWS[r])], threads)
             rec = json.loads(summary.read_text())
         out[r] = {**{k: rec[k] for k in ("prompt_tokens", "prefill_seconds", "decode_seconds",
-                                          "decode_tokens_per_second", "cache_bytes", "bytes_per_token", "text")
-                     if k in rec}, "peak_rss_mib": rss, "wall_seconds": wall, "threads": threads,
+                                          "decode_tokens_per_second", "cache_bytes", "text", "rss_after_load_mib",
+                                          "generation_peak_rss_mib") if k in rec},
+                  "bytes_per_token": rec["cache_bytes_per_token"], "peak_rss_mib": rss, "wall_seconds": wall, "threads": threads,
                   "command": f"lowbit generate {model} --prompt-file {prompt.name} --max-new-tokens "
                              f"{kv_inputs.GEN_NEW} {' '.join(kv_flags(ROWS[r]))}".strip()}
         print(f"generate {r}: {out[r]['decode_tokens_per_second']:.1f} tok/s, {out[r]['bytes_per_token']:.0f} B/token, "
-              f"{rss} MiB", flush=True)
+              f"{rss} MiB (generation alone: {out[r].get('generation_peak_rss_mib')} MiB)", flush=True)
     if "float" in out:
         for rec in out.values():
             f = out["float"]
             rec.update(tokens_per_second_vs_float=rec["decode_tokens_per_second"] / f["decode_tokens_per_second"],
                        bytes_per_token_vs_float=rec["bytes_per_token"] / f["bytes_per_token"],
-                       peak_rss_vs_float=rec["peak_rss_mib"] / f["peak_rss_mib"])
+                       peak_rss_vs_float=rec["peak_rss_mib"] / f["peak_rss_mib"],
+                       **({"generation_peak_rss_vs_float": rec["generation_peak_rss_mib"] / f["generation_peak_rss_mib"]}
+                          if rec.get("generation_peak_rss_mib") and f.get("generation_peak_rss_mib") else {}))
     return out
 
 

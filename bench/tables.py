@@ -23,6 +23,7 @@ try:
     from tables_act import int8_speed_page, w8a8_page
     from tables_kv import kv_page
     from tables_plan import plan_page
+    from tables_scale import scale_page
     from tables_rot import rotations_page
     from tables_format import (DOCS, HEADLINE, MODELS, README, REPO, SETTINGS, Notes, blank, conditions_text,
                                fixed, header_lines, load, page, pct, ppl, seconds, share, sig, table)
@@ -304,7 +305,7 @@ def import_page() -> str:
 PAGES = {"rtn.md": rtn_page, "calibrated.md": calibrated_page, "gguf.md": gguf_page, "speed.md": speed_page,
          "import.md": import_page, "w8a8.md": w8a8_page, "int8_speed.md": int8_speed_page,
          "rotations.md": rotations_page, "kv_cache.md": kv_page,
-         "plan.md": plan_page}
+         "plan.md": plan_page, "scale.md": scale_page}
 
 
 def generate() -> dict[Path, str]:

@@ -37,7 +37,8 @@ def _gen(g: dict | None, f: dict | None) -> list[str]:
     ratio = lambda k, fk: f" ({g[k] / f[fk]:.2f}×)" if f and f.get(fk) else ""
     return [f"{g['decode_tokens_per_second']:.1f}{ratio('decode_tokens_per_second', 'decode_tokens_per_second')}",
             f"{g['bytes_per_token']:.0f}{ratio('bytes_per_token', 'bytes_per_token')}",
-            f"{g['peak_rss_mib']}{ratio('peak_rss_mib', 'peak_rss_mib')}" if g.get("peak_rss_mib") else ""]
+            f"{g['generation_peak_rss_mib']:.0f}{ratio('generation_peak_rss_mib', 'generation_peak_rss_mib')}"
+            if g.get("generation_peak_rss_mib") else ""]
 
 
 def _rows(model: str, d: dict) -> tuple[list[list[str]], dict]:
@@ -97,7 +98,7 @@ def _targets(facts: dict) -> list[str]:
 
 def _section(model: str, d: dict, name: str) -> str:
     head = ["row", "ppl", "Δppl", "KLD", "top-1 changed", "bits/value", "passkey", "decode tok/s", "cache B/token",
-            "peak RSS MiB"]
+            "generation peak RSS MiB"]
     body, facts = _rows(model, d)
     ppl_stage = d.get("stages", {}).get("ppl", {}).get("rows", {})
     first = next(iter(ppl_stage.values()), {})
@@ -132,9 +133,10 @@ def kv_page() -> str:
              "convention, KLD against the float cache. A window's tokens read the quantized K/V of every earlier "
              "token of that window (KIVI rows: the newest 128 to 159 in float). bits/value: the packed codes and "
              "their side data per cached value. Passkey: a 5-digit key hidden at 25% and 75% depth in prompts of "
-             "1k to 8k tokens of the evaluation text, 8 greedy tokens. decode tok/s, cache B/token, peak RSS: "
-             "`lowbit generate` after an 8128-token prompt, 64 new tokens, one process per row (ratios against the "
-             "float cache of the same run). Peers (`bench/peers/kv_peers.py`): transformers' QuantizedCache "
+             "1k to 8k tokens of the evaluation text, 8 greedy tokens. decode tok/s, cache B/token, generation peak "
+             "RSS: `lowbit generate` after an 8128-token prompt, 64 new tokens, one process per row (ratios against "
+             "the float cache of the same run); the peak is the process's from the end of the model's load to the "
+             "end of the generation (the load's own peak reset through /proc/self/clear_refs). Peers (`bench/peers/kv_peers.py`): transformers' QuantizedCache "
              "(quanto, HQQ; fed 64 tokens per call, the newest 64 to 192 tokens in float) scored by lowbit's "
              "evaluation against the same float model; llama.cpp's cache types by its own llama-perplexity on "
              "lowbit's F32 GGUF export (its convention: BOS per chunk, second half scored; its Δppl and KLD against "

@@ -278,11 +278,16 @@ def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch
 
 @torch.no_grad()
 def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | None = None,
-             offload: Path | None = None, progress: bool = True) -> QuantizeResult:
+             offload: Path | None = None, progress: bool = True, checkpoint: Path | None = None,
+             resume: bool = False, workers=None) -> QuantizeResult:
     """Quantize `loaded.model` in place by `config`; returns per-linear reports and the time.
 
     samples: calibration token ids [N, L] (calibration_samples), required by calibrated methods.
     offload: a directory for the walker's activations (None: in memory).
+    checkpoint: a directory where the calibrated walk records each finished layer (calibration.resume);
+    resume: continue from the layers it holds (LowbitError if they belong to another run).
+    workers: a calibration.distributed.Workers: this process walks its share of `samples`, and each
+    solve sees the statistics summed over all the processes (every rank ends with the same model).
     """
     start = time.perf_counter()
     if config.calibrated and samples is None:
@@ -323,8 +328,12 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
                 any(f.static and f.calibration == "percentile" for f in config.act_formats):
             wanted.add("rows")        # α search and percentiles quantize real calibration rows
         used = choose_walk(config, loaded.dims, samples, offload)
-        timings = tuple(walk(loaded.model, spec, samples, solve, wanted, offload=offload, progress=progress,
-                             sequential=used == "sequential", sink_weight=config.sink_weight))
+        ckpt = _checkpoint(loaded, config, samples, checkpoint, resume, reports)
+        mine = samples
+        if workers is not None:
+            solve, mine = _distributed(solve, wanted, config, samples, workers)
+        timings = tuple(walk(loaded.model, spec, mine, solve, wanted, offload=offload, progress=progress,
+                             sequential=used == "sequential", sink_weight=config.sink_weight, checkpoint=ckpt))
         reports.extend(_write(*args) for args in pending)
     inside = f"{spec.layers}."
     rest = [n for n in formats if not config.calibrated or not n.startswith(inside)]
@@ -337,6 +346,54 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     seconds = time.perf_counter() - start
     logger.info("quantized %d linears in %.1f s", len(reports), seconds)
     return QuantizeResult(config, tuple(reports), seconds, plan, timings, used, smoothing, spin, matrices)
+
+
+def _distributed(solve, wanted: set[str], config: QuantizeConfig, samples: torch.Tensor, workers):
+    """(solve on statistics summed over the processes, this process's samples); LowbitError where a
+    step needs the calibration rows themselves, which cannot be summed."""
+    from .calibration.distributed import all_reduce_stats
+
+    if "rows" in wanted:
+        raise LowbitError("--workers: SmoothQuant's alpha search and percentile activation scales read the "
+                          "calibration rows themselves; run them in one process")
+    if samples.shape[0] < workers.world:
+        raise LowbitError(f"--workers {workers.world} is more than the {samples.shape[0]} calibration samples")
+    return (lambda index, layer, stats: solve(index, layer, all_reduce_stats(stats))), \
+        samples[workers.share(samples.shape[0])]
+
+
+def _checkpoint(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor, root: Path | None, resume: bool,
+                reports: list[LinearReport]):
+    """The walk's Checkpoint in `root` (None without one): its records are each layer's reports."""
+    if root is None:
+        if resume:
+            raise LowbitError("resume needs the checkpoint directory")
+        return None
+    if config.inputs == "float":
+        raise LowbitError("--inputs float writes every layer back at the end of the walk: it cannot checkpoint "
+                          "layers (use the default --inputs quantized)")
+    import hashlib
+    import platform
+
+    import transformers
+
+    from . import __version__
+    from .calibration.resume import Checkpoint
+
+    prefix = loaded.spec.layers + ".{}."
+
+    def save_records(index):
+        return [dict(vars(r), shape=list(r.shape)) for r in reports if r.name.startswith(prefix.format(index))]
+
+    def load_records(index, records):
+        reports.extend(LinearReport(**dict(r, shape=tuple(r["shape"]))) for r in records)
+
+    fingerprint = {"config": config.to_dict(), "model": loaded.sha256, "layers": loaded.dims.n_layers,
+                   "samples": list(samples.shape),
+                   "samples_sha256": hashlib.sha256(samples.to(torch.int64).numpy().tobytes()).hexdigest(),
+                   "versions": {"lowbit": __version__, "torch": torch.__version__,
+                                "transformers": transformers.__version__, "python": platform.python_version()}}
+    return Checkpoint.start(root, fingerprint, resume, save_records=save_records, load_records=load_records)
 
 
 def planned_acts(config: QuantizeConfig, formats: dict[str, Format], inside: str) -> dict[str, ActFormat]:
@@ -378,3 +435,10 @@ def available_memory() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def memory_budget() -> int:
+    """Bytes this process may reach at its peak: what it holds now plus what the machine has available."""
+    import psutil
+
+    return available_memory() + int(psutil.Process().memory_info().rss)

@@ -13,6 +13,19 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _rss(key: str):
+    """VmRSS / VmHWM of this process in MiB (lowbit.eval.rss, without importing lowbit here)."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")             # the peak from here on: the generation's, not the load's
+
+
 def stored_bytes(obj) -> int:
     """Bytes of every tensor inside `obj`: plain tensors, tensor subclasses that flatten into inner
     tensors (quanto's packed QBitsTensor), and the tuples / dicts HQQ returns (codes, scale, zero)."""
@@ -72,8 +85,11 @@ def transformers_worker(a) -> dict:
     if a.mode == "generate":
         ids = load_file(a.prompt_ids)["input_ids"]
         cache = make_cache()
+        loaded_mib = _rss("VmRSS")
+        _reset_peak()
         gen = generate_greedy(model, ids, a.new, cache)
-        return {**base, "tokens": gen.tokens.tolist(), "prompt_tokens": gen.prompt_tokens,
+        return {**base, "rss_after_load_mib": loaded_mib, "generation_peak_rss_mib": _rss("VmHWM"),
+                "tokens": gen.tokens.tolist(), "prompt_tokens": gen.prompt_tokens,
                 "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds,
                 "decode_tokens_per_second": gen.decode_tokens_per_second, "cache_bytes": cache_bytes(cache),
                 "context": gen.context, "bytes_per_token": cache_bytes(cache) / gen.context}
@@ -121,10 +137,13 @@ def llamacpp_worker(a) -> dict:
                           flash_attn=True, type_k=kind, type_v=kind, verbose=False)
     prompts = load_file(a.passkey)
     answers = [_greedy(llm, prompts[f"ids_{i}"][0].tolist(), 8)[0] for i in range(len(prompts))]
+    loaded_mib = _rss("VmRSS")
+    _reset_peak()
     tokens, prefill, decode = _greedy(llm, prompt, a.new)
     layers = llm.metadata.get(f"{llm.metadata['general.architecture']}.block_count")
     return {"passkey_tokens": answers, "generation": {
-        "tokens": tokens, "prompt_tokens": len(prompt), "prefill_seconds": prefill, "decode_seconds": decode,
+        "tokens": tokens, "rss_after_load_mib": loaded_mib, "generation_peak_rss_mib": _rss("VmHWM"),
+        "prompt_tokens": len(prompt), "prefill_seconds": prefill, "decode_seconds": decode,
         "decode_tokens_per_second": (len(tokens) - 1) / decode, "context": len(prompt) + len(tokens) - 1,
         "layers": int(layers) if layers else None, "bits_per_value": GGML_BITS[a.cache_type],
         "note": "llama.cpp allocates the cache for n_ctx up front; bytes per token follow from the type's block size"}}

@@ -131,13 +131,15 @@ def _run_layer(layer, spec: ArchSpec, h: torch.Tensor, kwargs: dict) -> torch.Te
 @torch.no_grad()
 def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set[str],
          offload: Path | None = None, progress: bool = True, sequential: bool = False,
-         sink_weight: float = 1.0) -> list[LayerTiming]:
+         sink_weight: float = 1.0, checkpoint=None) -> list[LayerTiming]:
     """Quantize `model` layer by layer with `solve`, using calibration `samples` [N, L].
 
     For each layer: capture the inputs of the first linear of each spec group (the others in
     the group read the same tensor) into InputStats with the `wanted` statistics (in H, each
     sample's first token counted sink_weight times), call solve, and produce the next layer's
     inputs from the now-quantized layer: two passes, or one (`sequential`, module docstring).
+    checkpoint: a calibration.resume.Checkpoint; its finished layers are restored instead of walked,
+    and each layer walked here is recorded in it.
     """
     if sequential and offload is not None:
         raise LowbitError("the sequential walk keeps every sample's activations in memory: it cannot offload")
@@ -150,13 +152,26 @@ def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set
     try:
         kwargs = _first_layer_inputs(model, spec, samples, inputs)
         layers = model.get_submodule(spec.layers)
-        bar = tqdm(list(enumerate(layers)), desc="layers", unit="layer", disable=not progress)
+        start_at = 0
+        restored = checkpoint.restore(layers) if checkpoint is not None else None
+        if restored is not None:
+            if len(restored) != n:
+                raise LowbitError(f"the checkpoint holds {len(restored)} samples' activations, this run has {n}")
+            inputs.close()
+            inputs = ActivationStore(offload)
+            for h in restored:
+                inputs.append(h)
+            start_at = checkpoint.finished
+        bar = tqdm(list(enumerate(layers))[start_at:], desc="layers", unit="layer", disable=not progress,
+                   initial=start_at, total=len(layers))
         for index, layer in bar:
             if sequential:
                 inputs, timing = _sequential_layer(layer, spec, index, inputs, kwargs[index], solve, wanted,
                                                    sink_weight)
                 timings.append(timing)
                 bar.set_postfix(capture=f"{timing.capture_seconds:.1f}s", solve=f"{timing.solve_seconds:.1f}s")
+                if checkpoint is not None:
+                    checkpoint.layer_done(index, layer, inputs)
                 continue
             start = time.perf_counter()
             sources = [g.linears[0] for g in spec.groups]
@@ -180,6 +195,8 @@ def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set
             inputs = outputs
             timings.append(LayerTiming(index, captured_at - start, solved_at - captured_at,
                                        time.perf_counter() - solved_at))
+            if checkpoint is not None:
+                checkpoint.layer_done(index, layer, inputs)
             bar.set_postfix(capture=f"{captured_at - start:.1f}s", solve=f"{solved_at - captured_at:.1f}s")
     finally:
         inputs.close()

@@ -98,9 +98,23 @@ def format_from_args(args: argparse.Namespace) -> Format | None:
         raise LowbitError(str(e)) from None
 
 
+def without_flag(argv, flag: str) -> list[str]:
+    """argv less `flag VALUE` / `flag=VALUE`."""
+    out, skip = [], False
+    for a in map(str, argv):
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def recorded_command(argv) -> str:
     """The command as a manifest records it: run-control flags that do not change the output left out, so
-    the same quantization gives the same bytes however it was started (--overwrite)."""
+    the same quantization gives the same bytes however it was started (--overwrite, --resume, --workers N)."""
     import shlex
 
-    return "lowbit " + " ".join(shlex.quote(str(a)) for a in argv if a not in ("--overwrite", "-q", "--quiet"))
+    return "lowbit " + " ".join(shlex.quote(a) for a in without_flag(argv, "--workers")
+                                if a not in ("--overwrite", "--resume", "-q", "--quiet"))

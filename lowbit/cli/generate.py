@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         cache = DynamicCache(config=model.config)
     eos = loaded.tokenizer.eos_token_id
+    from ..eval import rss
+
+    loaded_mib = rss.current_mib()
+    measured = rss.reset_peak()                   # the peak of the generation alone, not of the load
     result = generate_greedy(model, ids, args.max_new_tokens, cache, {eos} if isinstance(eos, int) else None)
     text = loaded.tokenizer.decode(result.tokens, skip_special_tokens=True)
     print(text)
@@ -78,5 +82,7 @@ def run(args: argparse.Namespace) -> int:
             "tokens": result.tokens.tolist(), "prompt_tokens": result.prompt_tokens,
             "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
             "decode_tokens_per_second": result.decode_tokens_per_second,
-            "cache_bytes": result.cache_bytes, "cache_bytes_per_token": result.bytes_per_token}, indent=1))
+            "cache_bytes": result.cache_bytes, "cache_bytes_per_token": result.bytes_per_token,
+            "rss_after_load_mib": loaded_mib, "generation_peak_rss_mib": rss.peak_mib() if measured else None},
+            indent=1))
     return 0

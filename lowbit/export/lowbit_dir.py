@@ -23,12 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import LowbitError
-from ..formats import format_from_dict
-from ..formats.activation import act_format_from_dict
 from ..models.load import Loaded, sha256_file
 from ..models.registry import ModelSource
 from ..models.specs import ModelDims, spec_for
 from ..nn.qlinear import QuantLinear
+from ..nn.qstate import BAD_ENTRY, pack_linear, quantized_module
 from ..nn.qweight import HOLDER, attach_quantized_weight, quantized_weights
 
 WEIGHTS = "model.safetensors"
@@ -42,24 +41,7 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors, entries = {}, {}
     for name, module in quantized.items():
-        for key, t in module.fmt.pack(module.qtensor).items():
-            tensors[f"{name}.{key}"] = t.contiguous()
-        entries[name] = {"format": module.fmt.to_dict(), "shape": [module.out_features, module.in_features],
-                         "bits": module.fmt.storage_bits((module.out_features, module.in_features))}
-        if module.input_transform is not None:
-            entries[name]["input_transform"] = module.input_transform
-        for key in ("input_signs", "output_signs", "outlier_index", "outlier_values"):   # QuIP's signs, dense-and-sparse
-            if key in module._buffers:
-                tensors[f"{name}.{key}"] = module._buffers[key].contiguous()
-        if "outlier_index" in module._buffers:
-            entries[name]["outliers"] = module.outlier_values.numel()          # weights kept in float16
-            entries[name]["bits"] += module.outlier_bits
-        if "output_signs" in module._buffers:
-            entries[name]["output_transform"] = "hadamard"
-        if module.act is not None:
-            entries[name]["activations"] = module.act.to_dict()
-            if "input_scale" in module._buffers:
-                tensors[f"{name}.input_scale"] = module.input_scale.detach().contiguous()
+        entries[name] = pack_linear(name, module, tensors)
     holders = quantized_weights(model)
     for name, holder in holders.items():        # non-linear weights (a GGUF mix's embedding)
         for key, t in holder.fmt.pack(holder.qtensor).items():
@@ -139,36 +121,6 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-# what a lying lowbit.json entry raises while it is turned into formats, shapes and modules
-_BAD_ENTRY = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
-
-
-def _quantized_module(name: str, entry: dict, tensors: dict):
-    """(kind, module or quantized weight) of one lowbit.json entry and its tensors (popped from `tensors`)."""
-    fmt = format_from_dict(entry["format"])
-    shape = entry["shape"]
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and 0 < d < 2**31 for d in shape)):
-        raise ValueError(f"shape {str(shape)[:40]} is not two positive integers")
-    parts = {k: tensors.pop(f"{name}.{k}") for k in ("codes", "scales", "zeros") if f"{name}.{k}" in tensors}
-    q = fmt.unpack(parts, tuple(shape))
-    if entry.get("kind") == "weight":
-        return "weight", q                   # attached after the float tensors are loaded
-    act = act_format_from_dict(entry["activations"]) if "activations" in entry else None
-    sparse = None
-    if "outliers" in entry:                      # dense-and-sparse: its float16 part
-        from ..formats.sparse import SparseOutliers
-
-        sparse = SparseOutliers(tensors.pop(f"{name}.outlier_index"), tensors.pop(f"{name}.outlier_values"),
-                                tuple(shape))
-        if sparse.kept != entry["outliers"]:
-            raise ValueError(f"{sparse.kept} outliers stored, lowbit.json says {entry['outliers']}")
-    module = QuantLinear(q, tensors.pop(f"{name}.bias", None), act, tensors.pop(f"{name}.input_scale", None),
-                         input_transform=entry.get("input_transform"),
-                         input_signs=tensors.pop(f"{name}.input_signs", None),
-                         output_signs=tensors.pop(f"{name}.output_signs", None), outliers=sparse)
-    return "linear", module
-
-
 def load_quantized(source: ModelSource) -> Loaded:
     """Rebuild a model saved by save_quantized, with QuantLinear modules in place."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -186,13 +138,13 @@ def load_quantized(source: ModelSource) -> Loaded:
     weights = {}
     for name, entry in manifest["tensors"].items():
         try:
-            kind, q = _quantized_module(name, entry, tensors)
+            kind, q = quantized_module(name, entry, tensors)
             if kind == "linear":
                 model.get_submodule(name)                                   # a name the model has
                 model.set_submodule(name, q)
             else:
                 weights[name] = q
-        except _BAD_ENTRY as e:
+        except BAD_ENTRY as e:
             raise LowbitError(f"{path / MANIFEST}: tensor {name[:60]!r} does not match the model or "
                               f"{WEIGHTS}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
     try:
@@ -206,7 +158,7 @@ def load_quantized(source: ModelSource) -> Loaded:
     for name, q in weights.items():
         try:
             attach_quantized_weight(model.get_submodule(name), q)
-        except _BAD_ENTRY as e:
+        except BAD_ENTRY as e:
             raise LowbitError(f"{path / MANIFEST}: tensor {name[:60]!r}: {type(e).__name__}: {e}") from None
     missing = [k for k in missing if not _is_derived(model, k) and k.rsplit(".", 1)[0] not in weights]
     if missing:
@@ -222,7 +174,7 @@ def load_quantized(source: ModelSource) -> Loaded:
 
         try:
             install_kv_quant(model, spec, KvQuant.from_dict(kv))
-        except _BAD_ENTRY as e:
+        except BAD_ENTRY as e:
             raise LowbitError(f"{path / MANIFEST}: method.kv_cache: {type(e).__name__}: {e}") from None
     return Loaded(model.eval(), tokenizer, spec, ModelDims.from_config(config), source,
                   sha256_file(path / WEIGHTS))

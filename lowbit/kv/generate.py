@@ -44,7 +44,8 @@ def generate_greedy(model: nn.Module, ids: Tensor, max_new_tokens: int, cache, e
                     progress=None) -> Generation:
     """ids [1, T] prompt; greedy next tokens until max_new_tokens or an eos id; `cache` is filled in place."""
     start = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True)
+    # only the last position's logits: the whole prompt's would be [T, vocab] (1.6 GB at 8k for a 49k vocabulary)
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[0, -1].argmax()
     prefill = time.perf_counter() - start
     new = [int(token)]

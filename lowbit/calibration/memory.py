@@ -1,0 +1,95 @@
+"""Peak memory of `lowbit quantize`, predicted from the model's sizes before any slow work.
+
+The terms (bytes, summed: each is alive at the walk's worst moment):
+  runtime       the interpreter with torch and transformers imported (measured once: RUNTIME)
+  weights       the float model, float32 (the whole model is loaded before the walk)
+  codes         each quantized linear's unpacked codes (uint8, one per weight) beside its float W_dq
+  activations   calibration hidden states [N, L, d] float32: the layer's inputs and outputs (two-pass),
+                or (sequential) every sample's intermediates at the widest point of a layer; one
+                sample at a time with --offload
+  layer work    one sample's forward through a layer (the MLP's three [L, I] products, a few [L, d]),
+                plus SDPA's [heads, L, L] scores where the mask is not plainly causal (sliding window)
+  statistics    the Hessians of one layer's groups, float64 [in, in] each
+  solver        GPTQ on the widest linear: W, Q, the errors (float32) and H's inverse factor (float64)
+  save          the packed file, built in memory by safetensors before it is written
+`bench/scale.py` compares the sum with the measured peak RSS; the constants below come from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.specs.base import ModelDims
+
+RUNTIME = 420 * 2**20      # RSS of `python -c "import torch, transformers, lowbit"`, measured
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak bytes, by term (module docstring)."""
+
+    parts: tuple[tuple[str, int], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b in self.parts)
+
+    def describe(self) -> str:
+        """One line: the total and its largest terms."""
+        top = sorted(self.parts, key=lambda p: -p[1])[:4]
+        return f"{self.total / GIB:.2f} GiB (" + ", ".join(f"{k} {b / GIB:.2f}" for k, b in top) + ")"
+
+
+def linear_shapes(dims: ModelDims) -> list[tuple[int, int]]:
+    """[out, in] of one decoder layer's linears (attention q, k, v, o; gated MLP gate, up, down)."""
+    q, kv, d, i = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim, dims.hidden, dims.intermediate
+    return [(q, d), (kv, d), (kv, d), (d, q), (i, d), (i, d), (d, i)]
+
+
+def model_params(dims: ModelDims) -> int:
+    """Parameters of the float model (norms included; the head counted once when tied)."""
+    per_layer = sum(o * i for o, i in linear_shapes(dims)) + 4 * dims.hidden
+    head = 0 if dims.tied_embeddings else dims.vocab * dims.hidden
+    return dims.n_layers * per_layer + dims.vocab * dims.hidden + head + dims.hidden
+
+
+def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0, walk: str | None = None,
+                             offload: bool = False, hessians: bool = True, sliding_window: bool = False,
+                             quantize_head: bool = False) -> MemoryEstimate:
+    """Predicted peak of one quantize run (module docstring). walk: "sequential", "two-pass" or
+    None (RTN: no calibration); hessians: whether the method accumulates H (GPTQ, AWQ, imatrix)."""
+    shapes = linear_shapes(dims)
+    linear_weights = dims.n_layers * sum(o * i for o, i in shapes) + (dims.vocab * dims.hidden if quantize_head else 0)
+    parts = [("runtime", RUNTIME), ("weights", 4 * model_params(dims)), ("codes", linear_weights)]
+    if walk is not None:
+        tokens, d, i = samples * seq_len, dims.hidden, dims.intermediate
+        if walk == "sequential":
+            acts = 4 * tokens * (i + 4 * d)          # every sample waits at a group with its MLP product alive
+        else:
+            acts = 4 * (1 if offload else samples) * seq_len * d * 2
+        layer = 4 * seq_len * (3 * i + 6 * d)
+        if sliding_window:
+            layer += 4 * 2 * dims.heads * seq_len * seq_len
+        inputs = {o_i[1] for o_i in shapes}            # q/k/v share d; o reads heads·hd; gate/up d; down I
+        stats = 8 * sum(n * n for n in (d, dims.heads * dims.head_dim, d, i)) if hessians else 0
+        o, n = max(shapes, key=lambda s: s[0] * s[1])
+        solver = (4 * 4 * o * n + 8 * 2 * max(inputs) ** 2) if hessians else 0
+        parts += [("activations", acts), ("layer work", layer), ("statistics", stats), ("solver", solver)]
+    parts.append(("save", linear_weights // 2 + 4 * dims.vocab * dims.hidden))
+    return MemoryEstimate(tuple(parts))
+
+
+def fitting_flags(estimate_for, budget: int, samples: int, walk: str | None, offload: bool) -> list[str]:
+    """Flags under which estimate_for(samples, walk, offload) fits `budget` bytes: fewer --samples (the
+    most that fit), the two-pass walk, --offload."""
+    if walk is None:
+        return []
+    flags = []
+    fit = max((n for n in range(1, samples) if estimate_for(n, walk, offload).total <= budget), default=None)
+    if fit:
+        flags.append(f"--samples {fit}")
+    if walk == "sequential" and estimate_for(samples, "two-pass", offload).total <= budget:
+        flags.append("--walk two-pass")
+    if not offload and estimate_for(samples, "two-pass", True).total <= budget:
+        flags.append("--offload DIR")
+    return flags
