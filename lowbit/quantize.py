@@ -279,7 +279,7 @@ def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch
 @torch.no_grad()
 def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | None = None,
              offload: Path | None = None, progress: bool = True, checkpoint: Path | None = None,
-             resume: bool = False, workers=None) -> QuantizeResult:
+             resume: bool = False, workers=None, on_layer_done=None) -> QuantizeResult:
     """Quantize `loaded.model` in place by `config`; returns per-linear reports and the time.
 
     samples: calibration token ids [N, L] (calibration_samples), required by calibrated methods.
@@ -292,6 +292,10 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     start = time.perf_counter()
     if config.calibrated and samples is None:
         raise LowbitError(f"method {config.method} needs calibration samples")
+    io = _LayerIO(loaded, on_layer_done)
+    if loaded.weights is not None and (config.rotation or config.kv or config.incoherence or config.inputs == "float"):
+        raise LowbitError("a lazily loaded model is quantized layer by layer: rotations, KV-cache quantization, "
+                          "incoherence and --inputs float need the whole model")
     matrices, spin = rotate_and_install_kv(loaded, config, samples, progress)
     formats = planned_formats(loaded, config)
     spec = loaded.spec
@@ -333,12 +337,17 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
         if workers is not None:
             solve, mine = _distributed(solve, wanted, config, samples, workers)
         timings = tuple(walk(loaded.model, spec, mine, solve, wanted, offload=offload, progress=progress,
-                             sequential=used == "sequential", sink_weight=config.sink_weight, checkpoint=ckpt))
+                             sequential=used == "sequential", sink_weight=config.sink_weight, checkpoint=ckpt,
+                             layer_io=io))
         reports.extend(_write(*args) for args in pending)
     inside = f"{spec.layers}."
-    rest = [n for n in formats if not config.calibrated or not n.startswith(inside)]
+    if not config.calibrated and loaded.weights is not None:
+        reports.extend(_rtn_by_layer(loaded, config, formats, acts, io, progress))
+    rest = [n for n in formats if not (config.calibrated or loaded.weights is not None) or not n.startswith(inside)]
     for name in tqdm(rest, desc="rtn", unit="tensor", disable=not progress, leave=False):
         module = loaded.model.get_submodule(name)
+        if loaded.weights is not None:
+            io.materialize(name, module)
         W_f = module.weight.detach()
         q = quantize_linear(W_f, formats[name], config)
         reports.append(_write(loaded.model, name, name, q, getattr(module, "bias", None), W_f, formats[name],
@@ -346,6 +355,52 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     seconds = time.perf_counter() - start
     logger.info("quantized %d linears in %.1f s", len(reports), seconds)
     return QuantizeResult(config, tuple(reports), seconds, plan, timings, used, smoothing, spin, matrices)
+
+
+class _LayerIO:
+    """The walker's layer_io: a lazy model's layers read before their walk and dropped after it, each
+    finished layer handed to on_layer_done (a streamed output)."""
+
+    def __init__(self, loaded: Loaded, on_layer_done):
+        if loaded.weights is not None and on_layer_done is None:
+            raise LowbitError("a lazily loaded model drops each layer once it is quantized: give on_layer_done")
+        self.loaded, self.on_layer_done = loaded, on_layer_done
+
+    def materialize(self, name: str, module: torch.nn.Module) -> None:
+        from .models.lazy import materialize
+
+        materialize(module, name + ".", self.loaded.weights)
+
+    def load(self, index: int, layer: torch.nn.Module) -> None:
+        if self.loaded.weights is not None:
+            self.materialize(f"{self.loaded.spec.layers}.{index}", layer)
+
+    def done(self, index: int, layer: torch.nn.Module) -> None:
+        if self.on_layer_done is not None:
+            self.on_layer_done(index, layer)
+        if self.loaded.weights is not None:
+            from .models.lazy import release
+
+            release(layer)
+
+
+def _rtn_by_layer(loaded: Loaded, config: QuantizeConfig, formats: dict, acts: dict, io: _LayerIO,
+                  progress: bool) -> list[LinearReport]:
+    """RTN of a lazy model's decoder layers, one layer in memory at a time."""
+    spec, reports = loaded.spec, []
+    layers = loaded.model.get_submodule(spec.layers)
+    for index, layer in enumerate(tqdm(layers, desc="rtn", unit="layer", disable=not progress)):
+        io.load(index, layer)
+        for name in spec.linears:
+            full = f"{spec.layers}.{index}.{name}"
+            if full not in formats:
+                continue
+            module = layer.get_submodule(name)
+            q = quantize_linear(module.weight.detach(), formats[full], config)
+            reports.append(_write(layer, name, full, q, module.bias, module.weight, formats[full],
+                                  act=(acts.get(full), None)))
+        io.done(index, layer)
+    return reports
 
 
 def _distributed(solve, wanted: set[str], config: QuantizeConfig, samples: torch.Tensor, workers):

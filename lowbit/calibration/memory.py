@@ -55,12 +55,20 @@ def model_params(dims: ModelDims) -> int:
 
 def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0, walk: str | None = None,
                              offload: bool = False, hessians: bool = True, sliding_window: bool = False,
-                             quantize_head: bool = False) -> MemoryEstimate:
+                             quantize_head: bool = False, lazy: bool = False) -> MemoryEstimate:
     """Predicted peak of one quantize run (module docstring). walk: "sequential", "two-pass" or
-    None (RTN: no calibration); hessians: whether the method accumulates H (GPTQ, AWQ, imatrix)."""
+    None (RTN: no calibration); hessians: whether the method accumulates H (GPTQ, AWQ, imatrix);
+    lazy: one decoder layer in memory at a time (its float weights and its codes), the embedding and
+    head beside it, each layer written as it finishes."""
     shapes = linear_shapes(dims)
-    linear_weights = dims.n_layers * sum(o * i for o, i in shapes) + (dims.vocab * dims.hidden if quantize_head else 0)
-    parts = [("runtime", RUNTIME), ("weights", 4 * model_params(dims)), ("codes", linear_weights)]
+    layer_weights = sum(o * i for o, i in shapes)
+    head = dims.vocab * dims.hidden if quantize_head else 0
+    if lazy:
+        outside = model_params(dims) - dims.n_layers * (layer_weights + 4 * dims.hidden)
+        weights, linear_weights = 4 * (outside + 2 * (layer_weights + 4 * dims.hidden)), layer_weights + head
+    else:
+        weights, linear_weights = 4 * model_params(dims), dims.n_layers * layer_weights + head
+    parts = [("runtime", RUNTIME), ("weights", weights), ("codes", linear_weights)]
     if walk is not None:
         tokens, d, i = samples * seq_len, dims.hidden, dims.intermediate
         if walk == "sequential":

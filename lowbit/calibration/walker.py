@@ -91,6 +91,8 @@ def _first_layer_inputs(model, spec: ArchSpec, samples: torch.Tensor, store: Act
             if index == 0:
                 first.append(hidden_states.detach())
             kwargs[index] = kw
+            if index == len(layers) - 1:
+                raise _Stop                     # the final norm and head are not needed (nor loaded, when lazy)
             return (hidden_states,) if spec.layer_returns_tuple else hidden_states
         return forward
 
@@ -99,7 +101,10 @@ def _first_layer_inputs(model, spec: ArchSpec, samples: torch.Tensor, store: Act
     try:
         with torch.no_grad():
             for row in samples:
-                model(input_ids=row[None], use_cache=False, logits_to_keep=1)
+                try:
+                    model(input_ids=row[None], use_cache=False, logits_to_keep=1)
+                except _Stop:
+                    pass
                 store.append(first.pop())
     finally:
         for layer in layers:
@@ -113,6 +118,10 @@ def _first_layer_inputs(model, spec: ArchSpec, samples: torch.Tensor, store: Act
             # scores (same outputs; a test checks it); sliding-window masks stay
             kw["attention_mask"] = None
     return kwargs
+
+
+class _Stop(Exception):
+    """Raised by the last stub layer: the forward has given every layer its arguments."""
 
 
 def _plain_causal(mask) -> bool:
@@ -131,7 +140,7 @@ def _run_layer(layer, spec: ArchSpec, h: torch.Tensor, kwargs: dict) -> torch.Te
 @torch.no_grad()
 def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set[str],
          offload: Path | None = None, progress: bool = True, sequential: bool = False,
-         sink_weight: float = 1.0, checkpoint=None) -> list[LayerTiming]:
+         sink_weight: float = 1.0, checkpoint=None, layer_io=None) -> list[LayerTiming]:
     """Quantize `model` layer by layer with `solve`, using calibration `samples` [N, L].
 
     For each layer: capture the inputs of the first linear of each spec group (the others in
@@ -140,6 +149,8 @@ def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set
     inputs from the now-quantized layer: two passes, or one (`sequential`, module docstring).
     checkpoint: a calibration.resume.Checkpoint; its finished layers are restored instead of walked,
     and each layer walked here is recorded in it.
+    layer_io: an object with load(index, layer) (called before the layer is walked: a lazy model reads its
+    weights) and done(index, layer) (after: a streamed output writes it, a lazy model drops it).
     """
     if sequential and offload is not None:
         raise LowbitError("the sequential walk keeps every sample's activations in memory: it cannot offload")
@@ -165,6 +176,8 @@ def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set
         bar = tqdm(list(enumerate(layers))[start_at:], desc="layers", unit="layer", disable=not progress,
                    initial=start_at, total=len(layers))
         for index, layer in bar:
+            if layer_io is not None:
+                layer_io.load(index, layer)
             if sequential:
                 inputs, timing = _sequential_layer(layer, spec, index, inputs, kwargs[index], solve, wanted,
                                                    sink_weight)
@@ -172,6 +185,8 @@ def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set
                 bar.set_postfix(capture=f"{timing.capture_seconds:.1f}s", solve=f"{timing.solve_seconds:.1f}s")
                 if checkpoint is not None:
                     checkpoint.layer_done(index, layer, inputs)
+                if layer_io is not None:
+                    layer_io.done(index, layer)
                 continue
             start = time.perf_counter()
             sources = [g.linears[0] for g in spec.groups]
@@ -197,6 +212,8 @@ def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set
                                        time.perf_counter() - solved_at))
             if checkpoint is not None:
                 checkpoint.layer_done(index, layer, inputs)
+            if layer_io is not None:
+                layer_io.done(index, layer)
             bar.set_postfix(capture=f"{captured_at - start:.1f}s", solve=f"{solved_at - captured_at:.1f}s")
     finally:
         inputs.close()

@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print("lowbit: error: out of memory (the predicted peak is logged before the run; fewer --samples, "
+              "--offload, or --lazy for a model larger than memory)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

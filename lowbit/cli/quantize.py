@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 from ..errors import LowbitError
-from ..log import logger
 from ..methods.awq import AwqConfig
 from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
 from ..quantize import CALIBRATED, INPUTS, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
 from .common import add_format_args, format_from_args, plan_from_args, recorded_command
+from .quantize_control import check_memory, launch, resume_dir
 from .table import table
 
 
@@ -110,6 +110,10 @@ def add_parser(sub) -> None:
                    help="keep linears matching this glob in float (e.g. 'model.layers.0.*'); repeatable")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--lazy", action="store_true",
+                   help="for models larger than memory: read each decoder layer from the safetensors files when the "
+                        "walk reaches it and write it to --out as soon as it is quantized (an HF directory; one "
+                        "layer's weights in memory, the output a shard per layer)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="calibrate in N processes (torch.distributed, gloo): each walks its share of the samples, "
                         "the statistics are summed before every solve; launches torchrun on this machine "
@@ -262,86 +266,13 @@ def _share(text: str | None) -> float:
         raise LowbitError(f"--outliers {text!r}: a share such as 0.5% or 0.005") from None
 
 
-def _checkpoint_dir(args: argparse.Namespace, config: QuantizeConfig) -> Path | None:
-    """Where a calibrated run checkpoints its layers (None for RTN: nothing to resume); refuses --resume
-    without a walk and a fresh run over an interrupted one's checkpoint."""
-    from ..calibration.resume import STATE, checkpoint_dir
-
-    root = checkpoint_dir(Path(args.out))
-    if not config.calibrated or config.inputs == "float":
-        if args.resume:
-            raise LowbitError(f"--resume continues a calibrated walk (--calib); --method {config.method} "
-                              + ("with --inputs float writes the layers at the end" if config.calibrated
-                                 else "has none"))
-        return None
-    if args.resume and args.save_plan:
-        raise LowbitError("--save-plan records every layer's AWQ scales, which a resumed run does not hold for the "
-                          "checkpointed layers: drop --save-plan or run without --resume")
-    if not args.resume and (root / STATE).exists() and not args.overwrite:
-        raise LowbitError(f"an interrupted run's checkpoint is at {root}: --resume continues it, --overwrite "
-                          "starts over")
-    return root
-
-
-def _launch(args: argparse.Namespace, config: QuantizeConfig) -> int:
-    """--workers N: the same command without --workers under torchrun, N processes on this machine, one
-    thread each of this machine's cores; the exit status of the launch."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from .common import without_flag
-
-    if not config.calibrated:
-        raise LowbitError(f"--workers splits the calibration samples: --method {config.method} has none")
-    if args.workers > args.samples:
-        raise LowbitError(f"--workers {args.workers} is more than the {args.samples} calibration samples (--samples)")
-    if args.resume or config.inputs == "float" or (config.rotation is not None and config.rotation.spin_steps):
-        raise LowbitError("--workers runs the layer walk only: not with --resume, --inputs float or SpinQuant")
-    with socket.socket() as sock:                      # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.workers),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "lowbit",
-               *without_flag(args.argv, "--workers")]
-    logger.info("launching %d calibration processes (gloo, %d thread(s) each)", args.workers, threads)
-    done = subprocess.run(command, env=env)
-    return 0 if done.returncode == 0 else 2
-
-
-def _check_memory(loaded, config: QuantizeConfig, samples, offload):
-    """Log the predicted peak memory; refuse, naming the flags that would fit, when it exceeds what the
-    machine has (available now plus what this process already holds)."""
-    from .. import quantize as q
-    from ..calibration.memory import GIB, estimate_quantize_memory, fitting_flags
-
-    walk = q.choose_walk(config, loaded.dims, samples, Path(offload) if offload else None) if config.calibrated else None
-    hessians = bool({"gptq", "awq", "imatrix"} & set(config.steps))
-    window = getattr(loaded.model.config, "sliding_window", None) is not None
-    seq_len = samples.shape[1] if samples is not None else 0
-
-    def estimate(n, w, off):
-        return estimate_quantize_memory(loaded.dims, n, seq_len, w, off, hessians, window, config.quantize_head)
-
-    n = samples.shape[0] if samples is not None else 0
-    predicted = estimate(n, walk, bool(offload))
-    budget = q.memory_budget()
-    logger.info("predicted peak memory: %s; this machine has %.2f GiB for it", predicted.describe(), budget / GIB)
-    if predicted.total > budget:
-        flags = fitting_flags(estimate, budget, n, walk, bool(offload))
-        raise LowbitError(f"this run needs about {predicted.total / GIB:.1f} GiB at its peak and {budget / GIB:.1f} GiB "
-                          "is available" + (f": try {' or '.join(flags)}" if flags else
-                                            " and no calibration setting fits: use a machine with more memory"))
-    return predicted
-
-
 def run(args: argparse.Namespace) -> int:
     from ..data.text import read_text
     from ..export.lowbit_dir import check_out, save_quantized
+    from ..export.lowbit_stream import LayerStream
+    from ..models.lazy import load_lazy
     from ..models.load import load
+    from ..models.registry import resolve
     from ..quantize import calibration_samples
 
     config = _config(args)
@@ -360,18 +291,28 @@ def run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
             raise LowbitError("--workers launches torchrun itself: under torchrun, drop --workers")
-        return _launch(args, config)
+        return launch(args, config)
     from ..calibration import distributed
 
     workers = distributed.from_environment()           # a rank of a torchrun launch, or None
-    ckpt = _checkpoint_dir(args, config) if workers is None else None
+    ckpt = resume_dir(args, config) if workers is None else None
+    if args.lazy and (args.resume or args.workers > 1 or workers is not None):
+        raise LowbitError("--lazy writes each layer as it finishes: not with --resume or --workers yet")
     text = read_text(args.calib) if config.calibrated else None   # cheap checks before the slow load
-    loaded = load(args.model)
+    loaded = load_lazy(resolve(args.model)) if args.lazy else load(args.model)
     config = _config(args, loaded)
     samples = calibration_samples(loaded, text, config.calib) if text is not None else None
-    predicted = _check_memory(loaded, config, samples, args.offload)
-    result = quantize(loaded, config, samples, offload=Path(args.offload) if args.offload else None,
-                      checkpoint=ckpt, resume=args.resume, workers=workers, progress=workers is None or not workers.rank)
+    predicted = check_memory(loaded, config, samples, args.offload)
+    stream = LayerStream(loaded, Path(args.out), args.overwrite) if args.lazy else None
+    try:
+        result = quantize(loaded, config, samples, offload=Path(args.offload) if args.offload else None,
+                          checkpoint=ckpt, resume=args.resume, workers=workers,
+                          progress=workers is None or not workers.rank,
+                          on_layer_done=stream.add_layer if stream else None)
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
     if workers is not None:
         distributed.close()                            # every rank holds the same model now
         if workers.rank:
@@ -387,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
         method["rotation"]["spin_result"] = {"losses": list(result.spin.losses), "seconds": result.spin.seconds,
                                              "stopped_early": result.spin.stopped_early}
     method["command"] = recorded_command(getattr(args, "argv", []))
-    out = save_quantized(loaded, method, args.out, overwrite=args.overwrite)
+    out = stream.finish(method) if stream is not None else \
+        save_quantized(loaded, method, args.out, overwrite=args.overwrite)
     if ckpt is not None:
         shutil.rmtree(ckpt, ignore_errors=True)       # the output is whole: the checkpoint has served
     if args.write_plan:

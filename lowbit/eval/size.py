@@ -47,9 +47,10 @@ def size_report(model: torch.nn.Module) -> SizeReport:
         q_bits += holder.fmt.storage_bits(shape)
         seen.add(model.get_submodule(name).weight.data_ptr())  # its weight is W_dq, not stored
     for name, param in model.named_parameters(remove_duplicate=False):
-        if param.data_ptr() in seen:
+        key = name if param.is_meta else param.data_ptr()     # a lazy model's written layers are on meta
+        if key in seen:
             continue                          # a tied head shares the embedding's storage
-        seen.add(param.data_ptr())
+        seen.add(key)
         f_params += param.numel()
         f_bits += param.numel() * param.element_size() * 8
         if param.dim() == 2:

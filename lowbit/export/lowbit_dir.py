@@ -10,6 +10,7 @@ The directory is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -31,14 +32,17 @@ from ..nn.qstate import BAD_ENTRY, pack_linear, quantized_module
 from ..nn.qweight import HOLDER, attach_quantized_weight, quantized_weights
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"    # a directory written layer by layer (lowbit_stream): its shards
 MANIFEST = "lowbit.json"
 SCHEMA = 1
 
 
-def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Split the model into stored tensors and the manifest entry of each quantized linear."""
+def _state(loaded: Loaded, exclude: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Split the model into stored tensors and the manifest entry of each quantized linear; names
+    starting with `exclude` (the decoder layers a stream has written) left out."""
     model = loaded.model
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    keep = (lambda n: True) if exclude is None else (lambda n: not n.startswith(exclude))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and keep(n)}
     tensors, entries = {}, {}
     for name, module in quantized.items():
         entries[name] = pack_linear(name, module, tensors)
@@ -51,6 +55,8 @@ def _state(loaded: Loaded) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
                          "kind": "weight"}
     tied_head = loaded.spec.head + ".weight" if model.config.tie_word_embeddings else None
     for key, t in model.state_dict().items():
+        if not keep(key):
+            continue
         owner = key.rsplit(".", 1)[0]
         if owner in quantized and not key.endswith(".bias"):
             continue                              # codes/scales/zeros (and input_scale) stored above
@@ -77,16 +83,7 @@ def save_quantized(loaded: Loaded, method: dict, out: Path, overwrite: bool = Fa
     out = Path(out)
     check_out(out, overwrite)
     tensors, entries = _state(loaded)
-    manifest = {
-        "schema": SCHEMA,
-        "lowbit": __version__,
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "transformers": __import__("transformers").__version__},
-        "method": method,
-        "source": {"arg": loaded.source.arg, "name": loaded.source.name, "kind": loaded.source.kind,
-                   "path": str(loaded.source.path), "sha256": loaded.sha256},
-        "tensors": entries,
-    }
+    manifest = _manifest(loaded, method, entries)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
@@ -96,13 +93,31 @@ def save_quantized(loaded: Loaded, method: dict, out: Path, overwrite: bool = Fa
         # bytes differ (lowbit's version is in lowbit.json)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory to `out` (replacing what --overwrite allowed)."""
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _manifest(loaded: Loaded, method: dict, entries: dict) -> dict:
+    return {
+        "schema": SCHEMA,
+        "lowbit": __version__,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "transformers": __import__("transformers").__version__},
+        "method": method,
+        "source": {"arg": loaded.source.arg, "name": loaded.source.name, "kind": loaded.source.kind,
+                   "path": str(loaded.source.path), "sha256": loaded.sha256},
+        "tensors": entries,
+    }
 
 
 def read_manifest(path: Path) -> dict:
@@ -128,10 +143,7 @@ def load_quantized(source: ModelSource) -> Loaded:
 
     path = source.path
     manifest = read_manifest(path)
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise LowbitError(f"cannot read {path / WEIGHTS}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    tensors = _read_tensors(path)
     config = AutoConfig.from_pretrained(str(path))
     with no_init_weights():                      # every weight comes from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -176,8 +188,38 @@ def load_quantized(source: ModelSource) -> Loaded:
             install_kv_quant(model, spec, KvQuant.from_dict(kv))
         except BAD_ENTRY as e:
             raise LowbitError(f"{path / MANIFEST}: method.kv_cache: {type(e).__name__}: {e}") from None
-    return Loaded(model.eval(), tokenizer, spec, ModelDims.from_config(config), source,
-                  sha256_file(path / WEIGHTS))
+    weights = [path / WEIGHTS] if (path / WEIGHTS).is_file() else [path / f for f in _shards(path)]
+    sha = sha256_file(weights[0]) if len(weights) == 1 else \
+        hashlib.sha256("".join(sha256_file(f) for f in weights).encode()).hexdigest()
+    return Loaded(model.eval(), tokenizer, spec, ModelDims.from_config(config), source, sha)
+
+
+def _shards(path: Path) -> list[str]:
+    """The shard files a streamed directory's index names (each a plain file name inside `path`)."""
+    try:
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LowbitError(f"{path / INDEX}: unreadable ({type(e).__name__})") from None
+    bad = [f for f in files if not isinstance(f, str) or "/" in f or "\\" in f or not (path / f).is_file()]
+    if bad:
+        raise LowbitError(f"{path / INDEX} names {str(bad[0])[:80]!r}, which is not a file of {path}")
+    return files
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards of a directory written layer by layer (INDEX)."""
+    files = [WEIGHTS] if (path / WEIGHTS).is_file() or not (path / INDEX).is_file() else _shards(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            part = load_file(str(path / name))
+        except (SafetensorError, OSError) as e:
+            raise LowbitError(f"cannot read {path / name}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        if set(part) & set(tensors):
+            raise LowbitError(f"{path / name} repeats tensors of another shard: {sorted(set(part) & set(tensors))[:2]}")
+        tensors.update(part)
+    return tensors
 
 
 def _is_derived(model: torch.nn.Module, key: str) -> bool:

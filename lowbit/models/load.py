@@ -33,6 +33,7 @@ class Loaded:
     dims: ModelDims
     source: ModelSource
     sha256: str                  # of the source file (GGUF) or of the directory's lowbit.json / weights
+    weights: object = None       # models.lazy.SafetensorsWeights when the layers are read on demand (load_lazy)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
