@@ -10,8 +10,12 @@ calibration in several processes, on the real models; one JSON per model, bench/
   distributed  the GPTQ row with --workers 1 and --workers 2 (gloo; one thread per process on
                this 2-core machine, against one process with 2 threads): wall times, speed-up,
                byte-identity.
+  synthetic    a 7B-shaped Llama larger than this machine's memory (bench/synthetic_model.py, written
+               once to ~/.cache/lowbit/bench/synthetic-7b) quantized with --lazy: RTN and GPTQ
+               (4 x 512 calibration tokens), wall time, peak RSS, predicted peak: --model synthetic-7b.
 
     python bench/scale.py --model smollm2-135m --stage memory --stage resume --stage distributed
+    python bench/scale.py --model synthetic-7b --stage synthetic
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from pathlib import Path
 from common import CALIB_TEXT, REPO, lowbit_quantize, machine, table
 
 RESULTS = REPO / "bench" / "results"
-STAGES = ("memory", "resume", "distributed")
+STAGES = ("memory", "resume", "distributed", "synthetic")
+SYNTHETIC = Path.home() / ".cache" / "lowbit" / "bench" / "synthetic-7b"     # 13.5 GB: kept out of the repo
 
 
 def gptq_flags(samples: int, seq_len: int, walk: str = "sequential") -> list[str]:
@@ -124,6 +129,35 @@ def distributed(model: str, samples: int, seq_len: int, work: Path) -> dict:
     return row
 
 
+def synthetic(samples: int, seq_len: int, work: Path) -> dict:
+    """The 7B-shaped Llama (bench/synthetic_model.py, bf16, 27 GB in float32: more than this machine's
+    memory) quantized with --lazy: RTN and GPTQ, wall time, peak RSS against the predicted peak."""
+    import shutil as sh
+
+    from synthetic_model import PRESETS, write_synthetic
+
+    if not (SYNTHETIC / "model.safetensors.index.json").is_file():
+        start = time.perf_counter()
+        write_synthetic(SYNTHETIC.with_name(SYNTHETIC.name + ".tmp"), **PRESETS["7b"])
+        os.replace(SYNTHETIC.with_name(SYNTHETIC.name + ".tmp"), SYNTHETIC)
+        print(f"wrote the synthetic model in {time.perf_counter() - start:.0f} s", flush=True)
+    size = sum(f.stat().st_size for f in SYNTHETIC.glob("*.safetensors"))
+    rows = {"rtn": ["--bits", "4", "--group", "128", "--lazy"],
+            "gptq": gptq_flags(samples, seq_len) + ["--lazy"]}
+    out = {}
+    for name, flags in rows.items():
+        rec = lowbit_quantize(str(SYNTHETIC), flags, work / name)
+        predicted = rec["predicted_peak_bytes"] / 2**20
+        out[name] = {"flags": flags, "measured_peak_mib": rec["peak_rss_mib"], "predicted_peak_mib": predicted,
+                     "predicted_over_measured": predicted / rec["peak_rss_mib"], "wall_seconds": rec["wall_seconds"],
+                     "bits_per_weight": rec["bits_per_weight"], "model_file_bytes": size,
+                     "float32_bytes": size * 2, "preset": PRESETS["7b"]}
+        print(f"synthetic {name}: {rec['wall_seconds']:.0f} s, peak {rec['peak_rss_mib']} MiB (predicted "
+              f"{predicted:.0f}), {rec['bits_per_weight']:.3f} bits/weight", flush=True)
+        sh.rmtree(work / name, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -134,6 +168,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="default bench/results/scale_<model>.json")
     a = p.parse_args()
     a.json = a.json or RESULTS / f"scale_{a.model}.json"
+    if (a.model == "synthetic-7b") != (a.stage == ["synthetic"]):
+        p.error("--model synthetic-7b goes with --stage synthetic alone (and that stage with that model)")
     data = json.loads(a.json.read_text()) if a.json.exists() else {"bench": "scale", "model": a.model, "stages": {}}
     entry = data["stages"]
     with tempfile.TemporaryDirectory(dir=REPO.parent) as tmp:
@@ -141,8 +177,10 @@ def main() -> None:
         for stage in a.stage or ["memory"]:
             run = {"memory": lambda: memory(a.model, a.samples, a.seq_len, work),
                    "resume": lambda: resume(a.model, a.samples, a.seq_len, a.kill_after, work),
-                   "distributed": lambda: distributed(a.model, a.samples, a.seq_len, work)}[stage]
-            entry[stage] = {"rows": run(), "samples": a.samples, "seq_len": a.seq_len, "machine": machine()}
+                   "distributed": lambda: distributed(a.model, a.samples, a.seq_len, work),
+                   "synthetic": lambda: synthetic(4, 512, work)}[stage]
+            shape = (4, 512) if stage == "synthetic" else (a.samples, a.seq_len)
+            entry[stage] = {"rows": run(), "samples": shape[0], "seq_len": shape[1], "machine": machine()}
             for sub in work.iterdir():
                 shutil.rmtree(sub, ignore_errors=True)
     a.json.write_text(json.dumps(data, indent=1))

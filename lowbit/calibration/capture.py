@@ -78,6 +78,7 @@ def gated(layer: torch.nn.Module, stats: dict, pause):
     gates = {name: Gate(layer, name, st, pause(name)) for name, st in stats.items()}
 
     def release(name: str) -> None:
+        gates[name]._stats = None               # its samples are all in; the walker holds the statistics
         if layer.get_submodule(name) is gates[name]:
             layer.set_submodule(name, gates[name].inner)
 

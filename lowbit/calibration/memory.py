@@ -12,6 +12,7 @@ The terms (bytes, summed: each is alive at the walk's worst moment):
   statistics    the Hessians of one layer's groups, float64 [in, in] each
   solver        GPTQ on the widest linear: W, Q, the errors (float32) and H's inverse factor (float64)
   save          the packed file, built in memory by safetensors before it is written
+The walk's terms (activations to solver) and the save are not alive together: the larger counts.
 `bench/scale.py` compares the sum with the measured peak RSS; the constants below come from it.
 """
 from __future__ import annotations
@@ -63,12 +64,13 @@ def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0
     shapes = linear_shapes(dims)
     layer_weights = sum(o * i for o, i in shapes)
     head = dims.vocab * dims.hidden if quantize_head else 0
-    if lazy:
-        outside = model_params(dims) - dims.n_layers * (layer_weights + 4 * dims.hidden)
-        weights, linear_weights = 4 * (outside + 2 * (layer_weights + 4 * dims.hidden)), layer_weights + head
+    if lazy:    # the embedding, and one layer twice (its float weights and W_dq); the head is read at the end
+        weights, linear_weights = 4 * (dims.vocab * dims.hidden + 2 * (layer_weights + 4 * dims.hidden)), layer_weights + head
     else:
         weights, linear_weights = 4 * model_params(dims), dims.n_layers * layer_weights + head
     parts = [("runtime", RUNTIME), ("weights", weights), ("codes", linear_weights)]
+    save = linear_weights // 2 + 4 * dims.vocab * dims.hidden     # the packed file (or the last shard, lazy)
+    walk_terms = []
     if walk is not None:
         tokens, d, i = samples * seq_len, dims.hidden, dims.intermediate
         if walk == "sequential":
@@ -78,12 +80,15 @@ def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0
         layer = 4 * seq_len * (3 * i + 6 * d)
         if sliding_window:
             layer += 4 * 2 * dims.heads * seq_len * seq_len
-        inputs = {o_i[1] for o_i in shapes}            # q/k/v share d; o reads heads·hd; gate/up d; down I
-        stats = 8 * sum(n * n for n in (d, dims.heads * dims.head_dim, d, i)) if hessians else 0
+        widths = (d, dims.heads * dims.head_dim, d, i)     # the groups' inputs: q/k/v, o, gate/up, down
+        # two-pass: every group's H at once; sequential: the group being solved (each freed after its solve)
+        held = (max(widths),) if walk == "sequential" else widths
+        stats = 8 * sum(n * n for n in held) if hessians else 0
         o, n = max(shapes, key=lambda s: s[0] * s[1])
-        solver = (4 * 4 * o * n + 8 * 2 * max(inputs) ** 2) if hessians else 0
-        parts += [("activations", acts), ("layer work", layer), ("statistics", stats), ("solver", solver)]
-    parts.append(("save", linear_weights // 2 + 4 * dims.vocab * dims.hidden))
+        solver = (4 * 4 * o * n + 8 * 2 * max(widths) ** 2) if hessians else 0
+        walk_terms = [("activations", acts), ("layer work", layer), ("statistics", stats), ("solver", solver)]
+    # the file is written after the walk has let go of its statistics and activations: the larger phase counts
+    parts += walk_terms if sum(b for _, b in walk_terms) > save else [("save", save)]
     return MemoryEstimate(tuple(parts))
 
 

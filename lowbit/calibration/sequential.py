@@ -85,6 +85,7 @@ def walk_layer(layer: torch.nn.Module, groups, inputs: list, run_layer, solve, w
                 solved = time.perf_counter()
                 release(g.linears[0])
                 solve({name: stats[g.linears[0]] for name in g.linears})
+                del stats[g.linears[0]]              # solved: the walk holds one group's statistics at a time
                 capture, solving = capture + solved - start, solving + time.perf_counter() - solved
             start = time.perf_counter()
             for run in runs:

@@ -22,8 +22,9 @@ def test_terms_follow_the_walk():
     seq = estimate_quantize_memory(SMOL, 128, 2048, "sequential")
     two = estimate_quantize_memory(SMOL, 128, 2048, "two-pass")
     off = estimate_quantize_memory(SMOL, 128, 2048, "two-pass", offload=True)
-    assert rtn.total < off.total < two.total < seq.total
-    assert dict(seq.parts)["activations"] > dict(two.parts)["activations"] > dict(off.parts)["activations"]
+    assert rtn.total <= off.total < two.total < seq.total         # offloaded, the save can be the larger phase
+    assert dict(seq.parts)["activations"] > dict(two.parts)["activations"]
+    assert "statistics" in dict(seq.parts) and "save" not in dict(seq.parts)      # the walk is the larger phase
     assert estimate_quantize_memory(SMOL, 64, 2048, "two-pass").total < two.total
     assert "statistics" in two.describe() or "activations" in two.describe()
 
