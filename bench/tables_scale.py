@@ -1,16 +1,15 @@
 """bench/tables.py's page for issue 28: scale and trust (bench/results/scale_<model>.json). Standard library only."""
 from __future__ import annotations
 
-from tables_format import fixed, model_sections, page, table
+from tables_format import MODELS, RESULTS, fixed, load, page, table
 
 SCALE_MODELS = ("smollm2-135m", "gemma3-270m", "synthetic-7b")
+TITLES = {**MODELS, "synthetic-7b": "Synthetic 7B-shaped Llama (bench/synthetic_model.py: hidden 4096, 32 layers, "
+                                    "MLP 11008, vocabulary 32000, bf16)"}
 
 
 def _section(model: str, d: dict, name: str) -> str:
-    from tables_format import MODELS
-
-    title = MODELS.get(model, "Synthetic 7B-shaped Llama (hidden 4096, 32 layers, MLP 11008, vocabulary 32000, bf16)")
-    st, parts = d.get("stages", {}), [f"## {title} (`bench/results/{name}`)"]
+    st, parts = d.get("stages", {}), [f"## {TITLES[model]} (`bench/results/{name}`)"]
     mem = st.get("memory")
     if mem:
         parts.append(f"Peak memory of `lowbit quantize` ({mem['samples']} × {mem['seq_len']} calibration tokens for "
@@ -62,4 +61,9 @@ def scale_page() -> str:
     intro = ("Scale and trust (`python bench/scale.py --model M --stage memory --stage resume --stage distributed`; "
              "`python bench/scale.py --model synthetic-7b --stage synthetic`; docs/architecture.md, \"Checkpoints and "
              "resume\", \"Several processes\", \"Models larger than memory\").")
-    return page("Scale (`bench/scale.py`)", intro, model_sections("scale", SCALE_MODELS, _section))
+    sections = []
+    for model in SCALE_MODELS:
+        path = RESULTS / f"scale_{model}.json"
+        sections.append(_section(model, load(path.name), path.name) if path.exists() else
+                        f"## {TITLES[model]}\n\nNot measured yet (`python bench/scale.py --model {model}`).")
+    return page("Scale (`bench/scale.py`)", intro, sections)

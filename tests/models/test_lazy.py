@@ -3,6 +3,7 @@ exactly the tensors the in-memory path writes; under a memory cap the in-memory 
 one passes; the lazy reader refuses a lying safetensors header before reading anything."""
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import subprocess
@@ -28,6 +29,7 @@ def _same_tensors(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("method,walk", [("rtn", None), ("gptq", "sequential"), ("awq", "two-pass")])
 def test_lazy_writes_the_tensors_the_in_memory_path_writes(tiny_llama_dir, calib, tmp_path, capsys, method, walk):
     argv = ["quantize", tiny_llama_dir, "--method", method, "--bits", "4", "--group", "32"]
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in Path(tiny_llama_dir).iterdir()}
     if walk:
         argv += ["--calib", calib, "--samples", "4", "--seq-len", "32", "--walk", walk]
     code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "memory")
@@ -44,6 +46,7 @@ def test_lazy_writes_the_tensors_the_in_memory_path_writes(tiny_llama_dir, calib
     code, out_memory, err = run_cli(capsys, "eval", tmp_path / "memory", "--text", calib, "--ctx", "32", "--windows", "2")
     row = lambda out: out.splitlines()[2].split()[1:-1]        # ppl … tokens, windows: not the name or seconds
     assert row(out_lazy) == row(out_memory)
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in Path(tiny_llama_dir).iterdir()} == before
 
 
 def test_lazy_bad_input(tiny_llama_dir, calib, tmp_path, capsys):
