@@ -2,11 +2,13 @@
 
 The terms (bytes, summed: each is alive at the walk's worst moment):
   runtime       the interpreter with torch and transformers imported (measured once: RUNTIME)
-  weights       the float model, float32 (the whole model is loaded before the walk)
-  codes         each quantized linear's unpacked codes (uint8, one per weight) beside its float W_dq
+  weights       the float model, float32 (the whole model is loaded before the walk; transformers maps its
+                safetensors, so the pages a walk touches stay resident even after a linear is replaced)
+  codes         each quantized linear's unpacked codes (uint8, one per weight) and its float W_dq
   activations   calibration hidden states [N, L, d] float32: the layer's inputs and outputs (two-pass),
-                or (sequential) every sample's intermediates at the widest point of a layer; one
-                sample at a time with --offload
+                or (sequential) every sample's intermediates where it waits for down_proj's solve (its
+                input [L, I], the residual, norm output, inputs and outputs); one sample at a time with
+                --offload
   layer work    one sample's forward through a layer (the MLP's three [L, I] products, a few [L, d]),
                 plus SDPA's [heads, L, L] scores where the mask is not plainly causal (sliding window)
   statistics    the Hessians of one layer's groups, float64 [in, in] each
@@ -68,13 +70,14 @@ def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0
         weights, linear_weights = 4 * (dims.vocab * dims.hidden + 2 * (layer_weights + 4 * dims.hidden)), layer_weights + head
     else:
         weights, linear_weights = 4 * model_params(dims), dims.n_layers * layer_weights + head
-    parts = [("runtime", RUNTIME), ("weights", weights), ("codes", linear_weights)]
+    # uint8 codes, and (in memory) each quantized linear's float32 W_dq beside the mapped weights
+    parts = [("runtime", RUNTIME), ("weights", weights), ("codes", (1 if lazy else 5) * linear_weights)]
     save = linear_weights // 2 + 4 * dims.vocab * dims.hidden     # the packed file (or the last shard, lazy)
     walk_terms = []
     if walk is not None:
         tokens, d, i = samples * seq_len, dims.hidden, dims.intermediate
         if walk == "sequential":
-            acts = 4 * tokens * (i + 4 * d)          # every sample waits at a group with its MLP product alive
+            acts = 4 * tokens * (i + 4 * d)          # every sample waits at down_proj: its input [L, I], a few [L, d]
         else:
             acts = 4 * (1 if offload else samples) * seq_len * d * 2
         layer = 4 * seq_len * (3 * i + 6 * d)
