@@ -129,7 +129,7 @@ def distributed(model: str, samples: int, seq_len: int, work: Path) -> dict:
     return row
 
 
-def synthetic(samples: int, seq_len: int, work: Path) -> dict:
+def synthetic(samples: int, seq_len: int, work: Path, methods: list[str]) -> dict:
     """The 7B-shaped Llama (bench/synthetic_model.py, bf16, 27 GB in float32: more than this machine's
     memory) quantized with --lazy: RTN and GPTQ, wall time, peak RSS against the predicted peak."""
     import shutil as sh
@@ -144,6 +144,7 @@ def synthetic(samples: int, seq_len: int, work: Path) -> dict:
     size = sum(f.stat().st_size for f in SYNTHETIC.glob("*.safetensors"))
     rows = {"rtn": ["--bits", "4", "--group", "128", "--lazy"],
             "gptq": gptq_flags(samples, seq_len) + ["--lazy"]}
+    rows = {k: v for k, v in rows.items() if k in methods}
     out = {}
     for name, flags in rows.items():
         rec = lowbit_quantize(str(SYNTHETIC), flags, work / name)
@@ -165,6 +166,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--kill-after", type=int, default=15)
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"],
+                   help="the synthetic stage's rows (default both)")
     p.add_argument("--json", type=Path, default=None, help="default bench/results/scale_<model>.json")
     a = p.parse_args()
     a.json = a.json or RESULTS / f"scale_{a.model}.json"
@@ -178,9 +181,12 @@ def main() -> None:
             run = {"memory": lambda: memory(a.model, a.samples, a.seq_len, work),
                    "resume": lambda: resume(a.model, a.samples, a.seq_len, a.kill_after, work),
                    "distributed": lambda: distributed(a.model, a.samples, a.seq_len, work),
-                   "synthetic": lambda: synthetic(4, 512, work)}[stage]
+                   "synthetic": lambda: synthetic(4, 512, work, a.methods)}[stage]
             shape = (4, 512) if stage == "synthetic" else (a.samples, a.seq_len)
-            entry[stage] = {"rows": run(), "samples": shape[0], "seq_len": shape[1], "machine": machine()}
+            rows = run()
+            if stage == "synthetic":                       # rows measured another time are kept
+                rows = {**entry.get(stage, {}).get("rows", {}), **rows}
+            entry[stage] = {"rows": rows, "samples": shape[0], "seq_len": shape[1], "machine": machine()}
             for sub in work.iterdir():
                 shutil.rmtree(sub, ignore_errors=True)
     a.json.write_text(json.dumps(data, indent=1))

@@ -386,19 +386,24 @@ class _LayerIO:
 
 def _rtn_by_layer(loaded: Loaded, config: QuantizeConfig, formats: dict, acts: dict, io: _LayerIO,
                   progress: bool) -> list[LinearReport]:
-    """RTN of a lazy model's decoder layers, one layer in memory at a time."""
+    """RTN of a lazy model's decoder layers: one linear's float weight in memory at a time, each
+    QuantLinear keeping only its codes (the layer is written, never run: its W_dq goes at once)."""
     spec, reports = loaded.spec, []
     layers = loaded.model.get_submodule(spec.layers)
     for index, layer in enumerate(tqdm(layers, desc="rtn", unit="layer", disable=not progress)):
-        io.load(index, layer)
+        prefix = f"{spec.layers}.{index}"
         for name in spec.linears:
-            full = f"{spec.layers}.{index}.{name}"
+            full = f"{prefix}.{name}"
             if full not in formats:
-                continue
+                continue                                    # kept float: read with the rest below
             module = layer.get_submodule(name)
+            io.materialize(full, module)
             q = quantize_linear(module.weight.detach(), formats[full], config)
             reports.append(_write(layer, name, full, q, module.bias, module.weight, formats[full],
                                   act=(acts.get(full), None)))
+            layer.get_submodule(name).forget_dequantized()
+            del module, q
+        io.materialize(prefix, layer)                       # norms and float linears
         io.done(index, layer)
     return reports
 

@@ -90,6 +90,14 @@ class QuantLinear(nn.Module):
             self._buffers.pop("W_c", None)
             self._buffers.pop("w_scale", None)
 
+    def forget_dequantized(self) -> None:
+        """Drop the float W_dq (and int8 copy), keeping the stored state: for a layer that is written out
+        and never run (lazy RTN); a forward afterwards fails on the meta tensor."""
+        for name in ("W_dq", "W_c"):
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = torch.empty(self._buffers[name].shape, dtype=self._buffers[name].dtype,
+                                                  device="meta")
+
     @property
     def outlier_bits(self) -> int:
         """Stored bits of the dense-and-sparse part (0 without one)."""
