@@ -66,7 +66,10 @@ def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0
     shapes = linear_shapes(dims)
     layer_weights = sum(o * i for o, i in shapes)
     head = dims.vocab * dims.hidden if quantize_head else 0
-    if lazy:    # the embedding, and one layer twice (its float weights and W_dq); the head is read at the end
+    if lazy and walk is None:   # RTN: one linear's float weight and W_dq at a time, beside the embedding
+        weights = 4 * (dims.vocab * dims.hidden + 2 * max(o * i for o, i in shapes))
+        linear_weights = layer_weights + head
+    elif lazy:    # the embedding, and one layer twice (its float weights and W_dq); the head is read at the end
         weights, linear_weights = 4 * (dims.vocab * dims.hidden + 2 * (layer_weights + 4 * dims.hidden)), layer_weights + head
     else:
         weights, linear_weights = 4 * model_params(dims), dims.n_layers * layer_weights + head
