@@ -21,7 +21,9 @@ def _section(model: str, d: dict, name: str) -> str:
                           for k, r in mem["rows"].items()], {2, 3, 4, 5}))
         worst = max(abs(r["predicted_over_measured"] - 1) for r in mem["rows"].values())
         parts.append(f"Target (issue 28): predicted within 20% of measured — {'met' if worst <= 0.2 else 'missed'} "
-                     f"(largest miss {100 * worst:.0f}%).")
+                     f"(largest miss {100 * worst:.0f}%)." + (" The estimate's terms were settled on these rows (the "
+                     "resident mapped weights beside W_dq were found here), so they are not a held-out check; the "
+                     "synthetic model's rows and other models' are." if model == "smollm2-135m" else ""))
     syn = st.get("synthetic")
     if syn:
         rows = syn["rows"]
