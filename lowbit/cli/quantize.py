@@ -309,9 +309,11 @@ def run(args: argparse.Namespace) -> int:
                           checkpoint=ckpt, resume=args.resume, workers=workers,
                           progress=workers is None or not workers.rank,
                           on_layer_done=stream.add_layer if stream else None)
-    except BaseException:
+    except BaseException as e:
         if stream is not None:
             stream.abort()
+        if isinstance(e, LowbitError) and ckpt is not None and not args.resume:
+            shutil.rmtree(ckpt, ignore_errors=True)    # a refused run cannot be resumed into success; a crash can
         raise
     if workers is not None:
         distributed.close()                            # every rank holds the same model now
