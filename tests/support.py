@@ -37,3 +37,9 @@ def assert_one_line_error(code, err, *needles):
     assert len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def dir_bytes(d) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under directory d: two results compared byte for byte."""
+    d = Path(d)
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}

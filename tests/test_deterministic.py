@@ -6,11 +6,8 @@ import json
 
 import pytest
 
-from support import run_cli
+from support import dir_bytes, run_cli
 
-
-def _files(d):
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
@@ -21,10 +18,10 @@ def test_the_same_command_writes_the_same_bytes(tiny_llama_dir, calib, tmp_path,
         argv += ["--calib", calib, "--samples", "4", "--seq-len", "32", "--seed", "3"]
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
-    first = _files(out)
+    first = dir_bytes(out)
     code, _, err = run_cli(capsys, *argv, "--overwrite")
     assert code == 0, err
-    assert _files(out) == first
+    assert dir_bytes(out) == first
     manifest = json.loads(first["lowbit.json"])
     assert manifest["method"]["command"].startswith(f"lowbit quantize {tiny_llama_dir} --method {method}")
     assert "--overwrite" not in manifest["method"]["command"]

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import LowbitError
+from ..models.lazy import INDEX, index_files  # noqa: F401 (INDEX: a streamed directory's shards)
 from ..models.load import Loaded, sha256_file
 from ..models.registry import ModelSource
 from ..models.specs import ModelDims, spec_for
@@ -32,7 +33,6 @@ from ..nn.qstate import BAD_ENTRY, pack_linear, quantized_module
 from ..nn.qweight import HOLDER, attach_quantized_weight, quantized_weights
 
 WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"    # a directory written layer by layer (lowbit_stream): its shards
 MANIFEST = "lowbit.json"
 SCHEMA = 1
 
@@ -188,28 +188,15 @@ def load_quantized(source: ModelSource) -> Loaded:
             install_kv_quant(model, spec, KvQuant.from_dict(kv))
         except BAD_ENTRY as e:
             raise LowbitError(f"{path / MANIFEST}: method.kv_cache: {type(e).__name__}: {e}") from None
-    weights = [path / WEIGHTS] if (path / WEIGHTS).is_file() else [path / f for f in _shards(path)]
+    weights = [path / WEIGHTS] if (path / WEIGHTS).is_file() else [path / f for f in index_files(path)]
     sha = sha256_file(weights[0]) if len(weights) == 1 else \
         hashlib.sha256("".join(sha256_file(f) for f in weights).encode()).hexdigest()
     return Loaded(model.eval(), tokenizer, spec, ModelDims.from_config(config), source, sha)
 
 
-def _shards(path: Path) -> list[str]:
-    """The shard files a streamed directory's index names (each a plain file name inside `path`)."""
-    try:
-        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LowbitError(f"{path / INDEX}: unreadable ({type(e).__name__})") from None
-    bad = [f for f in files if not isinstance(f, str) or "/" in f or "\\" in f or not (path / f).is_file()]
-    if bad:
-        raise LowbitError(f"{path / INDEX} names {str(bad[0])[:80]!r}, which is not a file of {path}")
-    return files
-
-
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or the shards of a directory written layer by layer (INDEX)."""
-    files = [WEIGHTS] if (path / WEIGHTS).is_file() or not (path / INDEX).is_file() else _shards(path)
+    files = [WEIGHTS] if (path / WEIGHTS).is_file() or not (path / INDEX).is_file() else index_files(path)
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         try:

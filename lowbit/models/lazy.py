@@ -75,6 +75,18 @@ class SafetensorsFile:
         return torch.frombuffer(buf, dtype=dtype).reshape(shape).to(torch.float32)
 
 
+def index_files(path: Path) -> list[str]:
+    """The shard files a directory's INDEX names, each checked to be a plain file inside `path`."""
+    try:
+        files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LowbitError(f"{path / INDEX}: unreadable ({type(e).__name__})") from None
+    bad = [f for f in files if not isinstance(f, str) or "/" in f or "\\" in f or not (path / f).is_file()]
+    if bad:
+        raise LowbitError(f"{path / INDEX} names {str(bad[0])[:80]!r}, which is not a file of {path}")
+    return files
+
+
 class SafetensorsWeights:
     """The tensors of a Hugging Face directory (model.safetensors or shards named by the index),
     read one at a time as float32."""
@@ -82,18 +94,13 @@ class SafetensorsWeights:
     def __init__(self, path: Path):
         path = Path(path)
         if (path / INDEX).is_file():
-            try:
-                files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise LowbitError(f"{path / INDEX}: unreadable ({type(e).__name__})") from None
+            files = index_files(path)
         elif (path / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
             raise LowbitError(f"{path}: no model.safetensors or {INDEX} (lazy loading reads safetensors)")
         self._where: dict[str, SafetensorsFile] = {}
         for name in files:
-            if not isinstance(name, str) or "/" in name or not (path / name).is_file():
-                raise LowbitError(f"{path / INDEX} names {str(name)[:80]!r}, which is not a file of {path}")
             file = SafetensorsFile(path / name)
             for key in file.entries:
                 self._where[key] = file

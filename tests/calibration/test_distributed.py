@@ -8,13 +8,10 @@ import sys
 
 import pytest
 
-from support import assert_one_line_error, run_cli
+from support import assert_one_line_error, dir_bytes, run_cli
 
 from lowbit.calibration.distributed import Workers
 
-
-def _files(d):
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("n,world", [(8, 2), (7, 2), (5, 3), (3, 3)])
@@ -35,11 +32,11 @@ def test_two_gloo_processes_write_the_same_bytes_as_one(tiny_llama_dir, calib, t
     one = subprocess.run([sys.executable, "-m", "lowbit", "-q", *map(str, argv), "--out", out],
                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert one.returncode == 0, one.stderr
-    single = _files(out)
+    single = dir_bytes(out)
     two = subprocess.run([sys.executable, "-m", "lowbit", "-q", *map(str, argv), "--out", out, "--overwrite",
                           "--workers", "2"], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
-    assert _files(out) == single
+    assert dir_bytes(out) == single
 
 
 def test_workers_bad_input(tiny_llama_dir, calib, tmp_path, capsys):

@@ -10,18 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from support import CALIB_TEXT, assert_one_line_error, run_cli
+from support import CALIB_TEXT, assert_one_line_error, dir_bytes, run_cli
 
 from lowbit.calibration import resume as resume_mod
 from lowbit.calibration.resume import STATE, checkpoint_dir, first_difference
 
-
-def _files(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 class Crash(Exception):
@@ -48,7 +44,7 @@ def test_resumed_run_writes_the_same_bytes(tiny_llama_dir, calib, tmp_path, caps
     code, _, err = run_cli(capsys, *base, "--out", out)
     assert code == 0, err
     assert not checkpoint_dir(out).exists()                          # removed once the output is written
-    whole = _files(out)
+    whole = dir_bytes(out)
     shutil.rmtree(out)
     with monkeypatch.context() as m:
         _crash_after(m, 0)
@@ -60,7 +56,7 @@ def test_resumed_run_writes_the_same_bytes(tiny_llama_dir, calib, tmp_path, caps
     assert_one_line_error(code, err, "--resume", str(ckpt))
     code, _, err = run_cli(capsys, *base, "--out", out, "--resume")
     assert code == 0, err
-    assert _files(out) == whole
+    assert dir_bytes(out) == whole
     assert not ckpt.exists()
 
 
@@ -71,12 +67,12 @@ def test_resume_refuses_another_runs_checkpoint(tiny_llama_dir, calib, tmp_path,
         _crash_after(m, 0)
         with pytest.raises(Crash):
             run_cli(capsys, *base, "--bits", "4")
-    before = _files(checkpoint_dir(tmp_path / "q"))
+    before = dir_bytes(checkpoint_dir(tmp_path / "q"))
     code, _, err = run_cli(capsys, *base, "--bits", "3", "--resume")
     assert_one_line_error(code, err, "another run", "bits: 3 here, 4 in the checkpoint")
     code, _, err = run_cli(capsys, *base, "--bits", "4", "--samples", "5", "--resume")
     assert_one_line_error(code, err, "another run", "samples")
-    assert _files(checkpoint_dir(tmp_path / "q")) == before             # nothing overwritten
+    assert dir_bytes(checkpoint_dir(tmp_path / "q")) == before             # nothing overwritten
 
 
 def test_resume_bad_input(tiny_llama_dir, calib, tmp_path, capsys):
@@ -107,7 +103,7 @@ def test_kill_9_then_resume_is_byte_identical_on_smollm2(tmp_path):
     out = tmp_path / "q"                                   # the same --out: lowbit.json records the command
     done = subprocess.run(_lowbit(*argv, "--out", out), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    whole = _files(out)
+    whole = dir_bytes(out)
     shutil.rmtree(out)
     state = checkpoint_dir(out) / STATE
     proc = subprocess.Popen(_lowbit(*argv, "--out", out), env=env, stdout=subprocess.DEVNULL,
@@ -130,4 +126,4 @@ def test_kill_9_then_resume_is_byte_identical_on_smollm2(tmp_path):
     assert 3 <= finished < 30
     resumed = subprocess.run(_lowbit(*argv, "--out", out, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert _files(out) == whole
+    assert dir_bytes(out) == whole
