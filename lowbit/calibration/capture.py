@@ -78,9 +78,11 @@ def gated(layer: torch.nn.Module, stats: dict, pause):
     gates = {name: Gate(layer, name, st, pause(name)) for name, st in stats.items()}
 
     def release(name: str) -> None:
-        gates[name]._stats = None               # its samples are all in; the walker holds the statistics
-        if layer.get_submodule(name) is gates[name]:
-            layer.set_submodule(name, gates[name].inner)
+        gate = gates[name]
+        gate._stats = None                      # its samples are all in; the walker holds the statistics
+        if layer.get_submodule(name) is gate:
+            layer.set_submodule(name, gate.inner)
+        gate.inner = None                       # the solve replaces the linear: its float weight goes with it
 
     try:
         for name, gate in gates.items():

@@ -12,7 +12,10 @@ The terms (bytes, summed: each is alive at the walk's worst moment):
   layer work    one sample's forward through a layer (the MLP's three [L, I] products, a few [L, d]),
                 plus SDPA's [heads, L, L] scores where the mask is not plainly causal (sliding window)
   statistics    the Hessians of one layer's groups, float64 [in, in] each
-  solver        GPTQ on the widest linear: W, Q, the errors (float32) and H's inverse factor (float64)
+  solver        GPTQ on the widest linear: two float32 copies of W and its codes, H in processing order
+                and its Cholesky factor (float32, inverted in place)
+A lazy sequential walk counts the larger of two moments: the widest group's solve (the layer's other
+linears are codes by then) and a group's capture (the layer's float weights, a forward's work).
   save          the packed file, built in memory by safetensors before it is written
 The walk's terms (activations to solver) and the save are not alive together: the larger counts.
 `bench/scale.py` compares the sum with the measured peak RSS; the constants below come from it.
@@ -69,8 +72,8 @@ def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0
     if lazy and walk is None:   # RTN: one linear's float weight and W_dq at a time, beside the embedding
         weights = 4 * (dims.vocab * dims.hidden + 2 * max(o * i for o, i in shapes))
         linear_weights = layer_weights + head
-    elif lazy:    # the embedding, and one layer twice (its float weights and W_dq); the head is read at the end
-        weights, linear_weights = 4 * (dims.vocab * dims.hidden + 2 * (layer_weights + 4 * dims.hidden)), layer_weights + head
+    elif lazy:    # one layer's float weights (the embedding is dropped once the walk has its inputs)
+        weights, linear_weights = 4 * (layer_weights + 4 * dims.hidden), layer_weights + head
     else:
         weights, linear_weights = 4 * model_params(dims), dims.n_layers * layer_weights + head
     # uint8 codes, and (in memory) each quantized linear's float32 W_dq beside the mapped weights
@@ -91,8 +94,21 @@ def estimate_quantize_memory(dims: ModelDims, samples: int = 0, seq_len: int = 0
         held = (max(widths),) if walk == "sequential" else widths
         stats = 8 * sum(n * n for n in held) if hessians else 0
         o, n = max(shapes, key=lambda s: s[0] * s[1])
-        solver = (4 * 4 * o * n + 8 * 2 * max(widths) ** 2) if hessians else 0
+        # GPTQ on the widest linear: two float32 copies of W (W with dead columns zeroed, its transpose)
+        # and its codes; two float32 [in, in] (H in processing order, then its Cholesky factor)
+        solver = (4 * 2 * o * n + o * n + 4 * 2 * max(widths) ** 2) if hessians else 0
         walk_terms = [("activations", acts), ("layer work", layer), ("statistics", stats), ("solver", solver)]
+        if lazy and walk == "sequential":
+            # when the widest group is solved every other linear of the layer is codes only (its W_dq dropped:
+            # quantize._forgetting_finished) and no forward runs: the larger of that moment and a capture
+            widest = 4 * max(o_ * n_ for o_, n_ in shapes)
+            solving = [("weights", widest), ("activations", acts), ("statistics", stats), ("solver", solver)]
+            capture = [("weights", weights), ("activations", acts), ("layer work", layer), ("statistics", 8 * d * d)]
+            walk_terms = max(solving, capture, key=lambda terms: sum(b for _, b in terms))
+            parts = [p for p in parts if p[0] != "weights"]
+            saving = [("weights", weights), ("save", save)]
+            parts += walk_terms if sum(b for _, b in walk_terms) > sum(b for _, b in saving) else saving
+            return MemoryEstimate(tuple(parts))
     # the file is written after the walk has let go of its statistics and activations: the larger phase counts
     parts += walk_terms if sum(b for _, b in walk_terms) > save else [("save", save)]
     return MemoryEstimate(tuple(parts))

@@ -52,6 +52,11 @@ class LayerStream:
             if loaded.weights is not None:             # a float head still unread (lazy): read it now
                 from ..models.lazy import materialize
 
+                embed = loaded.model.get_submodule(loaded.spec.embed)
+                if embed.weight.is_meta:                # dropped once the walk had its first inputs
+                    materialize(embed, loaded.spec.embed + ".", loaded.weights)
+                    if loaded.model.config.tie_word_embeddings:
+                        loaded.model.tie_weights()
                 head = loaded.model.get_submodule(loaded.spec.head)
                 if not loaded.model.config.tie_word_embeddings and head.weight.is_meta:
                     materialize(head, loaded.spec.head + ".", loaded.weights)

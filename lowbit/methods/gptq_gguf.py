@@ -38,13 +38,13 @@ def gptq_gguf(W: Tensor, H: Tensor, type_name: str, imatrix: Tensor | np.ndarray
     t = gguf_type(type_name)
     if t.set_codes is None:
         raise ValueError(f"gptq_gguf: {type_name} is not a uniform grid; GPTQ needs one")
-    W0, H64, dead = checked_inputs(W, H, "gptq_gguf")
+    W0, diag, dead, mean_diag = checked_inputs(W, H, "gptq_gguf")
     out, n = W0.shape
     B = t.block_size
     if n % B:
         raise ValueError(f"gptq_gguf: {type_name} needs rows that are a multiple of {B}, got {n}")
-    imp = (H64.diagonal() / H64.diagonal().max()).float() if imatrix is None else torch.as_tensor(imatrix).float()
-    U, damp = upper_inverse_cholesky(H64, damp)
+    imp = (diag / diag.max()).float() if imatrix is None else torch.as_tensor(imatrix).float()
+    U, damp = upper_inverse_cholesky(H.detach(), damp, mean_diag, dead)
     Wt = W0.clone()
     Wt[:, dead] = 0.0
     Wt = Wt.T.contiguous()  # [in, out]: row j = column j of W (rows are contiguous)

@@ -46,3 +46,23 @@ def test_gram_equals_the_full_product(width, block):
     x = torch.randn(300, width, dtype=torch.float64)
     h = gram(x, block)
     torch.testing.assert_close(h, x.T @ x, rtol=1e-12, atol=1e-10)
+
+
+def test_wide_inputs_sum_h_by_block_rows_to_the_same_bits(monkeypatch):
+    """Above WIDE inputs H is summed one block row at a time (no [in, in] float32 temporary): the
+    same float64 sums, to the bit, as the whole product, sink weight included, over several batches."""
+    import lowbit.calibration.stats as stats_module
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(1, 37, 500, generator=g) * (1 + 9 * (torch.arange(500) == 7)) for _ in range(3)]
+    whole, by_rows = (InputStats(500, frozenset({"hessian"}), sink_weight=100.0) for _ in range(2))
+    for x in batches:
+        whole.update(x)
+    monkeypatch.setattr(stats_module, "WIDE", 100)
+    for x in batches:
+        by_rows.update(x)
+    assert torch.equal(whole.hessian, by_rows.hessian) and by_rows.tokens == whole.tokens
+    bad = batches[0].clone()
+    bad[0, 5, 499] = float("nan")
+    with pytest.raises(FloatingPointError):
+        by_rows.update(bad)

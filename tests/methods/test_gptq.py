@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowbit.formats import FP8Format, IntFormat, MXFP4Format, NFFormat
-from lowbit.methods.gptq import (GptqConfig, column_quantizer, gptq, gptq_shared, lower_triangular_inverse,
+from lowbit.methods.gptq import (GptqConfig, column_quantizer, gptq, gptq_shared, lower_triangular_inverse, reverse_,
                                  proxy_loss, upper_inverse_cholesky)
 
 
@@ -156,7 +156,9 @@ def test_shared_input_per_tensor_scale_is_solved_alone():
 @pytest.mark.parametrize("n", [5, 192, 193, 700])
 def test_lower_triangular_inverse(n):
     L = torch.linalg.cholesky(_hessian(n, tokens=4 * n, outliers=(3,)))   # float64, lower, positive diagonal
-    L_inv = lower_triangular_inverse(L, base=64)
+    work = L.clone()
+    L_inv = lower_triangular_inverse(work, base=64)
+    assert L_inv.data_ptr() == work.data_ptr()             # in place: no second [n, n] buffer
     assert torch.equal(L_inv, L_inv.tril())
     torch.testing.assert_close(L_inv @ L, torch.eye(n, dtype=L.dtype), rtol=0, atol=1e-9)
 
@@ -172,3 +174,11 @@ def test_upper_inverse_cholesky_factors_the_damped_inverse():
     inv = torch.linalg.inv(Hd)
     err = (U.double().T @ U.double() - inv).abs().max() / inv.abs().max()
     assert err < 1e-5                                         # float32 factorisation of a float64 target
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+def test_reverse_flips_both_axes_in_place(n):
+    M = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+    for dense in (M.clone(), M.T.contiguous().T):          # row-major, and column-major as LAPACK returns L
+        ptr = dense.data_ptr()
+        assert torch.equal(reverse_(dense, chunk=37), M.flip(0, 1)) and dense.data_ptr() == ptr

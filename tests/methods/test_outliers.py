@@ -10,15 +10,17 @@ from lowbit.formats import make_format
 from lowbit.methods.gptq import gptq, gptq_outliers, proxy_loss
 from lowbit.methods.outliers import SparseOutliers, choose_outliers, obs_saliency
 
-GEN = torch.Generator().manual_seed(0)
 
 
-def _problem(out=48, n=64, planted=12):
-    X = torch.randn(512, n, generator=GEN)
+def _problem(out=48, n=64, planted=12, seed=0):
+    """(W [out, n] with `planted` huge weights, H [n, n] with an outlier channel): the same for the
+    same seed whichever tests ran before."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(512, n, generator=gen)
     X[:, 3] *= 8                                                     # an outlier input channel
-    W = torch.randn(out, n, generator=GEN) * 0.05
-    idx = torch.randperm(out * n, generator=GEN)[:planted]
-    W.view(-1)[idx] = torch.randn(planted, generator=GEN).sign() * 1.5   # a few huge weights
+    W = torch.randn(out, n, generator=gen) * 0.05
+    idx = torch.randperm(out * n, generator=gen)[:planted]
+    W.view(-1)[idx] = torch.randn(planted, generator=gen).sign() * 1.5   # a few huge weights
     return W, X.T @ X
 
 
