@@ -46,14 +46,24 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def memory(model: str, samples: int, seq_len: int, work: Path) -> dict:
+MEMORY_ROWS = ("rtn", "gptq-sequential", "gptq-two-pass", "gptq-offload", "gptq-lazy")
+
+
+def memory(model: str, samples: int, seq_len: int, work: Path, only: list[str] | None = None) -> dict:
     rows = {"rtn": ["--bits", "4", "--group", "128"],
             "gptq-sequential": gptq_flags(samples, seq_len),
             "gptq-two-pass": gptq_flags(samples, seq_len, "two-pass"),
-            "gptq-offload": gptq_flags(samples, seq_len, "two-pass") + ["--offload", str(work)]}
+            "gptq-offload": gptq_flags(samples, seq_len, "two-pass") + ["--offload", str(work)],
+            "gptq-lazy": gptq_flags(samples, seq_len) + ["--lazy"]}
+    rows = {k: v for k, v in rows.items() if only is None or k in only}
     out = {}
     for name, flags in rows.items():
-        rec = lowbit_quantize(model, flags, work / name)
+        try:
+            rec = lowbit_quantize(model, flags, work / name)
+        except RuntimeError as e:                  # a failure row, not a lost stage
+            out[name] = {"flags": flags, "error": str(e).splitlines()[-1][:300]}
+            print(f"memory {name}: FAILED {out[name]['error']}", flush=True)
+            continue
         predicted = rec["predicted_peak_bytes"] / 2**20
         out[name] = {"flags": flags, "measured_peak_mib": rec["peak_rss_mib"], "predicted_peak_mib": predicted,
                      "predicted_over_measured": predicted / rec["peak_rss_mib"],
@@ -168,6 +178,8 @@ def main() -> None:
     p.add_argument("--kill-after", type=int, default=15)
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"],
                    help="the synthetic stage's rows (default both)")
+    p.add_argument("--rows", nargs="+", default=None, choices=MEMORY_ROWS,
+                   help="the memory stage's rows (default all); rows measured another time are kept")
     p.add_argument("--json", type=Path, default=None, help="default bench/results/scale_<model>.json")
     a = p.parse_args()
     a.json = a.json or RESULTS / f"scale_{a.model}.json"
@@ -178,13 +190,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=REPO.parent) as tmp:
         work = Path(tmp)
         for stage in a.stage or ["memory"]:
-            run = {"memory": lambda: memory(a.model, a.samples, a.seq_len, work),
+            run = {"memory": lambda: memory(a.model, a.samples, a.seq_len, work, a.rows),
                    "resume": lambda: resume(a.model, a.samples, a.seq_len, a.kill_after, work),
                    "distributed": lambda: distributed(a.model, a.samples, a.seq_len, work),
                    "synthetic": lambda: synthetic(4, 512, work, a.methods)}[stage]
             shape = (4, 512) if stage == "synthetic" else (a.samples, a.seq_len)
             rows = run()
-            if stage == "synthetic":                       # rows measured another time are kept
+            if stage == "synthetic" or (stage == "memory" and a.rows):   # rows measured another time are kept
                 rows = {**entry.get(stage, {}).get("rows", {}), **rows}
             entry[stage] = {"rows": rows, "samples": shape[0], "seq_len": shape[1], "machine": machine()}
             for sub in work.iterdir():

@@ -14,7 +14,8 @@ Launch: `lowbit quantize … --workers N` runs `python -m torch.distributed.run 
 -m lowbit quantize …` on this machine; across machines run torchrun yourself on each, e.g.
   torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d \\
            --rdzv-endpoint HOST:29500 -m lowbit quantize MODEL --method gptq --calib PATH --out DIR
-and LOWBIT_DIST_BACKEND=nccl on GPUs (the default is gloo).
+and LOWBIT_DIST_BACKEND=nccl on GPUs (the default is gloo; under nccl the CPU statistics are reduced on
+each rank's GPU: not yet run here).
 """
 from __future__ import annotations
 
@@ -77,10 +78,24 @@ def all_reduce_stats(stats: dict[str, InputStats]) -> dict[str, InputStats]:
         for name in ("hessian", "abs_sum", "sq_sum", "power_sums"):
             t = getattr(st, name)
             if t is not None:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                _all_reduce(t, dist.ReduceOp.SUM)
         if st.absmax is not None:
-            dist.all_reduce(st.absmax, op=dist.ReduceOp.MAX)
+            _all_reduce(st.absmax, dist.ReduceOp.MAX)
         tokens = torch.tensor([st.tokens], dtype=torch.int64)
-        dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
+        _all_reduce(tokens, dist.ReduceOp.SUM)
         st.tokens = int(tokens)
     return stats
+
+
+def _all_reduce(t: torch.Tensor, op) -> None:
+    """all_reduce of a CPU tensor in place. The walk keeps its statistics on the CPU; nccl reduces GPU
+    tensors only, so under nccl each goes to this rank's GPU (LOCAL_RANK) and back. The nccl path has
+    not run here (no GPU on this project's machines); gloo's is tested."""
+    import torch.distributed as dist
+
+    if dist.get_backend() != "nccl":
+        dist.all_reduce(t, op=op)
+        return
+    on_gpu = t.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    dist.all_reduce(on_gpu, op=op)
+    t.copy_(on_gpu.cpu())

@@ -122,13 +122,16 @@ class Checkpoint:
         return ckpt
 
     # -- the walker's side -------------------------------------------------------------------
-    def restore(self, layers: torch.nn.ModuleList) -> list[torch.Tensor] | None:
-        """Put the finished layers back into `layers` (in place); the inputs of the next layer, one
-        tensor per sample, or None when nothing is finished."""
+    def restore(self, layers: torch.nn.ModuleList, each=None) -> list[torch.Tensor] | None:
+        """Put the finished layers back into `layers` (in place), calling each(index, layer) after each
+        one (a lazy model writes it to its stream and drops it: one layer in memory at a time); the
+        inputs of the next layer, one tensor per sample, or None when nothing is finished."""
         if not self.finished:
             return None
         for index in range(self.finished):
             self._restore_layer(index, layers[index])
+            if each is not None:
+                each(index, layers[index])
         inputs = load_file(str(self.root / f"inputs-{self.finished:03d}.safetensors"))
         return [inputs[str(i)] for i in range(len(inputs))]
 

@@ -164,7 +164,8 @@ def walk(model, spec: ArchSpec, samples: torch.Tensor, solve: Solve, wanted: set
         kwargs = _first_layer_inputs(model, spec, samples, inputs)
         layers = model.get_submodule(spec.layers)
         start_at = 0
-        restored = checkpoint.restore(layers) if checkpoint is not None else None
+        restored = checkpoint.restore(layers, layer_io.done if layer_io is not None else None) \
+            if checkpoint is not None else None
         if restored is not None:
             if len(restored) != n:
                 raise LowbitError(f"the checkpoint holds {len(restored)} samples' activations, this run has {n}")

@@ -111,9 +111,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--lazy", action="store_true",
-                   help="for models larger than memory: read each decoder layer from the safetensors files when the "
-                        "walk reaches it and write it to --out as soon as it is quantized (an HF directory; one "
-                        "layer's weights in memory, the output a shard per layer)")
+                   help="for models larger than memory: read each decoder layer from the safetensors files (or the "
+                        "GGUF, de-quantized tensor by tensor) when the walk reaches it and write it to --out as soon "
+                        "as it is quantized (one layer's weights in memory, the output a shard per layer)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="calibrate in N processes (torch.distributed, gloo): each walks its share of the samples, "
                         "the statistics are summed before every solve; launches torchrun on this machine "
@@ -288,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
     check_out(args.out, args.overwrite)
     if args.workers < 1:
         raise LowbitError(f"--workers must be at least 1, got {args.workers}")
+    if args.lazy and (args.workers > 1 or int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1):
+        raise LowbitError("--lazy writes each layer as it finishes: not with --workers or torchrun yet")
     if args.workers > 1:
         if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
             raise LowbitError("--workers launches torchrun itself: under torchrun, drop --workers")
@@ -296,8 +298,6 @@ def run(args: argparse.Namespace) -> int:
 
     workers = distributed.from_environment()           # a rank of a torchrun launch, or None
     ckpt = resume_dir(args, config) if workers is None else None
-    if args.lazy and (args.resume or args.workers > 1 or workers is not None):
-        raise LowbitError("--lazy writes each layer as it finishes: not with --resume or --workers yet")
     text = read_text(args.calib) if config.calibrated else None   # cheap checks before the slow load
     loaded = load_lazy(resolve(args.model)) if args.lazy else load(args.model)
     config = _config(args, loaded)

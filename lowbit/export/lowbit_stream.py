@@ -1,6 +1,6 @@
 """lowbit's directory written layer by layer, for models larger than memory (`lowbit quantize --lazy`).
 
-Each finished decoder layer goes to a shard of its own in a temporary directory beside OUT
+Each finished decoder layer goes to a shard of its own in a temporary directory beside OUT (.OUT.stream)
 (model-000NN-of-000MM.safetensors: layer NN-1), so a layer's tensors leave memory as soon as it is
 quantized; `finish` writes the rest (embedding, final norm, head: shard MM), the index
 model.safetensors.index.json, config, tokenizer and lowbit.json, and renames the directory into
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +27,11 @@ class LayerStream:
         self.loaded, self.out, self.overwrite = loaded, Path(out), overwrite
         check_out(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp"))
+        # one fixed name beside OUT: what a killed run left there is cleared (a resumed run rewrites its
+        # finished layers from the checkpoint)
+        self.tmp = self.out.parent / f".{self.out.name}.stream"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
         self.shards = loaded.dims.n_layers + 1
         self.weight_map: dict[str, str] = {}
         self.entries: dict[str, dict] = {}

@@ -102,3 +102,24 @@ def gguf_tensor(hf_name: str, value: torch.Tensor, family: Family, n_heads: int,
     if family.norm_offset and hf_name.endswith("norm.weight"):
         value = value + family.norm_offset
     return value.contiguous()
+
+
+def unpermute_rotary_rows(W: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """permute_rotary_rows undone: llama.cpp's interleaved rotary pairs back to HF's halves."""
+    rows = W.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"{rows} rows cannot be split into {n_heads} heads of rotary pairs")
+    # [heads, d/2, 2, cols] -> swap pair index and halves -> [heads, 2, d/2, cols]
+    return W.reshape(n_heads, rows // n_heads // 2, 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
+
+
+def hf_tensor(hf_name: str, value: torch.Tensor, family: Family, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """gguf_tensor undone: the float32 values transformers holds for a tensor read from a GGUF."""
+    value = value.detach().to(torch.float32)
+    if family.permute_qk and hf_name.endswith("self_attn.q_proj.weight"):
+        value = unpermute_rotary_rows(value, n_heads)
+    elif family.permute_qk and hf_name.endswith("self_attn.k_proj.weight"):
+        value = unpermute_rotary_rows(value, n_kv_heads)
+    if family.norm_offset and hf_name.endswith("norm.weight"):
+        value = value - family.norm_offset
+    return value.contiguous()

@@ -1,5 +1,5 @@
 """Models larger than memory: the model's skeleton without its weights, each decoder layer's weights
-read from the safetensors files (memory-mapped) when the walk reaches it and dropped after.
+read from the safetensors files (or a GGUF: lazy_gguf.py) when the walk reaches it and dropped after.
 
 `load_lazy` builds the transformers model with every parameter on the meta device (buffers such as
 RoPE's inverse frequencies stay real), then reads only the embedding and the final norm. The walker
@@ -189,28 +189,44 @@ def _skeleton(config, layers: str) -> nn.Module:
 
 
 def load_lazy(source: ModelSource):
-    """A Loaded whose decoder layers and head have no weights yet; `Loaded.weights` reads them."""
+    """A Loaded whose decoder layers and head have no weights yet; `Loaded.weights` reads them (from a
+    Hugging Face directory of safetensors, or a GGUF de-quantized tensor by tensor: models/lazy_gguf.py)."""
     from transformers import AutoTokenizer
 
-    from .load import Loaded, _sha256_dir, hf_config
+    from .load import Loaded, _sha256_dir, hf_config, sha256_file
     from .specs import ModelDims, spec_for
 
-    if source.kind != "hf":
-        raise LowbitError(f"--lazy reads a Hugging Face directory of safetensors; {source.arg} is a {source.kind} "
-                          "source (convert it first: lowbit export --format hf)")
-    weights = SafetensorsWeights(source.path)
+    if source.kind == "gguf":
+        from transformers import AutoConfig
+
+        from .gguf_check import check_gguf
+        from .lazy_gguf import GGUFWeights
+        from .tokenizer import tokenizer_from_gguf
+
+        check_gguf(source.path)          # a corrupted or truncated file: one clear line, before any parser trusts it
+        try:
+            config = AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        except Exception as e:           # transformers' GGUF reader raises assorted errors on files it cannot map
+            raise LowbitError(f"transformers cannot read the config of {source.path.name}: {type(e).__name__}") from None
+        weights, tokenizer, sha = GGUFWeights(source.path, config), tokenizer_from_gguf(source.path), \
+            sha256_file(source.path)
+    elif source.kind == "hf":
+        weights, config = SafetensorsWeights(source.path), hf_config(source.path)
+        tokenizer, sha = AutoTokenizer.from_pretrained(str(source.path)), _sha256_dir(source.path)
+    else:
+        raise LowbitError(f"--lazy reads a Hugging Face directory of safetensors or a GGUF; {source.arg} is a "
+                          f"{source.kind} source")
     _map_large_allocations()
-    config = hf_config(source.path)
     try:
         spec = spec_for(config.model_type)
     except ValueError as e:
         raise LowbitError(str(e)) from None
     model = _skeleton(config, spec.layers)
     model.eval()
+    if not getattr(config, "architectures", None):      # a GGUF's config: named as the in-memory path saves it
+        config.architectures = [type(model).__name__]
     for name in (spec.embed, spec.final_norm):
         materialize(model.get_submodule(name), name + ".", weights)
     if config.tie_word_embeddings:
         model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
-    return Loaded(model, tokenizer, spec, ModelDims.from_config(config), source, _sha256_dir(source.path),
-                  weights=weights)
+    return Loaded(model, tokenizer, spec, ModelDims.from_config(config), source, sha, weights=weights)

@@ -86,7 +86,7 @@ def unpack_module(root: torch.nn.Module, entries: dict[str, dict], tensors: dict
             _, module = quantized_module(name, entry, tensors)
             root.get_submodule(name)
             root.set_submodule(name, module)
-        _, unexpected = root.load_state_dict(tensors, strict=False)
+        _, unexpected = root.load_state_dict(tensors, strict=False, assign=True)   # assign: a lazy layer is on meta
     except (*BAD_ENTRY, RuntimeError) as e:
         raise LowbitError(f"checkpointed layer does not fit the model: {type(e).__name__}: {str(e)[:200]}") from None
     if unexpected:

@@ -36,10 +36,12 @@ def _crash_after(monkeypatch, layer: int):
     monkeypatch.setattr(resume_mod.Checkpoint, "layer_done", layer_done)
 
 
-@pytest.mark.parametrize("method,walk", [("gptq", "sequential"), ("gptq", "two-pass"), ("awq", "two-pass")])
-def test_resumed_run_writes_the_same_bytes(tiny_llama_dir, calib, tmp_path, capsys, monkeypatch, method, walk):
+@pytest.mark.parametrize("method,walk,lazy", [("gptq", "sequential", False), ("gptq", "two-pass", False),
+                                              ("awq", "two-pass", False), ("gptq", "sequential", True)])
+def test_resumed_run_writes_the_same_bytes(tiny_llama_dir, calib, tmp_path, capsys, monkeypatch, method, walk, lazy):
+    """lazy: the finished layers go from the checkpoint to the output stream one at a time."""
     base = ["quantize", tiny_llama_dir, "--method", method, "--bits", "4", "--group", "32", "--calib", calib,
-            "--samples", "4", "--seq-len", "32", "--walk", walk]
+            "--samples", "4", "--seq-len", "32", "--walk", walk] + (["--lazy"] if lazy else [])
     out = tmp_path / "q"                                   # the same --out: lowbit.json records the command
     code, _, err = run_cli(capsys, *base, "--out", out)
     assert code == 0, err
