@@ -220,8 +220,11 @@ class _LayerIO:
         if self.loaded.weights is not None:
             from .models.lazy import release
 
-            # the walk has its first layer's inputs: the embedding is read again when it is written
+            # the walk has its first layer's inputs: the embedding is read again when it is written (a tied
+            # head too: it holds the same tensor, which would otherwise stay alive through it)
             release(self.loaded.model.get_submodule(self.loaded.spec.embed))
+            if self.loaded.model.config.tie_word_embeddings:
+                release(self.loaded.model.get_submodule(self.loaded.spec.head))
             self.materialize(f"{self.loaded.spec.layers}.{index}", layer)
 
     def done(self, index: int, layer: torch.nn.Module) -> None:

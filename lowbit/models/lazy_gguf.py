@@ -18,6 +18,8 @@ import torch
 from ..errors import LowbitError
 from .gguf_names import family_for, gguf_name, hf_tensor
 
+DEQUANT_ROWS = 4096       # rows de-quantized at a time: a 262144-row embedding's transients stay small
+
 
 class GGUFWeights:
     """The tensors of one GGUF file by their Hugging Face names, read one at a time as float32."""
@@ -56,8 +58,14 @@ class GGUFWeights:
             raise LowbitError(f"{self.path.name} lacks {name} ({hf_name})")
         t = self.tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))      # GGUF lists dims fastest first
-        values = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        out = hf_tensor(hf_name, torch.from_numpy(values.copy()), self.family, self.heads, self.kv_heads)
+        values = torch.empty(shape, dtype=torch.float32)
+        rows = values.view(-1, shape[-1])                                 # [rows, cols]; t.data is [rows, bytes]
+        data = t.data.reshape(rows.shape[0], -1)
+        for a in range(0, rows.shape[0], DEQUANT_ROWS):   # gguf-py's numpy de-quantizers make several
+            part = quants.dequantize(data[a:a + DEQUANT_ROWS], t.tensor_type)   # copies of what they get
+            rows[a:a + DEQUANT_ROWS] = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)
+                                                         .reshape(-1, shape[-1]))
+        out = hf_tensor(hf_name, values, self.family, self.heads, self.kv_heads)
         self._drop_pages()
         return out
 
