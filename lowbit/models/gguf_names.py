@@ -83,43 +83,36 @@ def gguf_name(hf_name: str, family: Family) -> tuple[str, int | None]:
     raise LowbitError(f"no GGUF name for tensor {hf_name} of a {family.arch} model")
 
 
-def permute_rotary_rows(W: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF q/k rows -> llama.cpp's order: per head, rows [a0..a(d/2-1), b0..] become [a0, b0, a1, b1, ...]."""
+def permute_rotary_rows(W: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """HF q/k rows -> llama.cpp's order: per head, rows [a0..a(d/2-1), b0..] become [a0, b0, a1, b1, ...]
+    (inverse: back to HF's halves)."""
     rows = W.shape[0]
     if rows % (2 * n_heads):
         raise ValueError(f"{rows} rows cannot be split into {n_heads} heads of rotary pairs")
-    # [heads, 2 halves, d/2, cols] -> swap halves and pair index -> [heads, d/2, 2, cols]
-    return W.reshape(n_heads, 2, rows // n_heads // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
-
-
-def gguf_tensor(hf_name: str, value: torch.Tensor, family: Family, n_heads: int, n_kv_heads: int) -> torch.Tensor:
-    """The float32 values llama.cpp stores for an HF parameter (permuted / shifted as its converter does)."""
-    value = value.detach().to(torch.float32)
-    if family.permute_qk and hf_name.endswith("self_attn.q_proj.weight"):
-        value = permute_rotary_rows(value, n_heads)
-    elif family.permute_qk and hf_name.endswith("self_attn.k_proj.weight"):
-        value = permute_rotary_rows(value, n_kv_heads)
-    if family.norm_offset and hf_name.endswith("norm.weight"):
-        value = value + family.norm_offset
-    return value.contiguous()
+    # [heads, 2 halves, d/2, cols] <-> [heads, d/2, 2, cols]: swapping the two middle axes either way
+    middle = (rows // n_heads // 2, 2) if inverse else (2, rows // n_heads // 2)
+    return W.reshape(n_heads, *middle, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
 
 def unpermute_rotary_rows(W: torch.Tensor, n_heads: int) -> torch.Tensor:
     """permute_rotary_rows undone: llama.cpp's interleaved rotary pairs back to HF's halves."""
-    rows = W.shape[0]
-    if rows % (2 * n_heads):
-        raise ValueError(f"{rows} rows cannot be split into {n_heads} heads of rotary pairs")
-    # [heads, d/2, 2, cols] -> swap pair index and halves -> [heads, 2, d/2, cols]
-    return W.reshape(n_heads, rows // n_heads // 2, 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
+    return permute_rotary_rows(W, n_heads, inverse=True)
+
+
+def gguf_tensor(hf_name: str, value: torch.Tensor, family: Family, n_heads: int, n_kv_heads: int,
+                inverse: bool = False) -> torch.Tensor:
+    """The float32 values llama.cpp stores for an HF parameter (permuted / shifted as its converter does);
+    inverse: those transforms undone (what transformers holds for a tensor read from a GGUF)."""
+    value = value.detach().to(torch.float32)
+    if family.permute_qk and hf_name.endswith("self_attn.q_proj.weight"):
+        value = permute_rotary_rows(value, n_heads, inverse)
+    elif family.permute_qk and hf_name.endswith("self_attn.k_proj.weight"):
+        value = permute_rotary_rows(value, n_kv_heads, inverse)
+    if family.norm_offset and hf_name.endswith("norm.weight"):
+        value = value - family.norm_offset if inverse else value + family.norm_offset
+    return value.contiguous()
 
 
 def hf_tensor(hf_name: str, value: torch.Tensor, family: Family, n_heads: int, n_kv_heads: int) -> torch.Tensor:
     """gguf_tensor undone: the float32 values transformers holds for a tensor read from a GGUF."""
-    value = value.detach().to(torch.float32)
-    if family.permute_qk and hf_name.endswith("self_attn.q_proj.weight"):
-        value = unpermute_rotary_rows(value, n_heads)
-    elif family.permute_qk and hf_name.endswith("self_attn.k_proj.weight"):
-        value = unpermute_rotary_rows(value, n_kv_heads)
-    if family.norm_offset and hf_name.endswith("norm.weight"):
-        value = value - family.norm_offset
-    return value.contiguous()
+    return gguf_tensor(hf_name, value, family, n_heads, n_kv_heads, inverse=True)
