@@ -9,6 +9,10 @@ then, per mix,
   lowbit gptq          ... --method gptq (GPTQ error compensation on each block's grid)
   lowbit awq           ... --method awq (AWQ scales judged on the mix's real types, folded in; then imatrix)
   lowbit awq+gptq      ... --method awq+gptq
+  lowbit plan          `lowbit plan --like MIX` then GPTQ: the planner picks each decoder linear's type
+                       (K-quant candidates, measured per-tensor KLD on probe rows of the calibration text)
+                       within the bits the mix gives those linears; embedding and head as the mix has them,
+                       so the file is no larger than the mix's (the row's time counts the planning)
   lowbit X (float inputs)   the same method with --inputs float: every layer calibrated on the float
                        model's activations (the old one-step export's convention) instead of the
                        already-quantized layers' outputs (the walker's, lowbit's default)
@@ -40,10 +44,11 @@ import llamacpp_tools as llamacpp  # noqa: E402
 K_MIXES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q2_K")
 PLAIN_MIXES = ("Q8_0", "F16")
 ROWS_K = ("llama.cpp", "llama.cpp+imatrix", "lowbit rtn", "lowbit imatrix", "lowbit gptq", "lowbit awq",
-          "lowbit awq+gptq", "lowbit imatrix (float inputs)", "lowbit gptq (float inputs)",
+          "lowbit awq+gptq", "lowbit plan", "lowbit imatrix (float inputs)", "lowbit gptq (float inputs)",
           "lowbit awq+gptq (float inputs)")
 ROWS_PLAIN = ("llama.cpp", "lowbit rtn")
 PROMPT = "The capital of France is"
+PROBE = (4, 512)   # the planner's probe rows (samples x tokens) of the calibration text
 
 
 def work_dir(model: str) -> Path:
@@ -74,8 +79,34 @@ def generates(path: Path) -> str:
 class LowbitSide:
     """Each lowbit row: the model loaded afresh, quantized by `lowbit quantize`'s path, exported."""
 
-    def __init__(self, model: str, samples: int, seq_len: int):
-        self.model, self.samples, self.seq_len = model, samples, seq_len
+    def __init__(self, model: str, samples: int, seq_len: int, work: Path):
+        self.model, self.samples, self.seq_len, self.work = model, samples, seq_len, work
+
+    def planned(self, loaded, mix: str):
+        """`lowbit plan --like MIX`'s plan (measured losses, computed once per model and cached); seconds."""
+        from lowbit.analysis.probe import Probe
+        from lowbit.data.calibration import CalibConfig
+        from lowbit.data.text import read_text
+        from lowbit.formats import format_from_name
+        from lowbit.plans.gguf_mixes import K_TYPES, linear_budget_bpw, mix_plan, with_mix_edges
+        from lowbit.plans.planner import PlannerConfig, decoder_linears, measured_losses, plan_bits
+        from lowbit.quantize import calibration_samples
+
+        names = decoder_linears(loaded.model, loaded.spec)
+        shapes = {n: tuple(loaded.model.get_submodule(n).weight.shape) for n in names}
+        path = self.work / "plan-losses.json"
+        if not path.exists():
+            start = time.perf_counter()
+            rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(PROBE[0], PROBE[1], 1))
+            fmts = [format_from_name(t) for t in K_TYPES]
+            losses = measured_losses(loaded.model, loaded.spec, Probe(loaded.model, loaded.spec, rows), names, fmts)
+            path.write_text(json.dumps({"losses": losses, "seconds": time.perf_counter() - start,
+                                        "probe": list(PROBE)}))
+        found = json.loads(path.read_text())
+        like = mix_plan(loaded.model.config, loaded.spec, mix)
+        plan = plan_bits(names, shapes, found["losses"], PlannerConfig(linear_budget_bpw(like, shapes), K_TYPES))
+        choices = {c.name: format_from_name(c.format) for c in plan.choices}
+        return with_mix_edges(choices, like), found["seconds"]
 
     def export(self, mix: str, row: str, out: Path) -> float:
         """Write the row's file; returns seconds (calibration, quantization and writing)."""
@@ -96,7 +127,10 @@ class LowbitSide:
             return time.perf_counter() - start
         row = row.split(" [")[0]
         method = row.removeprefix("lowbit ").removesuffix(" (float inputs)")
-        config = QuantizeConfig(plan=mix_plan(loaded.model.config, loaded.spec, mix), method=method,
+        plan, planning = mix_plan(loaded.model.config, loaded.spec, mix), 0.0
+        if method == "plan":
+            (plan, planning), method = self.planned(loaded, mix), "gptq"
+        config = QuantizeConfig(plan=plan, method=method,
                                 rtn=RtnConfig(clip="none"), gptq=GptqConfig(clip="none"),
                                 awq=AwqConfig(duo=False, clip=False),  # as `lowbit quantize --format gguf`
                                 calib=CalibConfig(samples=self.samples, seq_len=self.seq_len),
@@ -104,7 +138,7 @@ class LowbitSide:
         samples = calibration_samples(loaded, read_text(str(CALIB_TEXT)), config.calib) if config.calibrated else None
         quantize(loaded, config, samples, progress=False)
         write_gguf(loaded, out)
-        return time.perf_counter() - start
+        return time.perf_counter() - start + planning
 
 
 def run(args) -> dict:
@@ -118,7 +152,7 @@ def run(args) -> dict:
     save = lambda: state_path.write_text(json.dumps(state, indent=1))  # noqa: E731
     llamacpp.ensure_tools()
     samples, seq_len = args.lowbit_calib or (args.calib_chunks, args.ctx)
-    lowbit = LowbitSide(args.model, samples, seq_len)
+    lowbit = LowbitSide(args.model, samples, seq_len, work)
     suffix = f" [{samples}x{seq_len}]" if args.lowbit_calib else ""  # lowbit rows on other calibration
 
     f32, base = work / "F32.gguf", work / f"base-c{args.ctx}-n{args.chunks}.kld"

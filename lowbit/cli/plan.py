@@ -10,6 +10,7 @@ from .table import table
 
 
 def add_parser(sub) -> None:
+    from ..plans.gguf_mixes import K_TYPES
     from ..plans.planner import DEFAULT_FORMATS, LOSSES
 
     p = sub.add_parser("plan", help="per-tensor formats that minimise the predicted loss at a target size",
@@ -18,9 +19,16 @@ def add_parser(sub) -> None:
                                    "scales and zero-points of the quantized linears). Writes a plan file; apply it "
                                    "with `lowbit quantize MODEL --plan FILE --method gptq --calib PATH`.")
     p.add_argument("model", help="a model name, a .gguf file or an HF directory (a float model)")
-    p.add_argument("--target-bpw", type=float, required=True, metavar="B", help="bits per weight, at most")
-    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                   help=f"candidate formats, comma-separated (default: {','.join(DEFAULT_FORMATS)})")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--target-bpw", type=float, metavar="B", help="bits per weight, at most")
+    size.add_argument("--like", default=None, metavar="MIX",
+                      help="a GGUF file no larger than llama.cpp's MIX (Q2_K, Q3_K_M, Q4_K_S, ...): the decoder "
+                           "linears get at most the bits that mix gives them, the embedding and head the mix's own "
+                           "types; candidates default to the K-quant types (apply with --method gptq, then "
+                           "`lowbit export DIR --format gguf`)")
+    p.add_argument("--formats", default=None,
+                   help=f"candidate formats, comma-separated (default: {','.join(DEFAULT_FORMATS)}; with --like: "
+                        f"{','.join(K_TYPES)})")
     p.add_argument("--loss", choices=LOSSES, default="kld",
                    help="kld: each tensor's KLD when it alone is rounded, measured on the probe rows (default); "
                         "proxy: its Hessian-weighted rounding error (one pass, much faster)")
@@ -45,12 +53,18 @@ def run(args: argparse.Namespace) -> int:
     from ..data.text import read_text
     from ..models.gguf_names import family_for
     from ..models.load import load
-    from ..plans.planner import (PlannerConfig, decoder_linears, llama_tensor_types, measured_losses, plan_bits,
-                                 proxy_losses)
+    from ..plans.gguf_mixes import K_TYPES, linear_budget_bpw, mix, mix_plan, with_mix_edges
+    from ..plans.planner import (DEFAULT_FORMATS, PlannerConfig, decoder_linears, llama_tensor_types,
+                                 measured_losses, plan_bits, proxy_losses)
     from ..quantize import calibration_samples
 
+    formats = args.formats or ",".join(K_TYPES if args.like else DEFAULT_FORMATS)
     try:
-        config = PlannerConfig(args.target_bpw, tuple(f.strip() for f in args.formats.split(",") if f.strip()), args.loss)
+        if args.like:
+            mix(args.like)                                   # ValueError naming the known mixes
+        # with --like the target is the mix's, known once the model is loaded
+        config = PlannerConfig(1.0 if args.like else args.target_bpw, tuple(f.strip() for f in formats.split(",") if f.strip()),
+                               args.loss)
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     except ValueError as e:
         raise LowbitError(str(e)) from None
@@ -66,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     rows = calibration_samples(loaded, text, calib)
     names = decoder_linears(loaded.model, loaded.spec)
     shapes = {n: tuple(loaded.model.get_submodule(n).weight.shape) for n in names}
+    like = None
+    if args.like:
+        try:
+            like = mix_plan(loaded.model.config, loaded.spec, args.like)
+            config = PlannerConfig(linear_budget_bpw(like, shapes), config.formats, config.loss)
+        except (ValueError, KeyError) as e:
+            raise LowbitError(f"--like {args.like}: {e}") from None
     fmts = config.candidates()
     if config.loss == "kld":
         probe = Probe(loaded.model, loaded.spec, rows)
@@ -77,16 +98,23 @@ def run(args: argparse.Namespace) -> int:
         llama = llama_tensor_types(plan, family_for(loaded.model.config.model_type)) if args.llama_types else None
     except ValueError as e:
         raise LowbitError(str(e)) from None
-    plan.format_plan().save(out)
+    if like is None:
+        plan.format_plan().save(out)
+    else:
+        from ..formats import format_from_name
+
+        with_mix_edges({c.name: format_from_name(c.format) for c in plan.choices}, like).save(out)
     if llama is not None:
         Path(args.llama_types).write_text("\n".join(llama) + "\n")
     summary = plan.summary()
     print(table(["format", "tensors", "weights", "share"],
                 [[f, r["tensors"], r["params"], f"{100 * r['params'] / plan.params:.1f}%"]
                  for f, r in sorted(summary["by_format"].items())]))
-    print(f"\n{plan.bits_per_weight:.4f} bits per weight (target {config.target_bpw:g}); predicted loss "
+    target = f"{config.target_bpw:.4f}, {args.like}'s" if like else f"{config.target_bpw:g}"
+    print(f"\n{plan.bits_per_weight:.4f} bits per weight (target {target}); predicted loss "
           f"{plan.predicted_loss:.4g} ({config.loss}); wrote {out}")
-    print(f"apply it: lowbit quantize {args.model} --plan {out} --method gptq --calib PATH --out DIR")
+    print(f"apply it: lowbit quantize {args.model} --plan {out} --method gptq --calib PATH --out DIR"
+          + ("; then lowbit export DIR --format gguf --out FILE.gguf" if like else ""))
     if llama is not None:
         print(f"or with llama.cpp: llama-quantize --tensor-type-file {args.llama_types} MODEL-F32.gguf OUT.gguf Q8_0")
     if args.json:

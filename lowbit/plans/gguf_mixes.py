@@ -185,3 +185,29 @@ def mix_plan(model_config, spec, mix_name: str) -> "FormatPlan":
                                               has_output=True)))
     as_format = lambda t: None if t in FLOAT_TYPES else GGUFFormat(t)  # noqa: E731
     return FormatPlan(tuple((n, as_format(t)) for n, t in rules), None, origin=f"gguf mix {the_mix.name}")
+
+
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")   # the planner's GGUF candidates by default
+
+
+def linear_budget_bpw(plan: "FormatPlan", shapes: dict[str, tuple[int, int]]) -> float:
+    """Bits per weight the plan of a mix stores the named linears in (ggml bytes × 8 / weights): the size
+    a planned file must not exceed on those tensors to be no larger than the mix's file."""
+    bits = params = 0
+    for name, shape in shapes.items():
+        fmt = plan.format_for(name)
+        if fmt is None:
+            raise ValueError(f"{plan.origin} keeps {name} in float: no budget to plan within")
+        bits += fmt.storage_bits(shape)
+        params += shape[0] * shape[1]
+    return bits / params
+
+
+def with_mix_edges(choices: dict[str, "object"], mix: "FormatPlan") -> "FormatPlan":
+    """A FormatPlan with the planner's format per decoder linear ({name: Format}) and the mix's own rule
+    for every other tensor it names (the embedding, the head): a file the size of the mix's where the
+    planner chose the linears' types."""
+    from lowbit.plans.plan import FormatPlan
+
+    edges = tuple((n, f) for n, f in mix.rules if n not in choices)
+    return FormatPlan(tuple(choices.items()) + edges, None, origin=f"lowbit plan --like {mix.origin.split()[-1]}")

@@ -59,3 +59,39 @@ def test_an_existing_plan_is_not_overwritten(tiny_llama_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "4", "--out", plan)
     assert_one_line_error(code, err, "exists")
     assert plan.read_text() == "keep me"
+
+
+def test_like_a_mix_writes_a_gguf_no_larger_than_the_mix(tiny_llama_dir, tmp_path, capsys):
+    """--like Q3_K_M: the decoder linears within the bits llama.cpp's Q3_K_M gives them, the embedding
+    typed as the mix types it; the exported planned file is no larger than the mix's own export."""
+    from gguf import GGUFReader
+
+    from export.gguf_support import with_merges
+
+    src = with_merges(tiny_llama_dir, tmp_path / "src")
+    plan, summary = tmp_path / "plan.yaml", tmp_path / "plan.json"
+    code, stdout, err = run_cli(capsys, "plan", src, "--like", "Q3_K_M", "--loss", "proxy", *PROBE,
+                                "--out", plan, "--json", summary)
+    assert code == 0, err
+    assert "Q3_K_M's" in stdout and "lowbit export" in stdout
+    s = json.loads(summary.read_text())
+    assert len({c["format"] for c in s["choices"]}) > 1
+    files = {}
+    for label, flags in (("planned", ["--plan", plan]), ("mix", ["--format", "gguf", "--type", "Q3_K_M"])):
+        q, gguf = tmp_path / label, tmp_path / f"{label}.gguf"
+        assert run_cli(capsys, "quantize", src, *flags, "--method", "rtn", "--out", q)[0] == 0
+        assert run_cli(capsys, "export", q, "--format", "gguf", "--out", gguf)[0] == 0
+        files[label] = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in GGUFReader(gguf).tensors}
+    assert files["planned"]["token_embd.weight"] == files["mix"]["token_embd.weight"]
+    assert set(files["planned"]) == set(files["mix"])
+    linears = [n for n in files["mix"] if n.startswith("blk.") and "norm" not in n]
+    planned_bytes = sum(files["planned"][n][1] for n in linears)
+    assert planned_bytes <= sum(files["mix"][n][1] for n in linears)
+    assert 8 * planned_bytes / sum(c["params"] for c in s["choices"]) == pytest.approx(s["bits_per_weight"])
+    assert sum(b for _, b in files["planned"].values()) <= sum(b for _, b in files["mix"].values())
+
+
+def test_like_an_unknown_mix_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--like", "Q9_X", *PROBE, "--out", tmp_path / "p.yaml")
+    assert_one_line_error(code, err, "Q9_X", "Q3_K_M")
+    assert not (tmp_path / "p.yaml").exists()
