@@ -86,7 +86,8 @@ class QuantizeConfig:
             raise ValueError(f"the outlier share must be a number in [0, 0.1) (0.5% = 0.005), got {self.outliers!r}")
         if self.outlier_layout not in ("entries", "columns"):
             raise ValueError(f"unknown outlier layout {self.outlier_layout!r} (known: entries, columns)")
-        if self.outliers and ("gptq" not in self.steps or self.inputs == "float"
+        planned_outliers = self.plan is not None and any(share for _, share in self.plan.outliers)
+        if (self.outliers or planned_outliers) and ("gptq" not in self.steps or self.inputs == "float"
                               or any(isinstance(f, GGUFFormat) for f in self._formats())):
             raise ValueError("dense-and-sparse outliers are chosen on the Hessian and kept by GPTQ: use --method gptq "
                              "(quantized inputs) with non-GGUF formats")

@@ -79,7 +79,8 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
         todo = [name for name in stats if fmt_of[name] is not None]  # whole layer or one group
         if config.incoherence is not None:
             _make_incoherent(index, layer, spec, todo, H, config.incoherence)
-        solved = _gptq_by_input(index, layer, todo, H, imp, fmt_of, config) if use_gptq else {}
+        shares = {name: outlier_share(config, full[name]) for name in todo}
+        solved = _gptq_by_input(index, layer, todo, H, imp, fmt_of, config, shares) if use_gptq else {}
         for name in todo:
             fmt, linear = fmt_of[name], layer.get_submodule(name)
             W_f = linear.weight.detach()
@@ -135,8 +136,14 @@ def _make_incoherent(index: int, layer: torch.nn.Module, spec, names: list[str],
         H[name] = done[id(H[name])][1] if id(H[name]) in done else H[name]
 
 
+def outlier_share(config, full_name: str) -> float:
+    """The dense-and-sparse share of one linear: the plan's own for that tensor, else config.outliers."""
+    planned = config.plan.outlier_share(full_name) if config.plan is not None else None
+    return config.outliers if planned is None else planned
+
+
 def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict, imp: dict, fmt_of: dict,
-                   config) -> dict:
+                   config, shares: dict[str, float]) -> dict:
     """GPTQ of the named linears: {name: (QTensor, GptqStats[, SparseOutliers])}. Integer/NF/FP8/MX formats
     share one solve per (input, format) (dense-and-sparse: one per weight); a GGUF type is solved per
     linear on its block grid."""
@@ -157,14 +164,14 @@ def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict
             except ValueError as e:
                 raise LowbitError(f"layer {index} {name}: {e}") from None
             continue
-        by_input.setdefault((id(H[name]), fmt), []).append(name)
-    for (_, fmt), group in by_input.items():
+        by_input.setdefault((id(H[name]), fmt, shares[name]), []).append(name)
+    for (_, fmt, share), group in by_input.items():
         try:
             # with the process's intra-op threads: nothing else runs while a group is solved
             options = dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order,
                            static_groups=g.static_groups, clip=g.clip)
             Ws = [layer.get_submodule(n).weight for n in group]
-            results = gptq_outliers(Ws, H[group[0]], fmt, config.outliers, layout=config.outlier_layout, **options) if config.outliers \
+            results = gptq_outliers(Ws, H[group[0]], fmt, share, layout=config.outlier_layout, **options) if share \
                 else gptq_shared(Ws, H[group[0]], fmt, **options)
         except ValueError as e:
             raise LowbitError(f"layer {index} {', '.join(group)}: {e}") from None

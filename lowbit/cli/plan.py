@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--loss", choices=LOSSES, default="kld",
                    help="kld: each tensor's KLD when it alone is rounded, measured on the probe rows (default); "
                         "proxy: its Hessian-weighted rounding error (one pass, much faster)")
+    p.add_argument("--outlier-shares", default=None, metavar="SHARES",
+                   help="also offer each non-GGUF format with these shares of a tensor kept in float16 "
+                        "(dense-and-sparse, 48 bits per kept weight, counted in the size), e.g. 0.5%%,1%%; "
+                        "apply the plan with --method gptq")
     p.add_argument("--calib", default=None, metavar="PATH",
                    help="text for the probe rows (default: lowbit's built-in sample text; the evaluation text is refused)")
     p.add_argument("--samples", type=int, default=4, help="probe rows (default: 4)")
@@ -44,6 +48,14 @@ def add_parser(sub) -> None:
                    help="also write the plan for llama.cpp: a file for `llama-quantize --tensor-type-file FILE` "
                         "(every candidate must be a GGUF type, e.g. --formats Q4_0,Q5_0,Q8_0,Q4_K,Q6_K)")
     p.set_defaults(run=run)
+
+
+def _share(text: str) -> float:
+    """An outlier share: "0.5%" or "0.005"."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"--outlier-shares {text!r}: shares such as 0.5%,1% or 0.005,0.01") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
         if args.like:
             mix(args.like)                                   # ValueError naming the known mixes
         # with --like the target is the mix's, known once the model is loaded
+        shares = tuple(_share(t.strip()) for t in (args.outlier_shares or "").split(",") if t.strip())
         config = PlannerConfig(1.0 if args.like else args.target_bpw, tuple(f.strip() for f in formats.split(",") if f.strip()),
-                               args.loss)
+                               args.loss, shares)
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     except ValueError as e:
         raise LowbitError(str(e)) from None
@@ -84,17 +97,19 @@ def run(args: argparse.Namespace) -> int:
     if args.like:
         try:
             like = mix_plan(loaded.model.config, loaded.spec, args.like)
-            config = PlannerConfig(linear_budget_bpw(like, shapes), config.formats, config.loss)
+            config = PlannerConfig(linear_budget_bpw(like, shapes), config.formats, config.loss, config.outlier_shares)
         except (ValueError, KeyError) as e:
             raise LowbitError(f"--like {args.like}: {e}") from None
     fmts = config.candidates()
     if config.loss == "kld":
         probe = Probe(loaded.model, loaded.spec, rows)
-        losses = measured_losses(loaded.model, loaded.spec, probe, names, fmts)
+        losses = measured_losses(loaded.model, loaded.spec, probe, names, fmts, config.outlier_shares)
     else:
-        losses = proxy_losses(loaded.model, rows, names, fmts)
+        losses = proxy_losses(loaded.model, rows, names, fmts, config.outlier_shares)
     try:
         plan = plan_bits(names, shapes, losses, config)
+        if args.llama_types and any(c.outliers for c in plan.choices):
+            raise ValueError("the plan keeps outliers in float16: llama.cpp cannot store them (drop --outlier-shares)")
         llama = llama_tensor_types(plan, family_for(loaded.model.config.model_type)) if args.llama_types else None
     except ValueError as e:
         raise LowbitError(str(e)) from None
@@ -103,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ..formats import format_from_name
 
-        with_mix_edges({c.name: format_from_name(c.format) for c in plan.choices}, like).save(out)
+        with_mix_edges({c.name: format_from_name(c.format) for c in plan.choices}, like,
+                       tuple((c.name, c.outliers) for c in plan.choices if c.outliers)).save(out)
     if llama is not None:
         Path(args.llama_types).write_text("\n".join(llama) + "\n")
     summary = plan.summary()

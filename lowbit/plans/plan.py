@@ -11,6 +11,9 @@ a user or the planner writes one as a small JSON or YAML file:
                  "model.layers.0.*": "float"}}
 
 Formats are written by name (lowbit.formats.format_from_name) or as Format.to_dict() objects.
+An optional "outliers" map gives tensors (names or patterns, first match wins) their own
+dense-and-sparse share, e.g. {"model.layers.3.mlp.down_proj": 0.005} (`lowbit plan
+--outlier-shares` writes it; GPTQ keeps that share of the tensor in float16).
 The same class plans activation formats (lowbit.formats.activation: "a8-token-sym", …): a
 QuantizeConfig holds one plan for the weights and one for the linears' inputs.
 """
@@ -54,8 +57,13 @@ class FormatPlan:
     rules: tuple[tuple[str, Format | None], ...] = ()
     default: Format | None = None
     origin: str = "uniform"          # where the plan came from, for lowbit.json and messages
+    outliers: tuple[tuple[str, float], ...] = ()   # (pattern, share kept in float16) per tensor
 
     def __post_init__(self):
+        for rule in self.outliers:
+            if len(rule) != 2 or not isinstance(rule[0], str) or not rule[0] or isinstance(rule[1], bool) \
+                    or not isinstance(rule[1], (int, float)) or not 0 <= rule[1] < 0.1:
+                raise ValueError(f"a plan outlier rule is (pattern, share in [0, 0.1)), got {rule!r}")
         for rule in self.rules:
             if len(rule) != 2 or not isinstance(rule[0], str) or not rule[0]:
                 raise ValueError(f"a plan rule is (pattern, format), got {rule!r}")
@@ -71,7 +79,7 @@ class FormatPlan:
 
     def keep_float(self, patterns: Sequence[str]) -> "FormatPlan":
         """The same plan with `patterns` kept in float ahead of every other rule."""
-        return FormatPlan(tuple((p, None) for p in patterns) + self.rules, self.default, self.origin)
+        return FormatPlan(tuple((p, None) for p in patterns) + self.rules, self.default, self.origin, self.outliers)
 
     def format_for(self, name: str) -> Format | None:
         for pattern, fmt in self.rules:
@@ -79,11 +87,18 @@ class FormatPlan:
                 return fmt
         return self.default
 
+    def outlier_share(self, name: str) -> float | None:
+        """The tensor's own dense-and-sparse share (None: the plan gives it none)."""
+        for pattern, share in self.outliers:
+            if name == pattern or fnmatch.fnmatchcase(name, pattern):
+                return float(share)
+        return None
+
     def resolve(self, names: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Format | None]:
         """{name: Format or None} for `names` (always planned) and those of `optional` (the embedding,
         the head) that a rule names explicitly. ValueError for a rule that matches no tensor."""
         candidates = list(names) + [n for n in optional if n not in names]
-        for pattern, _ in self.rules:
+        for pattern, _ in self.rules + self.outliers:
             if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in candidates):
                 raise ValueError(f"plan rule {pattern!r} matches no tensor of this model "
                                  f"(e.g. {candidates[0]}, {candidates[-1]})")
@@ -95,22 +110,29 @@ class FormatPlan:
 
     # --- files ------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"origin": self.origin, "default": _entry(self.default),
-                "tensors": {pattern: _entry(fmt) for pattern, fmt in self.rules}}
+        d = {"origin": self.origin, "default": _entry(self.default),
+             "tensors": {pattern: _entry(fmt) for pattern, fmt in self.rules}}
+        if self.outliers:
+            d["outliers"] = {pattern: share for pattern, share in self.outliers}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping, origin: str = "file") -> "FormatPlan":
         if not isinstance(d, Mapping):
             raise ValueError(f"a plan is an object with \"default\" and \"tensors\", got {type(d).__name__}")
-        unknown = set(d) - {"default", "tensors", "origin"}
+        unknown = set(d) - {"default", "tensors", "origin", "outliers"}
         if unknown:
-            raise ValueError(f"unknown plan keys {sorted(unknown)} (known: default, tensors, origin)")
+            raise ValueError(f"unknown plan keys {sorted(unknown)} (known: default, tensors, origin, outliers)")
+        outliers = d.get("outliers", {})
+        if not isinstance(outliers, Mapping):
+            raise ValueError("plan \"outliers\" must map a name or pattern to a share (0.005 = 0.5%)")
         tensors = d.get("tensors", {})
         if not isinstance(tensors, Mapping):
             raise ValueError("plan \"tensors\" must map a name or pattern to a format")
         rules = tuple((str(p), _format(v, f"plan tensor {p!r}")) for p, v in tensors.items())
         # a file's own "origin" (what it was written from) is kept out: the file may have been edited since
-        return cls(rules, _format(d.get("default", FLOAT), "plan default"), origin)
+        return cls(rules, _format(d.get("default", FLOAT), "plan default"), origin,
+                   tuple((str(p), v) for p, v in outliers.items()))
 
     @classmethod
     def load(cls, path) -> "FormatPlan":

@@ -28,13 +28,18 @@ DEFAULT_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed", "int4-g128-sym-
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    """target_bpw over the quantized linears; candidate formats by name; loss "kld" or "proxy"."""
+    """target_bpw over the quantized linears; candidate formats by name; loss "kld" or "proxy";
+    outlier_shares: each non-GGUF candidate also with that share of the tensor kept in float16."""
 
     target_bpw: float
     formats: tuple[str, ...] = DEFAULT_FORMATS
     loss: str = "kld"
+    outlier_shares: tuple[float, ...] = ()     # dense-and-sparse options beside each non-GGUF format
 
     def __post_init__(self):
+        for share in self.outlier_shares:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 0.1:
+                raise ValueError(f"an outlier share is a number in (0, 0.1) (0.5% = 0.005), got {share!r}")
         if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or self.target_bpw <= 0:
             raise ValueError(f"--target-bpw must be a positive number, got {self.target_bpw!r}")
         if self.loss not in LOSSES:
@@ -55,8 +60,13 @@ class TensorChoice:
     name: str
     params: int
     format: str
-    bits: int                       # stored bits in that format
+    bits: int                       # stored bits in that format (and of the kept weights)
     loss: float                     # its predicted loss
+    outliers: float = 0.0           # share kept in float16 beside the dense part (dense-and-sparse)
+
+    @property
+    def option(self) -> str:
+        return option_name(self.format, self.outliers)
 
 
 @dataclass(frozen=True)
@@ -87,12 +97,14 @@ class BitPlan:
             counts[c.format] = counts.get(c.format, 0) + 1
         default = max(counts, key=counts.get)
         rules = tuple((c.name, format_from_name(c.format)) for c in self.choices if c.format != default)
-        return FormatPlan(rules, format_from_name(default), f"lowbit plan --target-bpw {self.target_bpw:g}")
+        outliers = tuple((c.name, c.outliers) for c in self.choices if c.outliers)
+        return FormatPlan(rules, format_from_name(default), f"lowbit plan --target-bpw {self.target_bpw:g}",
+                          outliers)
 
     def summary(self) -> dict:
         by: dict[str, dict] = {}
         for c in self.choices:
-            row = by.setdefault(c.format, {"tensors": 0, "params": 0})
+            row = by.setdefault(c.option, {"tensors": 0, "params": 0})
             row["tensors"] += 1
             row["params"] += c.params
         return {"target_bpw": self.target_bpw, "bits_per_weight": self.bits_per_weight, "loss": self.loss_kind,
@@ -109,6 +121,26 @@ def stored_format(fmt: Format, shape: tuple[int, int]) -> Format | None:
         return fmt
     kind = fallback(fmt.name, int(shape[1]))
     return None if kind in FLOAT_TYPES else GGUFFormat(kind)
+
+
+def option_name(fmt_name: str, share: float) -> str:
+    """How losses and summaries name a (format, outlier share) option: "int3-g64-sym+0.5%"."""
+    return f"{fmt_name}+{100 * share:g}%" if share else fmt_name
+
+
+def sparse_bits_of(share: float, shape) -> int:
+    """Stored bits of the kept weights of a dense-and-sparse option (entries: 32-bit index, 16-bit value)."""
+    from ..formats.sparse import INDEX_BITS, VALUE_BITS
+
+    return round(share * shape[0] * shape[1]) * (INDEX_BITS + VALUE_BITS)
+
+
+def _options(fmts: list[Format], shares, shape) -> list[tuple[Format, float]]:
+    """(stored format, outlier share) options of a tensor: each stored format alone, and each non-GGUF
+    one with each share."""
+    from ..formats import GGUFFormat
+
+    return [(g, s) for g in _stored(fmts, shape) for s in (0.0, *(() if isinstance(g, GGUFFormat) else shares))]
 
 
 def _stored(fmts: list[Format], shape) -> list[Format]:
@@ -152,44 +184,35 @@ def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict
     fmts = config.candidates()
     params = sum(shapes[n][0] * shapes[n][1] for n in names)
     # per tensor the formats it can take as they will be stored (a GGUF type on a ragged row: llama.cpp's fallback)
-    allowed = {n: _stored(fmts, shapes[n]) for n in names}
+    allowed = {n: _options(fmts, config.outlier_shares, shapes[n]) for n in names}
     if empty := [n for n in names if not allowed[n]]:
         raise ValueError(f"no candidate format can store {empty[0]} (shape {tuple(shapes[empty[0]])})")
-    items = [[Option(g.storage_bits(shapes[n]), losses[n][g.name]) for g in allowed[n]] for n in names]
+    items = [[Option(g.storage_bits(shapes[n]) + sparse_bits_of(share, shapes[n]), losses[n][option_name(g.name, share)])
+              for g, share in allowed[n]] for n in names]
     budget = int(config.target_bpw * params)
     least = smallest(items)
     if least > budget:
         raise ValueError(f"--target-bpw {config.target_bpw:g} is below the smallest size these formats reach: "
                          f"{least / params:.4f} bits per weight")
     sol = solve(items, budget)
-    choices = tuple(TensorChoice(n, shapes[n][0] * shapes[n][1], allowed[n][j].name, items[i][j].size,
-                                 items[i][j].loss) for i, (n, j) in enumerate(zip(names, sol.choice)))
+    choices = tuple(TensorChoice(n, shapes[n][0] * shapes[n][1], allowed[n][j][0].name, items[i][j].size,
+                                 items[i][j].loss, allowed[n][j][1]) for i, (n, j) in enumerate(zip(names, sol.choice)))
     return BitPlan(config.target_bpw, config.loss, choices, losses)
 
 
-@torch.no_grad()
-def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], progress: bool = True) -> dict:
-    """{tensor: {stored format: KLD}} with that tensor alone fake-quantized (RTN), replayed from its layer."""
-    from ..analysis.probe import fake_quantized
+def kept_fake_quantize(W: torch.Tensor, fmt: Format, H: torch.Tensor, share: float) -> torch.Tensor:
+    """W [out, in] rounded to nearest with the `share` of largest OBS saliency (methods.outliers, on the
+    input Hessian H [in, in]) kept in float16; the dense grid is set without them, as GPTQ sets it."""
+    from ..methods.outliers import choose_outliers
 
-    out = {}
-    bar = tqdm(total=len(names) * len(fmts), desc="plan: per-tensor KLD", unit="eval", disable=not progress)
-    for name in names:
-        layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
-        module = model.get_submodule(name)
-        out[name] = {}
-        for f in _stored(fmts, tuple(module.weight.shape)):
-            with fake_quantized([module], f):
-                out[name][f.name] = probe.score(layer)["kld"]
-            bar.update()
-    bar.close()
-    return out
+    W = W.float()
+    mask = choose_outliers(W, H, fmt, share)                               # [out, in]
+    return torch.where(mask, W.half().float(), fmt.fake_quantize(W.masked_fill(mask, 0.0)))
 
 
 @torch.no_grad()
-def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format]) -> dict:
-    """{tensor: {format: tr(E H Eᵀ) / n}}: H = Σ x xᵀ of the tensor's inputs on `rows`, n their count,
-    E = W − RTN(W) — the mean squared error the rounding adds to the tensor's outputs."""
+def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
+    """({name: H = Σ x xᵀ float64 [in, in]}, {name: rows counted}) of each named linear's inputs on `rows`."""
     H, count, hooks = {}, {}, []
 
     def hook(name):
@@ -206,11 +229,50 @@ def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format]
     finally:
         for h in hooks:
             h.remove()
+    return H, count
+
+
+@torch.no_grad()
+def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], shares: tuple[float, ...] = (),
+                    progress: bool = True) -> dict:
+    """{tensor: {option: KLD}} with that tensor alone fake-quantized (RTN; an outlier option keeps its
+    share in float16), replayed from its layer. Options: each stored format, and each non-GGUF one with
+    each of `shares` (named by option_name)."""
+    H = input_hessians(model, probe.rows, names)[0] if shares else {}
+    out = {}
+    total = sum(len(_options(fmts, shares, tuple(model.get_submodule(n).weight.shape))) for n in names)
+    bar = tqdm(total=total, desc="plan: per-tensor KLD", unit="eval", disable=not progress)
+    for name in names:
+        layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
+        module = model.get_submodule(name)
+        W = module.weight.data
+        out[name] = {}
+        for f, share in _options(fmts, shares, tuple(W.shape)):
+            W_dq = kept_fake_quantize(W, f, H[name], share) if share else f.fake_quantize(W.float())
+            try:
+                module.weight.data = W_dq.to(W.dtype)
+                out[name][option_name(f.name, share)] = probe.score(layer)["kld"]
+            finally:
+                module.weight.data = W
+            bar.update()
+        H.pop(name, None)                                                   # done with it: free its memory
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format],
+                 shares: tuple[float, ...] = ()) -> dict:
+    """{tensor: {option: tr(E H Eᵀ) / n}}: H = Σ x xᵀ of the tensor's inputs on `rows`, n their count,
+    E = W − W_dq of the option's rounding — the mean squared error it adds to the tensor's outputs."""
+    H, count = input_hessians(model, rows, names)
     out = {}
     for name in names:
         W = model.get_submodule(name).weight.float()
         out[name] = {}
-        for f in _stored(fmts, tuple(W.shape)):
-            E = (W - f.fake_quantize(W)).double()                          # [d_out, d_in]
-            out[name][f.name] = float(((E @ H[name]) * E).sum() / count[name])          # tr(E H Eᵀ) / n
+        for f, share in _options(fmts, shares, tuple(W.shape)):
+            W_dq = kept_fake_quantize(W, f, H[name], share) if share else f.fake_quantize(W)
+            E = (W - W_dq).double()                                        # [d_out, d_in]
+            out[name][option_name(f.name, share)] = float(((E @ H[name]) * E).sum() / count[name])  # tr(E H Eᵀ) / n
+        del H[name]
     return out

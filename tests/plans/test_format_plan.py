@@ -1,6 +1,8 @@
 """FormatPlan: first matching rule wins, default for the rest, JSON/YAML round trips, clear errors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lowbit.formats import GGUFFormat, IntFormat, NFFormat, format_from_name
@@ -62,3 +64,30 @@ def test_unreadable_or_invalid_files_are_one_clear_error(tmp_path):
                                   "nf4-g64", "fp8-e4m3-ch", "fp8-e5m2-tensor", "mxfp4", "Q4_K", "Q8_0", "IQ4_NL"])
 def test_format_names_round_trip(name):
     assert format_from_name(name).name == name
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_per_tensor_outlier_shares_round_trip_and_first_match_wins(tmp_path, suffix):
+    plan = FormatPlan.from_dict({"default": "int3-g64-sym",
+                                 "outliers": {"model.layers.1.mlp.down_proj": 0.01, "model.layers.*.mlp.*": 0.005}})
+    again = FormatPlan.load(plan.save(tmp_path / f"plan{suffix}"))
+    assert again.outlier_share("model.layers.1.mlp.down_proj") == 0.01
+    assert again.outlier_share("model.layers.2.mlp.down_proj") == 0.005
+    assert again.outlier_share("model.layers.2.self_attn.q_proj") is None
+    assert again.keep_float(["model.layers.0.*"]).outliers == again.outliers
+
+
+@pytest.mark.parametrize("outliers,needle", [
+    ({"model.layers.0.mlp.down_proj": 0.2}, "share in [0, 0.1)"),
+    ({"model.layers.0.mlp.down_proj": "1%"}, "share in [0, 0.1)"),
+    (["model.layers.0.mlp.down_proj"], "must map a name or pattern to a share"),
+])
+def test_bad_outlier_rules_are_refused(outliers, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        FormatPlan.from_dict({"default": "int3-g64-sym", "outliers": outliers})
+
+
+def test_an_outlier_rule_that_matches_no_tensor_is_refused():
+    plan = FormatPlan.from_dict({"default": "int3-g64-sym", "outliers": {"model.layers.7.*": 0.01}})
+    with pytest.raises(ValueError, match="matches no tensor"):
+        plan.resolve(NAMES)

@@ -95,3 +95,41 @@ def test_like_an_unknown_mix_is_one_line(tiny_llama_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--like", "Q9_X", *PROBE, "--out", tmp_path / "p.yaml")
     assert_one_line_error(code, err, "Q9_X", "Q3_K_M")
     assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.parametrize("loss", ["kld", "proxy"])
+def test_outlier_options_are_planned_counted_and_applied_by_gptq(tiny_llama_dir, tmp_path, capsys, calib, loss):
+    """int2 alone is 2.5 bits per weight here, int2 with 1% kept 2.98: at 2.8 some tensors keep outliers;
+    the quantized model stores exactly the bits the plan counted (the kept weights' 48 bits each included)."""
+    plan, summary, out = tmp_path / "plan.yaml", tmp_path / "plan.json", tmp_path / "q"
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "2.8", "--formats", "int2-g32-sym",
+                           "--outlier-shares", "1%", "--loss", loss, *PROBE, "--out", plan, "--json", summary)
+    assert code == 0, err
+    s = json.loads(summary.read_text())
+    kept = [c for c in s["choices"] if c["outliers"]]
+    assert kept and len(kept) < len(s["choices"]) and s["bits_per_weight"] <= 2.8
+    for by_option in s["losses"].values():                         # keeping the salient 1% lowers the loss
+        assert by_option["int2-g32-sym+1%"] < by_option["int2-g32-sym"]
+    assert "int2-g32-sym+1%" in s["by_format"]
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--plan", plan, "--method", "gptq", "--calib", calib,
+                           "--samples", "4", "--seq-len", "64", "--out", out, "--json", tmp_path / "q.json")
+    assert code == 0, err
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["bits_per_weight"] == pytest.approx(s["bits_per_weight"], abs=1e-12)
+
+
+def test_outlier_shares_with_rtn_or_llama_types_are_refused(tiny_llama_dir, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "2.8", "--formats", "int2-g32-sym",
+                           "--outlier-shares", "1%", "--loss", "proxy", *PROBE, "--out", plan,
+                           "--llama-types", tmp_path / "t.txt")
+    assert_one_line_error(code, err, "outliers in float16", "llama.cpp")
+    assert not plan.exists()
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "2.8", "--outlier-shares", "ten",
+                           *PROBE, "--out", plan)
+    assert_one_line_error(code, err, "--outlier-shares 'ten'")
+    run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "2.8", "--formats", "int2-g32-sym",
+            "--outlier-shares", "1%", "--loss", "proxy", *PROBE, "--out", plan)
+    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--plan", plan, "--method", "rtn",
+                           "--out", tmp_path / "q")
+    assert_one_line_error(code, err, "outliers", "--method gptq")
