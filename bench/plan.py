@@ -7,7 +7,9 @@ Stages (resumable; records under --work/MODEL/):
   losses   every decoder linear × candidate format: KLD when that tensor alone is rounded (probe rows of
            WikiText-2 *validation*) and the Hessian-weighted proxy on the same rows; Spearman's rank
            correlation of the two, over all pairs and within each format.
-  plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml.
+  outliers the same KLD for each (tensor, format + outlier share) option (--outlier-shares).
+  plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml, and
+           plan-<B>+outliers.yaml with the dense-and-sparse options in the knapsack too.
   quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
            process (calibration from WikiText-2 validation).
   eval     WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; then the JSON.
@@ -91,20 +93,52 @@ def losses(a, work: Path) -> dict:
     return out
 
 
-def plans(a, work: Path, found: dict) -> dict:
-    """plan-<B>.yaml per target (measured KLD as the loss); {label: flags}."""
+def outlier_losses(a, work: Path, found: dict) -> dict:
+    """The measured KLD of every (tensor, format + outlier share) option as well, on the same probe rows
+    (work/losses-outliers.json; the plain options are reused from `found`)."""
+    path = work / "losses-outliers.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    from lowbit.analysis.probe import Probe
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.formats import format_from_name
+    from lowbit.models.load import load
+    from lowbit.plans.planner import measured_losses
+    from lowbit.quantize import calibration_samples
+
+    loaded = load(a.model)
+    rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(a.probe_samples, a.probe_seq_len, 1))
+    start = time.perf_counter()
+    with torch.no_grad():
+        kld = measured_losses(loaded.model, loaded.spec, Probe(loaded.model, loaded.spec, rows), found["names"],
+                              [format_from_name(f) for f in found["formats"]], tuple(a.outlier_shares),
+                              known=found["kld"])
+    out = {"shares": a.outlier_shares, "kld": kld, "kld_seconds": time.perf_counter() - start}
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def plans(a, work: Path, found: dict, with_outliers: dict | None) -> dict:
+    """plan-<B>.yaml per target (measured KLD as the loss), and plan-<B>+outliers.yaml with the
+    dense-and-sparse options in the knapsack too; {label: flags}."""
     from lowbit.plans.planner import PlannerConfig, plan_bits
 
     rows = {}
-    for target in a.targets:
-        label = f"plan-{target:g}"
-        path = work / f"{label}.yaml"
-        if not path.exists():
-            config = PlannerConfig(target, tuple(found["formats"]), "kld")
-            plan = plan_bits(found["names"], {n: tuple(s) for n, s in found["shapes"].items()}, found["kld"], config)
-            plan.format_plan().save(path)
-            (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
-        rows[label] = ["--plan", str(path), "--method", "gptq"]
+    kinds = [("", found["kld"], ())] + ([("+outliers", with_outliers["kld"], tuple(with_outliers["shares"]))]
+                                        if with_outliers else [])
+    for suffix, kld, shares in kinds:
+        for target in a.targets:
+            label = f"plan-{target:g}{suffix}"
+            path = work / f"{label}.yaml"
+            if not path.exists():
+                config = PlannerConfig(target, tuple(found["formats"]), "kld", shares)
+                plan = plan_bits(found["names"], {n: tuple(s) for n, s in found["shapes"].items()}, kld, config)
+                plan.format_plan().save(path)
+                (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
+            rows[label] = ["--plan", str(path), "--method", "gptq"]
     return rows
 
 
@@ -113,6 +147,8 @@ def main() -> None:
     add_args(p, {}, "plan")
     p.set_defaults(rows=None)
     p.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.25])
+    p.add_argument("--outlier-shares", type=float, nargs="*", default=[0.005, 0.01],
+                   help="dense-and-sparse shares offered to the plan-<B>+outliers rows (none: no such rows)")
     p.add_argument("--probe-samples", type=int, default=4)
     p.add_argument("--probe-seq-len", type=int, default=512)
     p.set_defaults(stage="all")
@@ -123,7 +159,8 @@ def main() -> None:
     found = losses(a, work)
     print(f"proxy vs measured KLD, Spearman: {found['spearman_all']:.3f} over all pairs; by format "
           + ", ".join(f"{k} {v:.3f}" for k, v in found["spearman_by_format"].items()), flush=True)
-    rows = {**plans(a, work, found), **UNIFORM, **SPARSE}
+    with_outliers = outlier_losses(a, work, found) if a.outlier_shares else None
+    rows = {**plans(a, work, found, with_outliers), **UNIFORM, **SPARSE}
     a.rows = list(rows)
     if a.stage in ("quantize", "all"):
         quantize_rows(a, rows, work, lambda flags: {"plan": flags[1] if flags[0] == "--plan" else None})
@@ -134,7 +171,8 @@ def main() -> None:
         data = json.loads(path.read_text())
         data["proxy_rank"] = {k: found[k] for k in ("spearman_all", "spearman_by_format", "probe", "kld_seconds",
                                                      "proxy_seconds")}
-        data["plans"] = {t: json.loads((work / f"plan-{t:g}.plan.json").read_text()) for t in a.targets}
+        data["plans"] = {label: json.loads((work / f"{label}.plan.json").read_text())
+                         for label in rows if label.startswith("plan-")}
         path.write_text(json.dumps(data, indent=1))
 
 

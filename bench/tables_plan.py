@@ -7,25 +7,30 @@ from tables_format import MODELS, fixed, header_lines, model_sections, page, ppl
 PLAN_MODELS = ("smollm2-135m", "gemma3-270m")
 
 
+def summary_target(label: str) -> float:
+    """plan-2.5+outliers -> 2.5 (older JSON keyed its plans by the bare target)."""
+    return float(label.removeprefix("plan-").split("+")[0])
+
+
 def _targets(d: dict) -> list[str]:
     rows = [r for r in d["rows"] if "kld" in r]
     uniform = [r for r in rows if str(r.get("row", "")).startswith("uniform-")]
     lines = []
-    for target, summary in sorted(d.get("plans", {}).items(), key=lambda kv: float(kv[0])):
-        t = float(target)
-        planned = next((r for r in rows if r.get("row") == f"plan-{t:g}"), None)
+    for label, summary in sorted(d.get("plans", {}).items(), key=lambda kv: (summary_target(kv[0]), kv[0])):
+        t = summary_target(label)
+        planned = next((r for r in rows if r.get("row") == label), None)
         land = summary["bits_per_weight"]
-        lines.append(f"- plan at {t:g} bits per weight lands at {land:.4f} — "
+        lines.append(f"- {label} lands at {land:.4f} bits per weight — "
                      f"{'within 0.01, not over' if t - 0.01 <= land <= t else 'missed'}")
         bigger = [r for r in uniform if r["weight_bits"] >= planned["weight_bits"] - 1e-9] if planned else []
         if planned and bigger:
             best = min(bigger, key=lambda r: r["kld"])
             ratio = planned["kld"] / best["kld"]
-            lines.append(f"- plan-{t:g} KLD {sig(planned['kld'], 3)} vs the best uniform row at the same or larger "
+            lines.append(f"- {label} KLD {sig(planned['kld'], 3)} vs the best uniform row at the same or larger "
                          f"size (`{best['row']}`, {best['weight_bits']:.3f} bpw, KLD {sig(best['kld'], 3)}): "
                          f"{ratio:.2f}× — {'met' if ratio <= 0.8 else 'missed'} (target 0.8×)")
         elif planned:
-            lines.append(f"- plan-{t:g}: no uniform row at {planned['weight_bits']:.3f} bits per weight or more")
+            lines.append(f"- {label}: no uniform row at {planned['weight_bits']:.3f} bits per weight or more")
     return lines
 
 

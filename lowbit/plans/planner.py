@@ -234,13 +234,15 @@ def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, d
 
 @torch.no_grad()
 def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], shares: tuple[float, ...] = (),
-                    progress: bool = True) -> dict:
+                    progress: bool = True, known: dict | None = None) -> dict:
     """{tensor: {option: KLD}} with that tensor alone fake-quantized (RTN; an outlier option keeps its
     share in float16), replayed from its layer. Options: each stored format, and each non-GGUF one with
-    each of `shares` (named by option_name)."""
+    each of `shares` (named by option_name). known: losses measured before on the same probe, reused."""
+    known = known or {}
     H = input_hessians(model, probe.rows, names)[0] if shares else {}
     out = {}
-    total = sum(len(_options(fmts, shares, tuple(model.get_submodule(n).weight.shape))) for n in names)
+    total = sum(1 for n in names for f, sh in _options(fmts, shares, tuple(model.get_submodule(n).weight.shape))
+                if option_name(f.name, sh) not in known.get(n, {}))
     bar = tqdm(total=total, desc="plan: per-tensor KLD", unit="eval", disable=not progress)
     for name in names:
         layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
@@ -248,10 +250,13 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], sh
         W = module.weight.data
         out[name] = {}
         for f, share in _options(fmts, shares, tuple(W.shape)):
+            if (label := option_name(f.name, share)) in known.get(name, {}):
+                out[name][label] = known[name][label]
+                continue
             W_dq = kept_fake_quantize(W, f, H[name], share) if share else f.fake_quantize(W.float())
             try:
                 module.weight.data = W_dq.to(W.dtype)
-                out[name][option_name(f.name, share)] = probe.score(layer)["kld"]
+                out[name][label] = probe.score(layer)["kld"]
             finally:
                 module.weight.data = W
             bar.update()
