@@ -48,7 +48,7 @@ ROWS_K = ("llama.cpp", "llama.cpp+imatrix", "lowbit rtn", "lowbit imatrix", "low
           "lowbit awq+gptq (float inputs)")
 ROWS_PLAIN = ("llama.cpp", "lowbit rtn")
 PROMPT = "The capital of France is"
-PROBE = (4, 512)   # the planner's probe rows (samples x tokens) of the calibration text
+PROBE = (2, 256)   # the planner's probe rows (samples x tokens) of the calibration text, as bench/plan.py
 
 
 def work_dir(model: str) -> Path:

@@ -7,7 +7,7 @@ Stages (resumable; records under --work/MODEL/):
   losses   every decoder linear × candidate format: KLD when that tensor alone is rounded (probe rows of
            WikiText-2 *validation*) and the Hessian-weighted proxy on the same rows; Spearman's rank
            correlation of the two, over all pairs and within each format.
-  outliers the same KLD for each (tensor, format + outlier share) option (--outlier-shares).
+  outliers the same KLD for each (tensor, 2- or 3-bit format + outlier share) option (--outlier-shares).
   plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml, and
            plan-<B>+outliers.yaml with the dense-and-sparse options in the knapsack too.
   quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
@@ -34,7 +34,9 @@ UNIFORM = {f"uniform-{f}": ["--method", "gptq", "--format", "int", "--bits", b, 
 SPARSE = {f"{base}+{share}": UNIFORM[f"uniform-{base}"] + ["--outliers", share]
           for base in ("int3-g64", "int2-g64") for share in ("0.1%", "0.5%", "1%")}
 SPARSE.update({f"{base}+cols{share}": UNIFORM[f"uniform-{base}"] + ["--outliers", share, "--outlier-layout", "columns"]
-               for base in ("int3-g64", "int2-g64") for share in ("0.3%", "1.5%", "3%")})
+               for base in ("int3-g64", "int2-g64") for share in ("1.5%",)})
+# the planner's dense-and-sparse options: beside the 2- and 3-bit candidates (where outliers pay for their bits)
+OUTLIER_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed")
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -115,7 +117,7 @@ def outlier_losses(a, work: Path, found: dict) -> dict:
     with torch.no_grad():
         kld = measured_losses(loaded.model, loaded.spec, Probe(loaded.model, loaded.spec, rows), found["names"],
                               [format_from_name(f) for f in found["formats"]], tuple(a.outlier_shares),
-                              known=found["kld"])
+                              known=found["kld"], beside=tuple(format_from_name(f).name for f in OUTLIER_FORMATS))
     out = {"shares": a.outlier_shares, "kld": kld, "kld_seconds": time.perf_counter() - start}
     path.write_text(json.dumps(out, indent=1))
     return out
@@ -127,14 +129,15 @@ def plans(a, work: Path, found: dict, with_outliers: dict | None) -> dict:
     from lowbit.plans.planner import PlannerConfig, plan_bits
 
     rows = {}
-    kinds = [("", found["kld"], ())] + ([("+outliers", with_outliers["kld"], tuple(with_outliers["shares"]))]
-                                        if with_outliers else [])
-    for suffix, kld, shares in kinds:
-        for target in a.targets:
+    kinds = [("", found["kld"], (), a.targets)] + (
+        [("+outliers", with_outliers["kld"], tuple(with_outliers["shares"]), a.outlier_targets)] if with_outliers else [])
+    for suffix, kld, shares, targets in kinds:
+        for target in targets:
             label = f"plan-{target:g}{suffix}"
             path = work / f"{label}.yaml"
             if not path.exists():
-                config = PlannerConfig(target, tuple(found["formats"]), "kld", shares)
+                config = PlannerConfig(target, tuple(found["formats"]), "kld", shares,
+                                       OUTLIER_FORMATS if shares else None)
                 plan = plan_bits(found["names"], {n: tuple(s) for n, s in found["shapes"].items()}, kld, config)
                 plan.format_plan().save(path)
                 (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
@@ -149,8 +152,11 @@ def main() -> None:
     p.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.25])
     p.add_argument("--outlier-shares", type=float, nargs="*", default=[0.005, 0.01],
                    help="dense-and-sparse shares offered to the plan-<B>+outliers rows (none: no such rows)")
-    p.add_argument("--probe-samples", type=int, default=4)
-    p.add_argument("--probe-seq-len", type=int, default=512)
+    p.add_argument("--outlier-targets", type=float, nargs="*", default=[2.5, 3.0],
+                   help="targets of the plan-<B>+outliers rows")
+    p.add_argument("--probe-samples", type=int, default=2,
+                   help="probe rows for the per-tensor KLDs (2 x 256 tokens: 0.8 s per (tensor, option) on SmolLM2)")
+    p.add_argument("--probe-seq-len", type=int, default=256)
     p.set_defaults(stage="all")
     a = p.parse_args()
     work = Path(a.work) / a.model

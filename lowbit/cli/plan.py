@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
                    help="also offer each non-GGUF format with these shares of a tensor kept in float16 "
                         "(dense-and-sparse, 48 bits per kept weight, counted in the size), e.g. 0.5%%,1%%; "
                         "apply the plan with --method gptq")
+    p.add_argument("--outlier-formats", default=None, metavar="FORMATS",
+                   help="offer the outlier shares only beside these candidates, comma-separated (default: all)")
     p.add_argument("--calib", default=None, metavar="PATH",
                    help="text for the probe rows (default: lowbit's built-in sample text; the evaluation text is refused)")
     p.add_argument("--samples", type=int, default=4, help="probe rows (default: 4)")
@@ -76,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
             mix(args.like)                                   # ValueError naming the known mixes
         # with --like the target is the mix's, known once the model is loaded
         shares = tuple(_share(t.strip()) for t in (args.outlier_shares or "").split(",") if t.strip())
+        beside = tuple(f.strip() for f in args.outlier_formats.split(",") if f.strip()) if args.outlier_formats else None
         config = PlannerConfig(1.0 if args.like else args.target_bpw, tuple(f.strip() for f in formats.split(",") if f.strip()),
-                               args.loss, shares)
+                               args.loss, shares, beside)
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     except ValueError as e:
         raise LowbitError(str(e)) from None
@@ -97,15 +100,17 @@ def run(args: argparse.Namespace) -> int:
     if args.like:
         try:
             like = mix_plan(loaded.model.config, loaded.spec, args.like)
-            config = PlannerConfig(linear_budget_bpw(like, shapes), config.formats, config.loss, config.outlier_shares)
+            config = PlannerConfig(linear_budget_bpw(like, shapes), config.formats, config.loss, config.outlier_shares,
+                                   config.outlier_formats)
         except (ValueError, KeyError) as e:
             raise LowbitError(f"--like {args.like}: {e}") from None
     fmts = config.candidates()
     if config.loss == "kld":
         probe = Probe(loaded.model, loaded.spec, rows)
-        losses = measured_losses(loaded.model, loaded.spec, probe, names, fmts, config.outlier_shares)
+        losses = measured_losses(loaded.model, loaded.spec, probe, names, fmts, config.outlier_shares,
+                                 beside=config.outlier_beside())
     else:
-        losses = proxy_losses(loaded.model, rows, names, fmts, config.outlier_shares)
+        losses = proxy_losses(loaded.model, rows, names, fmts, config.outlier_shares, config.outlier_beside())
     try:
         plan = plan_bits(names, shapes, losses, config)
         if args.llama_types and any(c.outliers for c in plan.choices):

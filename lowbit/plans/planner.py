@@ -29,14 +29,19 @@ DEFAULT_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed", "int4-g128-sym-
 @dataclass(frozen=True)
 class PlannerConfig:
     """target_bpw over the quantized linears; candidate formats by name; loss "kld" or "proxy";
-    outlier_shares: each non-GGUF candidate also with that share of the tensor kept in float16."""
+    outlier_shares: each non-GGUF candidate (or each of outlier_formats) also with that share of the tensor
+    kept in float16."""
 
     target_bpw: float
     formats: tuple[str, ...] = DEFAULT_FORMATS
     loss: str = "kld"
     outlier_shares: tuple[float, ...] = ()     # dense-and-sparse options beside each non-GGUF format
+    outlier_formats: tuple[str, ...] | None = None   # only beside these candidates (None: every non-GGUF one)
 
     def __post_init__(self):
+        for name in self.outlier_formats or ():
+            if name not in self.formats:
+                raise ValueError(f"outlier format {name!r} is not a candidate format ({', '.join(self.formats)})")
         for share in self.outlier_shares:
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 0.1:
                 raise ValueError(f"an outlier share is a number in (0, 0.1) (0.5% = 0.005), got {share!r}")
@@ -50,6 +55,10 @@ class PlannerConfig:
             format_from_name(name)                          # ValueError naming the bad format
         if len(set(self.formats)) != len(self.formats):
             raise ValueError(f"candidate formats repeat: {', '.join(self.formats)}")
+
+    def outlier_beside(self) -> tuple[str, ...] | None:
+        """The canonical names of the formats outlier options go beside (None: every non-GGUF candidate)."""
+        return None if self.outlier_formats is None else tuple(format_from_name(f).name for f in self.outlier_formats)
 
     def candidates(self) -> list[Format]:
         return [format_from_name(n) for n in self.formats]
@@ -135,12 +144,15 @@ def sparse_bits_of(share: float, shape) -> int:
     return round(share * shape[0] * shape[1]) * (INDEX_BITS + VALUE_BITS)
 
 
-def _options(fmts: list[Format], shares, shape) -> list[tuple[Format, float]]:
+def _options(fmts: list[Format], shares, shape, beside: tuple[str, ...] | None = None) -> list[tuple[Format, float]]:
     """(stored format, outlier share) options of a tensor: each stored format alone, and each non-GGUF
-    one with each share."""
+    one (of `beside`, None: all) with each share."""
     from ..formats import GGUFFormat
 
-    return [(g, s) for g in _stored(fmts, shape) for s in (0.0, *(() if isinstance(g, GGUFFormat) else shares))]
+    def with_shares(g):
+        return not isinstance(g, GGUFFormat) and (beside is None or g.name in beside)
+
+    return [(g, s) for g in _stored(fmts, shape) for s in (0.0, *(shares if with_shares(g) else ()))]
 
 
 def _stored(fmts: list[Format], shape) -> list[Format]:
@@ -184,7 +196,7 @@ def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict
     fmts = config.candidates()
     params = sum(shapes[n][0] * shapes[n][1] for n in names)
     # per tensor the formats it can take as they will be stored (a GGUF type on a ragged row: llama.cpp's fallback)
-    allowed = {n: _options(fmts, config.outlier_shares, shapes[n]) for n in names}
+    allowed = {n: _options(fmts, config.outlier_shares, shapes[n], config.outlier_beside()) for n in names}
     if empty := [n for n in names if not allowed[n]]:
         raise ValueError(f"no candidate format can store {empty[0]} (shape {tuple(shapes[empty[0]])})")
     items = [[Option(g.storage_bits(shapes[n]) + sparse_bits_of(share, shapes[n]), losses[n][option_name(g.name, share)])
@@ -234,14 +246,15 @@ def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, d
 
 @torch.no_grad()
 def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], shares: tuple[float, ...] = (),
-                    progress: bool = True, known: dict | None = None) -> dict:
+                    progress: bool = True, known: dict | None = None, beside: tuple[str, ...] | None = None) -> dict:
     """{tensor: {option: KLD}} with that tensor alone fake-quantized (RTN; an outlier option keeps its
     share in float16), replayed from its layer. Options: each stored format, and each non-GGUF one with
-    each of `shares` (named by option_name). known: losses measured before on the same probe, reused."""
+    each of `shares` (named by option_name; only beside the formats named in `beside`, None: all).
+    known: losses measured before on the same probe, reused."""
     known = known or {}
     H = input_hessians(model, probe.rows, names)[0] if shares else {}
     out = {}
-    total = sum(1 for n in names for f, sh in _options(fmts, shares, tuple(model.get_submodule(n).weight.shape))
+    total = sum(1 for n in names for f, sh in _options(fmts, shares, tuple(model.get_submodule(n).weight.shape), beside)
                 if option_name(f.name, sh) not in known.get(n, {}))
     bar = tqdm(total=total, desc="plan: per-tensor KLD", unit="eval", disable=not progress)
     for name in names:
@@ -249,7 +262,7 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], sh
         module = model.get_submodule(name)
         W = module.weight.data
         out[name] = {}
-        for f, share in _options(fmts, shares, tuple(W.shape)):
+        for f, share in _options(fmts, shares, tuple(W.shape), beside):
             if (label := option_name(f.name, share)) in known.get(name, {}):
                 out[name][label] = known[name][label]
                 continue
@@ -267,7 +280,7 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], sh
 
 @torch.no_grad()
 def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format],
-                 shares: tuple[float, ...] = ()) -> dict:
+                 shares: tuple[float, ...] = (), beside: tuple[str, ...] | None = None) -> dict:
     """{tensor: {option: tr(E H Eᵀ) / n}}: H = Σ x xᵀ of the tensor's inputs on `rows`, n their count,
     E = W − W_dq of the option's rounding — the mean squared error it adds to the tensor's outputs."""
     H, count = input_hessians(model, rows, names)
@@ -275,7 +288,7 @@ def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format]
     for name in names:
         W = model.get_submodule(name).weight.float()
         out[name] = {}
-        for f, share in _options(fmts, shares, tuple(W.shape)):
+        for f, share in _options(fmts, shares, tuple(W.shape), beside):
             W_dq = kept_fake_quantize(W, f, H[name], share) if share else f.fake_quantize(W)
             E = (W - W_dq).double()                                        # [d_out, d_in]
             out[name][option_name(f.name, share)] = float(((E @ H[name]) * E).sum() / count[name])  # tr(E H Eᵀ) / n

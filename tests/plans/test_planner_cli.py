@@ -133,3 +133,17 @@ def test_outlier_shares_with_rtn_or_llama_types_are_refused(tiny_llama_dir, tmp_
     code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--plan", plan, "--method", "rtn",
                            "--out", tmp_path / "q")
     assert_one_line_error(code, err, "outliers", "--method gptq")
+
+
+def test_outlier_formats_limit_where_outlier_options_are_offered(tiny_llama_dir, tmp_path, capsys):
+    summary = tmp_path / "plan.json"
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "3.5", "--formats", FORMATS,
+                           "--outlier-shares", "0.5%,1%", "--outlier-formats", "int2-g32-sym", "--loss", "proxy",
+                           *PROBE, "--out", tmp_path / "p.yaml", "--json", summary)
+    assert code == 0, err
+    for by_option in json.loads(summary.read_text())["losses"].values():
+        assert sorted(by_option) == sorted([*FORMATS.split(","), "int2-g32-sym+0.5%", "int2-g32-sym+1%"])
+    code, _, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "3.5", "--formats", FORMATS,
+                           "--outlier-shares", "1%", "--outlier-formats", "int3-g32-sym", *PROBE,
+                           "--out", tmp_path / "q.yaml")
+    assert_one_line_error(code, err, "int3-g32-sym", "not a candidate format")
