@@ -89,7 +89,8 @@ class LowbitSide:
         from lowbit.data.text import read_text
         from lowbit.formats import format_from_name
         from lowbit.plans.gguf_mixes import K_TYPES, linear_budget_bpw, mix_plan, with_mix_edges
-        from lowbit.plans.planner import PlannerConfig, decoder_linears, measured_losses, plan_bits
+        from lowbit.analysis.tensor_losses import measured_losses
+        from lowbit.plans.planner import PlannerConfig, decoder_linears, plan_bits
         from lowbit.quantize import calibration_samples
 
         names = decoder_linears(loaded.model, loaded.spec)

@@ -71,7 +71,8 @@ def losses(a, work: Path) -> dict:
     from lowbit.data.calibration import CalibConfig
     from lowbit.data.text import read_text
     from lowbit.models.load import load
-    from lowbit.plans.planner import PlannerConfig, decoder_linears, measured_losses, proxy_losses
+    from lowbit.analysis.tensor_losses import measured_losses, proxy_losses
+    from lowbit.plans.planner import PlannerConfig, decoder_linears
     from lowbit.quantize import calibration_samples
 
     loaded = load(a.model)
@@ -108,7 +109,7 @@ def outlier_losses(a, work: Path, found: dict) -> dict:
     from lowbit.data.text import read_text
     from lowbit.formats import format_from_name
     from lowbit.models.load import load
-    from lowbit.plans.planner import measured_losses
+    from lowbit.analysis.tensor_losses import measured_losses
     from lowbit.quantize import calibration_samples
 
     loaded = load(a.model)

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models.gguf_names import family_for
     from ..models.load import load
     from ..plans.gguf_mixes import K_TYPES, linear_budget_bpw, mix, mix_plan, with_mix_edges
-    from ..plans.planner import (DEFAULT_FORMATS, PlannerConfig, decoder_linears, llama_tensor_types,
-                                 measured_losses, plan_bits, proxy_losses)
+    from ..analysis.tensor_losses import measured_losses, proxy_losses
+    from ..plans.planner import DEFAULT_FORMATS, PlannerConfig, decoder_linears, llama_tensor_types, plan_bits
     from ..quantize import calibration_samples
 
     formats = args.formats or ",".join(K_TYPES if args.like else DEFAULT_FORMATS)

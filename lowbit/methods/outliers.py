@@ -49,3 +49,12 @@ def choose_outliers(W: Tensor, H: Tensor, fmt: Format, share: float, damp: float
     if k:
         mask[torch.topk(obs_saliency(W, H, fmt, damp).reshape(-1), k).indices] = True
     return mask.reshape(W.shape)
+
+
+def kept_rtn(W: Tensor, fmt: Format, H: Tensor, share: float) -> Tensor:
+    """W [out, in] rounded to nearest with the `share` of largest OBS saliency (choose_outliers, on the
+    input Hessian H [in, in]) kept in float16; the dense grid is set without them, as GPTQ sets it (the
+    planner's loss of a dense-and-sparse option)."""
+    W = W.float()
+    mask = choose_outliers(W, H, fmt, share)                               # [out, in]
+    return torch.where(mask, W.half().float(), fmt.fake_quantize(W.masked_fill(mask, 0.0)))

@@ -3,7 +3,7 @@ loss at a size of at most `target_bpw` bits per weight (lowbit's count: codes, s
 of the quantized linears, as `lowbit quantize` reports it).
 
 Two steps, kept apart (a search returns a plan; applying it is `lowbit quantize --plan`):
-  losses   predicted loss of every (tensor, format): "kld" measures it — the KL divergence against the
+  losses   (analysis/tensor_losses.py) predicted loss of every (tensor, format): "kld" measures it — the KL divergence against the
            float model on probe rows when that tensor alone is round-to-nearest quantized (what `lowbit
            analyze`'s sensitivity measures); "proxy" estimates it — the Hessian-weighted error
            tr(E H Eᵀ) / n of the same rounding on the same rows (cheap: one pass, no re-evaluation).
@@ -13,9 +13,6 @@ Two steps, kept apart (a search returns a plan; applying it is `lowbit quantize 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
-from tqdm.auto import tqdm
 
 from ..formats import Format, format_from_name
 from .knapsack import Option, smallest, solve
@@ -210,87 +207,3 @@ def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict
     choices = tuple(TensorChoice(n, shapes[n][0] * shapes[n][1], allowed[n][j][0].name, items[i][j].size,
                                  items[i][j].loss, allowed[n][j][1]) for i, (n, j) in enumerate(zip(names, sol.choice)))
     return BitPlan(config.target_bpw, config.loss, choices, losses)
-
-
-def kept_fake_quantize(W: torch.Tensor, fmt: Format, H: torch.Tensor, share: float) -> torch.Tensor:
-    """W [out, in] rounded to nearest with the `share` of largest OBS saliency (methods.outliers, on the
-    input Hessian H [in, in]) kept in float16; the dense grid is set without them, as GPTQ sets it."""
-    from ..methods.outliers import choose_outliers
-
-    W = W.float()
-    mask = choose_outliers(W, H, fmt, share)                               # [out, in]
-    return torch.where(mask, W.half().float(), fmt.fake_quantize(W.masked_fill(mask, 0.0)))
-
-
-@torch.no_grad()
-def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
-    """({name: H = Σ x xᵀ float64 [in, in]}, {name: rows counted}) of each named linear's inputs on `rows`."""
-    H, count, hooks = {}, {}, []
-
-    def hook(name):
-        def fn(module, args, out):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()          # [B, T, d_in] -> [B·T, d_in]
-            H[name] = H.get(name, 0) + x.T @ x
-            count[name] = count.get(name, 0) + x.shape[0]
-        return fn
-
-    for name in names:
-        hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
-    try:
-        model(input_ids=rows, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return H, count
-
-
-@torch.no_grad()
-def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], shares: tuple[float, ...] = (),
-                    progress: bool = True, known: dict | None = None, beside: tuple[str, ...] | None = None) -> dict:
-    """{tensor: {option: KLD}} with that tensor alone fake-quantized (RTN; an outlier option keeps its
-    share in float16), replayed from its layer. Options: each stored format, and each non-GGUF one with
-    each of `shares` (named by option_name; only beside the formats named in `beside`, None: all).
-    known: losses measured before on the same probe, reused."""
-    known = known or {}
-    H = input_hessians(model, probe.rows, names)[0] if shares else {}
-    out = {}
-    total = sum(1 for n in names for f, sh in _options(fmts, shares, tuple(model.get_submodule(n).weight.shape), beside)
-                if option_name(f.name, sh) not in known.get(n, {}))
-    bar = tqdm(total=total, desc="plan: per-tensor KLD", unit="eval", disable=not progress)
-    for name in names:
-        layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
-        module = model.get_submodule(name)
-        W = module.weight.data
-        out[name] = {}
-        for f, share in _options(fmts, shares, tuple(W.shape), beside):
-            if (label := option_name(f.name, share)) in known.get(name, {}):
-                out[name][label] = known[name][label]
-                continue
-            W_dq = kept_fake_quantize(W, f, H[name], share) if share else f.fake_quantize(W.float())
-            try:
-                module.weight.data = W_dq.to(W.dtype)
-                out[name][label] = probe.score(layer)["kld"]
-            finally:
-                module.weight.data = W
-            bar.update()
-        H.pop(name, None)                                                   # done with it: free its memory
-    bar.close()
-    return out
-
-
-@torch.no_grad()
-def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format],
-                 shares: tuple[float, ...] = (), beside: tuple[str, ...] | None = None) -> dict:
-    """{tensor: {option: tr(E H Eᵀ) / n}}: H = Σ x xᵀ of the tensor's inputs on `rows`, n their count,
-    E = W − W_dq of the option's rounding — the mean squared error it adds to the tensor's outputs."""
-    H, count = input_hessians(model, rows, names)
-    out = {}
-    for name in names:
-        W = model.get_submodule(name).weight.float()
-        out[name] = {}
-        for f, share in _options(fmts, shares, tuple(W.shape), beside):
-            W_dq = kept_fake_quantize(W, f, H[name], share) if share else f.fake_quantize(W)
-            E = (W - W_dq).double()                                        # [d_out, d_in]
-            out[name][option_name(f.name, share)] = float(((E @ H[name]) * E).sum() / count[name])  # tr(E H Eᵀ) / n
-        del H[name]
-    return out

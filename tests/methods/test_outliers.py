@@ -8,7 +8,7 @@ import torch
 
 from lowbit.formats import make_format
 from lowbit.methods.gptq import gptq, gptq_outliers, proxy_loss
-from lowbit.methods.outliers import SparseOutliers, choose_outliers, obs_saliency
+from lowbit.methods.outliers import SparseOutliers, choose_outliers, kept_rtn, obs_saliency
 
 
 
@@ -79,3 +79,17 @@ def test_column_layout_keeps_whole_columns_and_counts_them():
     assert torch.equal(W_dq[:, sparse.index.long()], sparse.values.float())
     q0, st0 = gptq(W, H, fmt)
     assert st.proxy_loss < st0.proxy_loss
+
+
+def test_kept_rtn_keeps_the_salient_weights_and_rounds_the_rest_on_a_grid_without_them():
+    W, H = _problem()
+    fmt = make_format("int", bits=3, group_size=32)
+    W_dq = kept_rtn(W, fmt, H, 0.01)
+    mask = choose_outliers(W, H, fmt, 0.01)
+    assert int(mask.sum()) == round(0.01 * W.numel())
+    assert torch.equal(W_dq[mask], W[mask].half().float())                  # kept: float16 values
+    dense = fmt.fake_quantize(W.masked_fill(mask, 0.0))
+    assert torch.equal(W_dq[~mask], dense[~mask])                           # the rest: RTN without them
+    # the planted huge weights no longer stretch their groups: the output error falls by more than half
+    plain = fmt.fake_quantize(W)
+    assert proxy_loss(W, W_dq, H) < 0.5 * proxy_loss(W, plain, H)

@@ -1,0 +1,90 @@
+"""Per-tensor losses for `lowbit plan` (plans.planner): what rounding one decoder linear costs, for
+every candidate option (a format, or a format with a share of outliers kept in float16).
+
+  measured_losses  the KL divergence against the float model on probe rows when that tensor alone is
+                   round-to-nearest quantized (what `lowbit analyze`'s sensitivity measures);
+  proxy_losses     the Hessian-weighted error tr(E H Eᵀ) / n of the same rounding on the same rows
+                   (one pass, no re-evaluation).
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..formats import Format
+from ..methods.outliers import kept_rtn
+from ..plans.planner import _options, option_name
+
+
+@torch.no_grad()
+def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
+    """({name: H = Σ x xᵀ float64 [in, in]}, {name: rows counted}) of each named linear's inputs on `rows`."""
+    H, count, hooks = {}, {}, []
+
+    def hook(name):
+        def fn(module, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()          # [B, T, d_in] -> [B·T, d_in]
+            H[name] = H.get(name, 0) + x.T @ x
+            count[name] = count.get(name, 0) + x.shape[0]
+        return fn
+
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
+    try:
+        model(input_ids=rows, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return H, count
+
+
+@torch.no_grad()
+def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], shares: tuple[float, ...] = (),
+                    progress: bool = True, known: dict | None = None, beside: tuple[str, ...] | None = None) -> dict:
+    """{tensor: {option: KLD}} with that tensor alone fake-quantized (RTN; an outlier option keeps its
+    share in float16), replayed from its layer. Options: each stored format, and each non-GGUF one with
+    each of `shares` (named by option_name; only beside the formats named in `beside`, None: all).
+    known: losses measured before on the same probe, reused."""
+    known = known or {}
+    H = input_hessians(model, probe.rows, names)[0] if shares else {}
+    out = {}
+    total = sum(1 for n in names for f, sh in _options(fmts, shares, tuple(model.get_submodule(n).weight.shape), beside)
+                if option_name(f.name, sh) not in known.get(n, {}))
+    bar = tqdm(total=total, desc="plan: per-tensor KLD", unit="eval", disable=not progress)
+    for name in names:
+        layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
+        module = model.get_submodule(name)
+        W = module.weight.data
+        out[name] = {}
+        for f, share in _options(fmts, shares, tuple(W.shape), beside):
+            if (label := option_name(f.name, share)) in known.get(name, {}):
+                out[name][label] = known[name][label]
+                continue
+            W_dq = kept_rtn(W, f, H[name], share) if share else f.fake_quantize(W.float())
+            try:
+                module.weight.data = W_dq.to(W.dtype)
+                out[name][label] = probe.score(layer)["kld"]
+            finally:
+                module.weight.data = W
+            bar.update()
+        H.pop(name, None)                                                   # done with it: free its memory
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format],
+                 shares: tuple[float, ...] = (), beside: tuple[str, ...] | None = None) -> dict:
+    """{tensor: {option: tr(E H Eᵀ) / n}}: H = Σ x xᵀ of the tensor's inputs on `rows`, n their count,
+    E = W − W_dq of the option's rounding — the mean squared error it adds to the tensor's outputs."""
+    H, count = input_hessians(model, rows, names)
+    out = {}
+    for name in names:
+        W = model.get_submodule(name).weight.float()
+        out[name] = {}
+        for f, share in _options(fmts, shares, tuple(W.shape), beside):
+            W_dq = kept_rtn(W, f, H[name], share) if share else f.fake_quantize(W)
+            E = (W - W_dq).double()                                        # [d_out, d_in]
+            out[name][option_name(f.name, share)] = float(((E @ H[name]) * E).sum() / count[name])  # tr(E H Eᵀ) / n
+        del H[name]
+    return out
