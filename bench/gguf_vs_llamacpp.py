@@ -76,6 +76,21 @@ def generates(path: Path) -> str:
     return text.strip().replace("\n", " ")
 
 
+def same_types_from_llama(f32: Path, planned: Path, lines: list[str], types: Path) -> str:
+    """The plan's `--tensor-type-file` lines given to llama-quantize on the F32 export: "K/N" planned
+    tensors whose type in llama.cpp's file equals the type in lowbit's planned file."""
+    from gguf import GGUFReader
+
+    types.write_text("\n".join(lines) + "\n")
+    out = types.with_suffix(".gguf")
+    llamacpp.quantize(f32, out, "Q8_0", tensor_types=types)
+    theirs = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    ours = {t.name: t.tensor_type.name for t in GGUFReader(planned).tensors}
+    names = [line.split("=")[0].strip("^$").replace("\\", "") for line in lines]
+    out.unlink()
+    return f"{sum(theirs[n] == ours[n] for n in names)}/{len(names)}"
+
+
 class LowbitSide:
     """Each lowbit row: the model loaded afresh, quantized by `lowbit quantize`'s path, exported."""
 
@@ -90,7 +105,8 @@ class LowbitSide:
         from lowbit.formats import format_from_name
         from lowbit.plans.gguf_mixes import K_TYPES, linear_budget_bpw, mix_plan, with_mix_edges
         from lowbit.analysis.tensor_losses import measured_losses
-        from lowbit.plans.planner import PlannerConfig, decoder_linears, plan_bits
+        from lowbit.models.gguf_names import family_for
+        from lowbit.plans.planner import PlannerConfig, decoder_linears, llama_tensor_types, plan_bits
         from lowbit.quantize import calibration_samples
 
         names = decoder_linears(loaded.model, loaded.spec)
@@ -107,6 +123,7 @@ class LowbitSide:
         like = mix_plan(loaded.model.config, loaded.spec, mix)
         plan = plan_bits(names, shapes, found["losses"], PlannerConfig(linear_budget_bpw(like, shapes), K_TYPES))
         choices = {c.name: format_from_name(c.format) for c in plan.choices}
+        self.tensor_types = llama_tensor_types(plan, family_for(loaded.model.config.model_type))
         return with_mix_edges(choices, like), found["seconds"]
 
     def export(self, mix: str, row: str, out: Path) -> float:
@@ -190,6 +207,8 @@ def run(args) -> dict:
             facts = {"mix": mix, "row": row, "quantize_s": round(seconds, 1), **file_facts(out),
                      **llamacpp.kl_divergence(out, base, args.ctx, args.chunks)}
             facts["generates"] = generates(out)
+            if row.startswith("lowbit plan"):
+                facts["llama_quantize_types"] = same_types_from_llama(f32, out, lowbit.tensor_types, work / "types.txt")
             facts["measured"] = time.strftime("%Y-%m-%d") + (" (lowbit quantize path)" if row.startswith("lowbit")
                                                              else "")
             state[key] = facts

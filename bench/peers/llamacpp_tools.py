@@ -92,9 +92,10 @@ def _tool(name: str, args: list[str], log: Path) -> str:
     return proc.stdout
 
 
-def quantize(src: Path, out: Path, mix: str, imatrix: Path | None = None) -> None:
-    """llama-quantize [--imatrix FILE] SRC OUT MIX."""
-    extra = ["--imatrix", str(imatrix)] if imatrix else []
+def quantize(src: Path, out: Path, mix: str, imatrix: Path | None = None, tensor_types: Path | None = None) -> None:
+    """llama-quantize [--imatrix FILE] [--tensor-type-file FILE] SRC OUT MIX."""
+    extra = (["--imatrix", str(imatrix)] if imatrix else []) + \
+        (["--tensor-type-file", str(tensor_types)] if tensor_types else [])
     _tool("llama-quantize", [*extra, str(src), str(out), mix, THREADS], out.with_suffix(".log"))
 
 
