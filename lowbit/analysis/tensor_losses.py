@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..formats import Format
 from ..methods.outliers import kept_rtn
-from ..plans.planner import _options, option_name
+from ..plans.planner import option_name, tensor_options
 
 
 @torch.no_grad()
@@ -48,15 +48,16 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], sh
     known = known or {}
     H = input_hessians(model, probe.rows, names)[0] if shares else {}
     out = {}
-    total = sum(1 for n in names for f, sh in _options(fmts, shares, tuple(model.get_submodule(n).weight.shape), beside)
-                if option_name(f.name, sh) not in known.get(n, {}))
+    shape = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    total = sum(option_name(f.name, sh) not in known.get(n, {})
+                for n in names for f, sh in tensor_options(fmts, shares, shape[n], beside))
     bar = tqdm(total=total, desc="plan: per-tensor KLD", unit="eval", disable=not progress)
     for name in names:
         layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
         module = model.get_submodule(name)
         W = module.weight.data
         out[name] = {}
-        for f, share in _options(fmts, shares, tuple(W.shape), beside):
+        for f, share in tensor_options(fmts, shares, tuple(W.shape), beside):
             if (label := option_name(f.name, share)) in known.get(name, {}):
                 out[name][label] = known[name][label]
                 continue
@@ -82,7 +83,7 @@ def proxy_losses(model, rows: torch.Tensor, names: list[str], fmts: list[Format]
     for name in names:
         W = model.get_submodule(name).weight.float()
         out[name] = {}
-        for f, share in _options(fmts, shares, tuple(W.shape), beside):
+        for f, share in tensor_options(fmts, shares, tuple(W.shape), beside):
             W_dq = kept_rtn(W, f, H[name], share) if share else f.fake_quantize(W)
             E = (W - W_dq).double()                                        # [d_out, d_in]
             out[name][option_name(f.name, share)] = float(((E @ H[name]) * E).sum() / count[name])  # tr(E H Eᵀ) / n

@@ -141,7 +141,8 @@ def sparse_bits_of(share: float, shape) -> int:
     return round(share * shape[0] * shape[1]) * (INDEX_BITS + VALUE_BITS)
 
 
-def _options(fmts: list[Format], shares, shape, beside: tuple[str, ...] | None = None) -> list[tuple[Format, float]]:
+def tensor_options(fmts: list[Format], shares, shape,
+                   beside: tuple[str, ...] | None = None) -> list[tuple[Format, float]]:
     """(stored format, outlier share) options of a tensor: each stored format alone, and each non-GGUF
     one (of `beside`, None: all) with each share."""
     from ..formats import GGUFFormat
@@ -193,7 +194,7 @@ def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict
     fmts = config.candidates()
     params = sum(shapes[n][0] * shapes[n][1] for n in names)
     # per tensor the formats it can take as they will be stored (a GGUF type on a ragged row: llama.cpp's fallback)
-    allowed = {n: _options(fmts, config.outlier_shares, shapes[n], config.outlier_beside()) for n in names}
+    allowed = {n: tensor_options(fmts, config.outlier_shares, shapes[n], config.outlier_beside()) for n in names}
     if empty := [n for n in names if not allowed[n]]:
         raise ValueError(f"no candidate format can store {empty[0]} (shape {tuple(shapes[empty[0]])})")
     items = [[Option(g.storage_bits(shapes[n]) + sparse_bits_of(share, shapes[n]), losses[n][option_name(g.name, share)])
