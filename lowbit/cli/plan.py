@@ -52,6 +52,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _items(text: str | None) -> tuple[str, ...]:
+    """A comma-separated option's items."""
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
 def _share(text: str) -> float:
     """An outlier share: "0.5%" or "0.005"."""
     try:
@@ -77,10 +82,9 @@ def run(args: argparse.Namespace) -> int:
         if args.like:
             mix(args.like)                                   # ValueError naming the known mixes
         # with --like the target is the mix's, known once the model is loaded
-        shares = tuple(_share(t.strip()) for t in (args.outlier_shares or "").split(",") if t.strip())
-        beside = tuple(f.strip() for f in args.outlier_formats.split(",") if f.strip()) if args.outlier_formats else None
-        config = PlannerConfig(1.0 if args.like else args.target_bpw, tuple(f.strip() for f in formats.split(",") if f.strip()),
-                               args.loss, shares, beside)
+        shares = tuple(_share(t) for t in _items(args.outlier_shares))
+        beside = _items(args.outlier_formats) if args.outlier_formats else None
+        config = PlannerConfig(1.0 if args.like else args.target_bpw, _items(formats), args.loss, shares, beside)
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     except ValueError as e:
         raise LowbitError(str(e)) from None

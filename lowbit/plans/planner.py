@@ -197,8 +197,8 @@ def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict
     allowed = {n: tensor_options(fmts, config.outlier_shares, shapes[n], config.outlier_beside()) for n in names}
     if empty := [n for n in names if not allowed[n]]:
         raise ValueError(f"no candidate format can store {empty[0]} (shape {tuple(shapes[empty[0]])})")
-    items = [[Option(g.storage_bits(shapes[n]) + sparse_bits_of(share, shapes[n]), losses[n][option_name(g.name, share)])
-              for g, share in allowed[n]] for n in names]
+    items = [[Option(g.storage_bits(shapes[n]) + sparse_bits_of(share, shapes[n]),
+                     losses[n][option_name(g.name, share)]) for g, share in allowed[n]] for n in names]
     budget = int(config.target_bpw * params)
     least = smallest(items)
     if least > budget:
