@@ -217,7 +217,10 @@ def gguf_section(name: str) -> str:
              f"{f32['ppl']:.2f}.",
              f"Calibration text: `{Path(d['calib_text']).name}` (WikiText-2 valid), {d['calib_chunks']} windows of "
              f"{d['ctx']} tokens; llama-cpp-python {d['llama_cpp_python']}.",
-             "Bold: the lowbit row with the lowest KLD in its K mix."] + [f"Rows {m}." for m in missing]
+             "Bold: the lowbit row with the lowest KLD in its K mix."] + [f"Rows {m}." for m in missing] + \
+        [f"{r['mix']} `lowbit plan`: its `--tensor-type-file`, given to llama.cpp's own `llama-quantize` on the F32 "
+         f"export, reproduced {r['llama_quantize_types']} planned tensor types (read back from both files)."
+         for r in d["rows"] if r.get("llama_quantize_types")]
     return (f"## {MODELS[d['model']]} (`bench/results/{name}`)\n\n" + table(head, body, set(range(2, 11))) +
             ("\n\n" + notes.render() if notes.texts else "") + "\n\n" + "\n".join(header_lines(d, extra)))
 

@@ -77,5 +77,7 @@ def plan_page() -> str:
              "OWQ-column rows quantized the same way in the same run (`python bench/plan.py --model M`): "
              "WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; calibration and probe rows "
              "from WikiText-2 validation. Bits per weight count every stored bit of the quantized linears "
-             "(outliers: 48 bits each; OWQ columns: 16 bits per weight and 32 per column).")
+             "(outliers: 48 bits each; OWQ columns: 16 bits per weight and 32 per column). Against llama.cpp's "
+             "mixes at equal file size (`lowbit plan --like MIX`, GPTQ, read by llama.cpp): the `lowbit plan` rows "
+             "of [gguf.md](gguf.md).")
     return page("Planner, dense-and-sparse (`bench/plan.py`)", intro, model_sections("plan", PLAN_MODELS, _section))
