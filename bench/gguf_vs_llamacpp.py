@@ -124,7 +124,7 @@ class LowbitSide:
         plan = plan_bits(names, shapes, found["losses"], PlannerConfig(linear_budget_bpw(like, shapes), K_TYPES))
         choices = {c.name: format_from_name(c.format) for c in plan.choices}
         self.tensor_types = llama_tensor_types(plan, family_for(loaded.model.config.model_type))
-        return with_mix_edges(choices, like), found["seconds"]
+        return with_mix_edges(choices, like, mix), found["seconds"]
 
     def export(self, mix: str, row: str, out: Path) -> float:
         """Write the row's file; returns seconds (calibration, quantization and writing)."""

@@ -118,3 +118,13 @@ def recorded_command(argv) -> str:
 
     return "lowbit " + " ".join(shlex.quote(a) for a in without_flag(argv, "--workers")
                                 if a not in ("--overwrite", "--resume", "-q", "--quiet"))
+
+
+def parse_share(text: str | None, flag: str) -> float:
+    """An outlier share given on the command line as "0.5%" or "0.005" (None: 0)."""
+    if text is None:
+        return 0.0
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise LowbitError(f"{flag} {text!r}: a share such as 0.5% or 0.005") from None

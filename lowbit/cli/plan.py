@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import LowbitError
+from .common import parse_share
 from .table import table
 
 
@@ -57,14 +58,6 @@ def _items(text: str | None) -> tuple[str, ...]:
     return tuple(t.strip() for t in (text or "").split(",") if t.strip())
 
 
-def _share(text: str) -> float:
-    """An outlier share: "0.5%" or "0.005"."""
-    try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise ValueError(f"--outlier-shares {text!r}: shares such as 0.5%,1% or 0.005,0.01") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..analysis.default_text import default_text
     from ..analysis.probe import Probe
@@ -82,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if args.like:
             mix(args.like)                                   # ValueError naming the known mixes
         # with --like the target is the mix's, known once the model is loaded
-        shares = tuple(_share(t) for t in _items(args.outlier_shares))
+        shares = tuple(parse_share(t, "--outlier-shares") for t in _items(args.outlier_shares))
         beside = _items(args.outlier_formats) if args.outlier_formats else None
         config = PlannerConfig(1.0 if args.like else args.target_bpw, _items(formats), args.loss, shares, beside)
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
@@ -127,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ..formats import format_from_name
 
-        with_mix_edges({c.name: format_from_name(c.format) for c in plan.choices}, like,
+        with_mix_edges({c.name: format_from_name(c.format) for c in plan.choices}, like, args.like,
                        tuple((c.name, c.outliers) for c in plan.choices if c.outliers)).save(out)
     if llama is not None:
         Path(args.llama_types).write_text("\n".join(llama) + "\n")

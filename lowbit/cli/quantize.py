@@ -11,7 +11,7 @@ from ..methods.awq import AwqConfig
 from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
 from ..quantize import CALIBRATED, INPUTS, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
-from .common import add_format_args, format_from_args, plan_from_args, recorded_command
+from .common import add_format_args, format_from_args, parse_share, plan_from_args, recorded_command
 from .quantize_control import check_memory, launch, resume_dir
 from .table import table
 
@@ -251,19 +251,9 @@ def _config(args: argparse.Namespace, loaded=None) -> QuantizeConfig:
             calib=CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                               allow_eval_text=args.allow_eval_text),
             sink_weight=args.sink_weight, quantize_head=args.quantize_head, skip=tuple(args.skip), walk=args.walk,
-            outliers=_share(args.outliers), outlier_layout=args.outlier_layout)
+            outliers=parse_share(args.outliers, "--outliers"), outlier_layout=args.outlier_layout)
     except ValueError as e:
         raise LowbitError(str(e)) from None
-
-
-def _share(text: str | None) -> float:
-    """--outliers as a fraction: "0.5%" or "0.005"."""
-    if text is None:
-        return 0.0
-    try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise LowbitError(f"--outliers {text!r}: a share such as 0.5% or 0.005") from None
 
 
 def run(args: argparse.Namespace) -> int:

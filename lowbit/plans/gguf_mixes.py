@@ -203,12 +203,13 @@ def linear_budget_bpw(plan: "FormatPlan", shapes: dict[str, tuple[int, int]]) ->
     return bits / params
 
 
-def with_mix_edges(choices: dict[str, "object"], mix: "FormatPlan", outliers: tuple = ()) -> "FormatPlan":
-    """A FormatPlan with the planner's format per decoder linear ({name: Format}) and the mix's own rule
-    for every other tensor it names (the embedding, the head): a file the size of the mix's where the
-    planner chose the linears' types."""
+def with_mix_edges(choices: dict[str, "object"], mix: "FormatPlan", mix_name: str,
+                   outliers: tuple = ()) -> "FormatPlan":
+    """A FormatPlan with the planner's format per decoder linear ({name: Format}) and the rule of
+    `mix` (the plan of llama.cpp's mix `mix_name`) for every other tensor it names (the embedding, the
+    head): a file the size of the mix's where the planner chose the linears' types."""
     from lowbit.plans.plan import FormatPlan
 
     edges = tuple((n, f) for n, f in mix.rules if n not in choices)
-    return FormatPlan(tuple(choices.items()) + edges, None, origin=f"lowbit plan --like {mix.origin.split()[-1]}",
+    return FormatPlan(tuple(choices.items()) + edges, None, origin=f"lowbit plan --like {mix_name}",
                       outliers=outliers)
