@@ -8,8 +8,12 @@ Stages (resumable; records under --work/MODEL/):
            WikiText-2 *validation*) and the Hessian-weighted proxy on the same rows; Spearman's rank
            correlation of the two, over all pairs and within each format.
   outliers the same KLD for each (tensor, 2- or 3-bit format + outlier share) option (--outlier-shares).
-  plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml, and
-           plan-<B>+outliers.yaml with the dense-and-sparse options in the knapsack too.
+  gptq     the KLD with each (tensor, format) rounded by GPTQ instead (`lowbit plan --loss kld-gptq`; GPTQ's
+           Hessians from 16 × 512 other validation rows), for the default candidates and two more
+           (int3-g128, int5-g64: finer steps between the sizes).
+  plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml,
+           plan-<B>+outliers.yaml with the dense-and-sparse options in the knapsack too, plan-<B>+gptq-losses
+           (the GPTQ-rounded KLDs, default candidates) and plan-<B>+gptq-losses+wide (with the two more).
   quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
            process (calibration from WikiText-2 validation).
   eval     WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; then the JSON.
@@ -35,6 +39,8 @@ SPARSE = {f"{base}+{share}": UNIFORM[f"uniform-{base}"] + ["--outliers", share]
           for base in ("int3-g64", "int2-g64") for share in ("0.1%", "0.5%", "1%")}
 SPARSE.update({f"{base}+cols{share}": UNIFORM[f"uniform-{base}"] + ["--outliers", share, "--outlier-layout", "columns"]
                for base in ("int3-g64", "int2-g64") for share in ("1.5%",)})
+# the candidates of the plan-<B>+gptq-losses+wide rows: the defaults and two more sizes between theirs
+WIDE_FORMATS = ("int3-g128-sym-signed", "int5-g64-sym-signed")
 # the planner's dense-and-sparse options: beside the 2- and 3-bit candidates (where outliers pay for their bits)
 OUTLIER_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed")
 
@@ -124,20 +130,56 @@ def outlier_losses(a, work: Path, found: dict) -> dict:
     return out
 
 
-def plans(a, work: Path, found: dict, with_outliers: dict | None) -> dict:
-    """plan-<B>.yaml per target (measured KLD as the loss), and plan-<B>+outliers.yaml with the
-    dense-and-sparse options in the knapsack too; {label: flags}."""
+def gptq_losses(a, work: Path, found: dict) -> dict:
+    """The KLD of every (tensor, format) with the tensor rounded by GPTQ (`lowbit plan --loss kld-gptq`), for
+    the default candidates and WIDE_FORMATS, on the same probe rows; GPTQ's Hessians from 16 × 512 other
+    rows of validation (work/losses-gptq.json)."""
+    path = work / "losses-gptq.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    from lowbit.analysis.probe import Probe
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.formats import format_from_name
+    from lowbit.models.load import load
+    from lowbit.analysis.tensor_losses import measured_losses
+    from lowbit.quantize import calibration_samples
+
+    loaded = load(a.model)
+    text = read_text(str(CALIB_TEXT))
+    rows = calibration_samples(loaded, text, CalibConfig(a.probe_samples, a.probe_seq_len, 1))
+    h_rows = calibration_samples(loaded, text, CalibConfig(16, 512, 2))
+    formats = [*found["formats"], *WIDE_FORMATS]
+    start = time.perf_counter()
+    with torch.no_grad():
+        kld = measured_losses(loaded.model, loaded.spec, Probe(loaded.model, loaded.spec, rows), found["names"],
+                              [format_from_name(f) for f in formats], rounding="gptq", hessian_rows=h_rows)
+    out = {"formats": formats, "kld": kld, "kld_seconds": time.perf_counter() - start,
+           "hessian_rows": {"samples": 16, "seq_len": 512, "seed": 2}}
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dict | None) -> dict:
+    """plan-<B>.yaml per target (measured KLD as the loss), plan-<B>+outliers.yaml with the
+    dense-and-sparse options in the knapsack too, and the plans on the GPTQ-rounded KLDs; {label: flags}."""
     from lowbit.plans.planner import PlannerConfig, plan_bits
 
     rows = {}
-    kinds = [("", found["kld"], (), a.targets)] + (
-        [("+outliers", with_outliers["kld"], tuple(with_outliers["shares"]), a.outlier_targets)] if with_outliers else [])
-    for suffix, kld, shares, targets in kinds:
+    formats = tuple(found["formats"])
+    kinds = [("", found["kld"], (), a.targets, formats)] + (
+        [("+outliers", with_outliers["kld"], tuple(with_outliers["shares"]), a.outlier_targets, formats)]
+        if with_outliers else []) + (
+        [("+gptq-losses", with_gptq["kld"], (), a.targets, formats),
+         ("+gptq-losses+wide", with_gptq["kld"], (), a.targets, tuple(with_gptq["formats"]))] if with_gptq else [])
+    for suffix, kld, shares, targets, candidates in kinds:
         for target in targets:
             label = f"plan-{target:g}{suffix}"
             path = work / f"{label}.yaml"
             if not path.exists():
-                config = PlannerConfig(target, tuple(found["formats"]), "kld", shares,
+                config = PlannerConfig(target, candidates, "kld-gptq" if "gptq" in suffix else "kld", shares,
                                        OUTLIER_FORMATS if shares else None)
                 plan = plan_bits(found["names"], {n: tuple(s) for n, s in found["shapes"].items()}, kld, config)
                 plan.format_plan().save(path)
@@ -158,6 +200,8 @@ def main() -> None:
     p.add_argument("--probe-samples", type=int, default=2,
                    help="probe rows for the per-tensor KLDs (2 x 256 tokens: 0.8 s per (tensor, option) on SmolLM2)")
     p.add_argument("--probe-seq-len", type=int, default=256)
+    p.add_argument("--no-gptq-losses", dest="gptq_losses", action="store_false",
+                   help="skip the plan-<B>+gptq-losses rows")
     p.set_defaults(stage="all")
     a = p.parse_args()
     work = Path(a.work) / a.model
@@ -167,7 +211,8 @@ def main() -> None:
     print(f"proxy vs measured KLD, Spearman: {found['spearman_all']:.3f} over all pairs; by format "
           + ", ".join(f"{k} {v:.3f}" for k, v in found["spearman_by_format"].items()), flush=True)
     with_outliers = outlier_losses(a, work, found) if a.outlier_shares else None
-    rows = {**plans(a, work, found, with_outliers), **UNIFORM, **SPARSE}
+    with_gptq = gptq_losses(a, work, found) if a.gptq_losses else None
+    rows = {**plans(a, work, found, with_outliers, with_gptq), **UNIFORM, **SPARSE}
     a.rows = list(rows)
     if a.stage in ("quantize", "all"):
         quantize_rows(a, rows, work, lambda flags: {"plan": flags[1] if flags[0] == "--plan" else None})
@@ -178,6 +223,8 @@ def main() -> None:
         data = json.loads(path.read_text())
         data["proxy_rank"] = {k: found[k] for k in ("spearman_all", "spearman_by_format", "probe", "kld_seconds",
                                                      "proxy_seconds")}
+        if with_gptq:
+            data["gptq_losses"] = {k: with_gptq[k] for k in ("formats", "kld_seconds", "hessian_rows")}
         data["plans"] = {label: json.loads((work / f"{label}.plan.json").read_text())
                          for label in rows if label.startswith("plan-")}
         path.write_text(json.dumps(data, indent=1))

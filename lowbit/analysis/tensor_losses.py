@@ -2,7 +2,9 @@
 every candidate option (a format, or a format with a share of outliers kept in float16).
 
   measured_losses  the KL divergence against the float model on probe rows when that tensor alone is
-                   round-to-nearest quantized (what `lowbit analyze`'s sensitivity measures);
+                   round-to-nearest quantized (what `lowbit analyze`'s sensitivity measures), or
+                   rounded by GPTQ on its input Hessian from other rows (rounding="gptq": the loss of
+                   the tensor as `lowbit quantize --plan … --method gptq` will store it);
   proxy_losses     the Hessian-weighted error tr(E H Eᵀ) / n of the same rounding on the same rows
                    (one pass, no re-evaluation).
 """
@@ -16,9 +18,13 @@ from ..methods.outliers import kept_rtn
 from ..plans.planner import option_name, tensor_options
 
 
+ROUNDINGS = ("rtn", "gptq")
+
+
 @torch.no_grad()
-def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
-    """({name: H = Σ x xᵀ float64 [in, in]}, {name: rows counted}) of each named linear's inputs on `rows`."""
+def input_hessians(model, rows: torch.Tensor, names: list[str], batch: int = 4) -> tuple[dict, dict]:
+    """({name: H = Σ x xᵀ float64 [in, in]}, {name: rows counted}) of each named linear's inputs on
+    `rows` [N, L] (a forward of `batch` rows at a time)."""
     H, count, hooks = {}, {}, []
 
     def hook(name):
@@ -31,7 +37,8 @@ def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, d
     for name in names:
         hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
     try:
-        model(input_ids=rows, use_cache=False)
+        for i in range(0, rows.shape[0], batch):
+            model(input_ids=rows[i:i + batch], use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -39,14 +46,47 @@ def input_hessians(model, rows: torch.Tensor, names: list[str]) -> tuple[dict, d
 
 
 @torch.no_grad()
+def rounded(W: torch.Tensor, fmt: Format, share: float = 0.0, H: torch.Tensor | None = None,
+            rounding: str = "rtn") -> torch.Tensor:
+    """W_dq [out, in] of one option: W [out, in] rounded to nearest ("rtn") or by GPTQ on H [in, in]
+    ("gptq", lowbit's defaults); with `share` > 0 that share is kept in float16 (chosen on H)."""
+    from ..formats import GGUFFormat
+    from ..formats.gguf import gguf_type
+    from ..methods.gptq import gptq, gptq_outliers
+    from ..methods.gptq_gguf import gptq_gguf
+
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r} (known: {', '.join(ROUNDINGS)})")
+    if (share or rounding == "gptq") and H is None:
+        raise ValueError("outliers and GPTQ need the tensor's input Hessian H")
+    if rounding == "rtn":
+        return kept_rtn(W, fmt, H, share) if share else fmt.fake_quantize(W.float())
+    if isinstance(fmt, GGUFFormat):
+        if gguf_type(fmt.type_name).set_codes is None:       # a lookup-table type: no grid to round on
+            return fmt.dequantize(fmt.quantize(W.float(), importance=H.diagonal().float()))
+        data, _ = gptq_gguf(W, H, fmt.type_name)
+        return fmt.dequantize(fmt.from_bytes(data, tuple(W.shape)))
+    if share:
+        q, _, sparse = gptq_outliers([W], H, fmt, share)[0]
+        return sparse.apply(fmt.dequantize(q))
+    return fmt.dequantize(gptq(W, H, fmt)[0])
+
+
+@torch.no_grad()
 def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], shares: tuple[float, ...] = (),
-                    progress: bool = True, known: dict | None = None, beside: tuple[str, ...] | None = None) -> dict:
-    """{tensor: {option: KLD}} with that tensor alone fake-quantized (RTN; an outlier option keeps its
-    share in float16), replayed from its layer. Options: each stored format, and each non-GGUF one with
-    each of `shares` (named by option_name; only beside the formats named in `beside`, None: all).
-    known: losses measured before on the same probe, reused."""
+                    progress: bool = True, known: dict | None = None, beside: tuple[str, ...] | None = None,
+                    rounding: str = "rtn", hessian_rows: torch.Tensor | None = None) -> dict:
+    """{tensor: {option: KLD}} with that tensor alone fake-quantized (`rounded`: RTN or GPTQ; an outlier
+    option keeps its share in float16), replayed from its layer. Options: each stored format, and each
+    non-GGUF one with each of `shares` (named by option_name; only beside the formats named in `beside`,
+    None: all). known: losses measured before on the same probe, reused. hessian_rows [N, L]: the rows
+    whose inputs give GPTQ's and the outliers' H (default: the probe's own; GPTQ fitted on the rows it is
+    judged on would look better than it is, so give others)."""
     known = known or {}
-    H = input_hessians(model, probe.rows, names)[0] if shares else {}
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r} (known: {', '.join(ROUNDINGS)})")
+    need_h = bool(shares) or rounding == "gptq"
+    H = input_hessians(model, probe.rows if hessian_rows is None else hessian_rows, names)[0] if need_h else {}
     out = {}
     shape = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     total = sum(option_name(f.name, sh) not in known.get(n, {})
@@ -61,7 +101,7 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], sh
             if (label := option_name(f.name, share)) in known.get(name, {}):
                 out[name][label] = known[name][label]
                 continue
-            W_dq = kept_rtn(W, f, H[name], share) if share else f.fake_quantize(W.float())
+            W_dq = rounded(W, f, share, H.get(name), rounding)
             try:
                 module.weight.data = W_dq.to(W.dtype)
                 out[name][label] = probe.score(layer)["kld"]

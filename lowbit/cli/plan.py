@@ -31,8 +31,13 @@ def add_parser(sub) -> None:
                    help=f"candidate formats, comma-separated (default: {','.join(DEFAULT_FORMATS)}; with --like: "
                         f"{','.join(K_TYPES)})")
     p.add_argument("--loss", choices=LOSSES, default="kld",
-                   help="kld: each tensor's KLD when it alone is rounded, measured on the probe rows (default); "
+                   help="kld: each tensor's KLD when it alone is rounded to nearest, measured on the probe rows "
+                        "(default); kld-gptq: the same with the tensor rounded by GPTQ on the Hessian of "
+                        "--hessian-samples other rows (the loss of the plan as --method gptq applies it); "
                         "proxy: its Hessian-weighted rounding error (one pass, much faster)")
+    p.add_argument("--hessian-samples", type=int, default=16, metavar="N",
+                   help="with --loss kld-gptq: rows of --seq-len tokens whose inputs give GPTQ its Hessians, "
+                        "drawn apart from the probe rows (default: 16)")
     p.add_argument("--outlier-shares", default=None, metavar="SHARES",
                    help="also offer each non-GGUF format with these shares of a tensor kept in float16 "
                         "(dense-and-sparse, 48 bits per kept weight, counted in the size), e.g. 0.5%%,1%%; "
@@ -79,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         beside = _items(args.outlier_formats) if args.outlier_formats else None
         config = PlannerConfig(1.0 if args.like else args.target_bpw, _items(formats), args.loss, shares, beside)
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+        if args.hessian_samples < 1:
+            raise ValueError(f"--hessian-samples must be at least 1, got {args.hessian_samples}")
     except ValueError as e:
         raise LowbitError(str(e)) from None
     out = Path(args.out)
@@ -102,10 +109,15 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as e:
             raise LowbitError(f"--like {args.like}: {e}") from None
     fmts = config.candidates()
-    if config.loss == "kld":
+    if config.loss in ("kld", "kld-gptq"):
         probe = Probe(loaded.model, loaded.spec, rows)
+        gptq = config.loss == "kld-gptq"
+        # GPTQ's Hessians from other rows than the probe's: fitted on the rows it is judged on, it would look better
+        h_rows = calibration_samples(loaded, text, CalibConfig(args.hessian_samples, args.seq_len, args.seed + 1)) \
+            if gptq else None
         losses = measured_losses(loaded.model, loaded.spec, probe, names, fmts, config.outlier_shares,
-                                 beside=config.outlier_beside())
+                                 beside=config.outlier_beside(), rounding="gptq" if gptq else "rtn",
+                                 hessian_rows=h_rows)
     else:
         losses = proxy_losses(loaded.model, rows, names, fmts, config.outlier_shares, config.outlier_beside())
     try:

@@ -5,7 +5,8 @@ of the quantized linears, as `lowbit quantize` reports it).
 Two steps, kept apart (a search returns a plan; applying it is `lowbit quantize --plan`):
   losses   (analysis/tensor_losses.py) predicted loss of every (tensor, format): "kld" measures it — the KL divergence against the
            float model on probe rows when that tensor alone is round-to-nearest quantized (what `lowbit
-           analyze`'s sensitivity measures); "proxy" estimates it — the Hessian-weighted error
+           analyze`'s sensitivity measures); "kld-gptq" the same KLD with the tensor rounded by GPTQ
+           (as `lowbit quantize --plan … --method gptq` stores it); "proxy" estimates it — the Hessian-weighted error
            tr(E H Eᵀ) / n of the same rounding on the same rows (cheap: one pass, no re-evaluation).
            Losses add across tensors (the planner's assumption; bench/plan.py measures how well).
   solve    the multiple-choice knapsack (plans/knapsack.py) over stored sizes.
@@ -18,7 +19,7 @@ from ..formats import Format, format_from_name
 from .knapsack import Option, smallest, solve
 from .plan import FormatPlan
 
-LOSSES = ("kld", "proxy")
+LOSSES = ("kld", "kld-gptq", "proxy")
 DEFAULT_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed", "int4-g128-sym-signed", "int4-g64-sym-signed",
                    "int6-g64-sym-signed", "int8-g128-sym-signed")   # the signed grid: the best uniform rows
 

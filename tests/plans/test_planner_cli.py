@@ -12,7 +12,7 @@ FORMATS = "int2-g32-sym,int4-g32-sym,int8-g32-sym"
 PROBE = ("--samples", "2", "--seq-len", "32")
 
 
-@pytest.mark.parametrize("loss", ["kld", "proxy"])
+@pytest.mark.parametrize("loss", ["kld", "kld-gptq", "proxy"])
 def test_plan_hits_the_target_and_quantize_applies_it(tiny_llama_dir, tmp_path, capsys, loss):
     plan, summary, out = tmp_path / "plan.yaml", tmp_path / "plan.json", tmp_path / "q"
     code, stdout, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "3.5", "--formats", FORMATS,
@@ -21,10 +21,11 @@ def test_plan_hits_the_target_and_quantize_applies_it(tiny_llama_dir, tmp_path, 
     s = json.loads(summary.read_text())
     assert s["bits_per_weight"] <= 3.5
     assert len({c["format"] for c in s["choices"]}) > 1                  # a mixed plan, not a uniform one
-    # every tensor's loss is non-negative and falls (weakly) with more bits
+    # every tensor's loss is non-negative and falls (weakly) with more bits, up to float32's noise (a tiny random
+    # model's q/k projections barely move its outputs: their KLDs sit near 3e-8 at any width)
     for by_format in s["losses"].values():
         two, four, eight = (by_format[f] for f in ("int2-g32-sym", "int4-g32-sym", "int8-g32-sym"))
-        assert 0 <= eight <= four <= two
+        assert 0 <= eight <= four + 1e-7 and four <= two + 1e-7
     code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--plan", plan, "--method", "rtn", "--out", out,
                            "--json", tmp_path / "q.json")
     assert code == 0, err
