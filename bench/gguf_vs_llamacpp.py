@@ -148,6 +148,7 @@ class LowbitSide:
         plan, planning = mix_plan(loaded.model.config, loaded.spec, mix), 0.0
         if method == "plan":
             (plan, planning), method = self.planned(loaded, mix), "gptq"
+            start = time.perf_counter()       # the losses' seconds are `planning`, whether measured now or cached
         config = QuantizeConfig(plan=plan, method=method,
                                 rtn=RtnConfig(clip="none"), gptq=GptqConfig(clip="none"),
                                 awq=AwqConfig(duo=False, clip=False),  # as `lowbit quantize --format gguf`
@@ -190,7 +191,7 @@ def run(args) -> dict:
                 continue
             row = row + suffix if row.startswith("lowbit") else row
             key = f"{mix}/{row}"
-            if key in state:
+            if key in state and measured_as(state[key], args):
                 continue
             out = work / f"{mix}-{row.replace(' ', '_').replace('+', '_')}.gguf"
             if row.startswith("llama.cpp"):
@@ -204,7 +205,8 @@ def run(args) -> dict:
                 seconds = time.perf_counter() - start + (state["llama_imatrix_s"] if row.endswith("imatrix") else 0)
             else:
                 seconds = lowbit.export(mix, row, out)
-            facts = {"mix": mix, "row": row, "quantize_s": round(seconds, 1), **file_facts(out),
+            facts = {"mix": mix, "row": row, "ctx": args.ctx, "chunks": args.chunks, "quantize_s": round(seconds, 1),
+                     **file_facts(out),
                      **llamacpp.kl_divergence(out, base, args.ctx, args.chunks)}
             facts["generates"] = generates(out)
             if row.startswith("lowbit plan"):
@@ -219,16 +221,24 @@ def run(args) -> dict:
     return state
 
 
+def measured_as(row: dict, args) -> bool:
+    """Whether a finished row was read on this run's windows (a row without them: the 40 × 512 default)."""
+    return (row.get("ctx", 512), row.get("chunks", 40)) == (args.ctx, args.chunks)
+
+
 def kept_rows(model: str, state: dict) -> dict:
-    """Rows of the committed results JSON that this run has not redone, each saying how it was measured."""
+    """Rows of the committed results JSON that this run has not redone, each saying how it was measured
+    (and on which windows: the JSON's own ctx and chunks where the row does not say)."""
     path = REPO / "bench" / "results" / f"gguf_{model.replace('/', '_')}.json"
     if not path.exists():
         return {}
-    kept = {}
-    for r in json.loads(path.read_text()).get("rows", []):
+    kept, old = {}, json.loads(path.read_text())
+    for r in old.get("rows", []):
         key = f"{r['mix']}/{r['row']}"
         if key not in state and r["mix"] != "F32":
             r.setdefault("measured", "before 2026-12-04 (one-step export: float-model calibration pass)")
+            r.setdefault("ctx", old["ctx"])
+            r.setdefault("chunks", old["chunks"])
             kept[key] = r
     return kept
 
@@ -238,8 +248,9 @@ def summarize(state: dict, model: str, args) -> dict:
     state = {**kept_rows(model, state), **state}
     rows = [state["F32"]] + sorted((v for k, v in state.items() if "/" in k),
                                    key=lambda r: (order[r["mix"]], ROWS_K.index(r["row"].split(" [")[0]), r["row"]))
-    for r in rows:  # ratios against llama.cpp's rows of the same mix, same run
-        peers = {p["row"]: p["kld"] for p in rows if p["mix"] == r["mix"] and p["row"].startswith("llama.cpp")}
+    for r in rows:  # ratios against llama.cpp's rows of the same mix read on the same windows
+        peers = {p["row"]: p["kld"] for p in rows if p["mix"] == r["mix"] and p["row"].startswith("llama.cpp")
+                 and measured_as(p, argparse.Namespace(ctx=r.get("ctx", 512), chunks=r.get("chunks", 40)))}
         r["kld_vs_llama"] = round(r["kld"] / peers["llama.cpp"], 3) if peers.get("llama.cpp") else None
         best = peers.get("llama.cpp+imatrix")
         r["kld_vs_llama_imatrix"] = round(r["kld"] / best, 3) if best else None

@@ -65,6 +65,8 @@ def _section(model: str, d: dict, name: str) -> str:
                  f"rank correlation: {rank['spearman_all']:.3f} over every (tensor, format); by format "
                  + ", ".join(f"{k} {v:.3f}" for k, v in rank["spearman_by_format"].items())
                  + f". Measuring the KLDs took {rank['kld_seconds']:.0f} s, the proxy {rank['proxy_seconds']:.0f} s.")
+    if g := d.get("gptq_losses"):
+        text += (f" The GPTQ-rounded KLDs ({len(g['formats'])} formats) took {g['kld_seconds']:.0f} s.")
     text += "\n\nTargets (issue 27):\n" + "\n".join(_targets(d))
     return text + "\n\n" + "\n".join(header_lines(d))
 
@@ -72,7 +74,9 @@ def _section(model: str, d: dict, name: str) -> str:
 def plan_page() -> str:
     intro = ("`lowbit plan`'s per-tensor plans (the knapsack over each decoder linear's measured KLD when it alone "
              "is rounded, on 2 × 256 probe tokens of WikiText-2 validation; `plan-B+outliers`: the 2- and 3-bit "
-             "formats also offered with 0.5% or 1% of the tensor kept in float16) "
+             "formats also offered with 0.5% or 1% of the tensor kept in float16; `plan-B+gptq-losses`: the same "
+             "KLD with the tensor rounded by GPTQ on the Hessian of 16 × 512 other validation tokens, `lowbit plan "
+             "--loss kld-gptq`; `+wide`: int3-g128 and int5-g64 among the candidates too) "
              "quantized by GPTQ within the plan, beside uniform GPTQ rows and dense-and-sparse / "
              "OWQ-column rows quantized the same way in the same run (`python bench/plan.py --model M`): "
              "WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; calibration and probe rows "

@@ -30,11 +30,11 @@ def add_parser(sub) -> None:
     p.add_argument("--formats", default=None,
                    help=f"candidate formats, comma-separated (default: {','.join(DEFAULT_FORMATS)}; with --like: "
                         f"{','.join(K_TYPES)})")
-    p.add_argument("--loss", choices=LOSSES, default="kld",
-                   help="kld: each tensor's KLD when it alone is rounded to nearest, measured on the probe rows "
-                        "(default); kld-gptq: the same with the tensor rounded by GPTQ on the Hessian of "
-                        "--hessian-samples other rows (the loss of the plan as --method gptq applies it); "
-                        "proxy: its Hessian-weighted rounding error (one pass, much faster)")
+    p.add_argument("--loss", choices=LOSSES, default="kld-gptq",
+                   help="kld-gptq (default): each tensor's KLD on the probe rows when it alone is rounded by GPTQ "
+                        "on the Hessian of --hessian-samples other rows (the loss of the plan as --method gptq "
+                        "applies it); kld: the same with the tensor rounded to nearest (for --method rtn); "
+                        "proxy: its Hessian-weighted rounding error (one pass, much faster, ranks poorly)")
     p.add_argument("--hessian-samples", type=int, default=16, metavar="N",
                    help="with --loss kld-gptq: rows of --seq-len tokens whose inputs give GPTQ its Hessians, "
                         "drawn apart from the probe rows (default: 16)")
@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             **summary, "model": args.model, "formats": list(config.formats), "probe": {
-                "text": text.origin, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
+                "text": text.origin, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
+                "hessian_samples": args.hessian_samples if config.loss == "kld-gptq" else None},
             "choices": [vars(c) for c in plan.choices], "losses": plan.losses}, indent=1))
     return 0
