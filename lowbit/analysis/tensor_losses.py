@@ -86,14 +86,19 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], sh
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r} (known: {', '.join(ROUNDINGS)})")
     need_h = bool(shares) or rounding == "gptq"
-    H = input_hessians(model, probe.rows if hessian_rows is None else hessian_rows, names)[0] if need_h else {}
+    h_rows = probe.rows if hessian_rows is None else hessian_rows
+    layer_of = {n: int(n.removeprefix(spec.layers + ".").split(".")[0]) for n in names}
+    H, H_layer = {}, None
     out = {}
     shape = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     total = sum(option_name(f.name, sh) not in known.get(n, {})
                 for n in names for f, sh in tensor_options(fmts, shares, shape[n], beside))
     bar = tqdm(total=total, desc="plan: per-tensor KLD", unit="eval", disable=not progress)
     for name in names:
-        layer = int(name.removeprefix(spec.layers + ".").split(".")[0])
+        layer = layer_of[name]
+        if need_h and layer != H_layer:
+            # one layer's Hessians at a time: all of a large model's at once would not fit in memory
+            H, H_layer = input_hessians(model, h_rows, [n for n in names if layer_of[n] == layer])[0], layer
         module = model.get_submodule(name)
         W = module.weight.data
         out[name] = {}
