@@ -66,6 +66,20 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
+def probe_model(a, hessian_rows: bool = False):
+    """(the loaded model, its probe rows [probe_samples, probe_seq_len] of WikiText-2 validation (seed 1),
+    and with hessian_rows 16 × 512 other rows of it (seed 2) whose inputs give GPTQ its Hessians)."""
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.models.load import load
+    from lowbit.quantize import calibration_samples
+
+    loaded = load(a.model)
+    text = read_text(str(CALIB_TEXT))
+    rows = calibration_samples(loaded, text, CalibConfig(a.probe_samples, a.probe_seq_len, 1))
+    return loaded, rows, calibration_samples(loaded, text, CalibConfig(16, 512, 2)) if hessian_rows else None
+
+
 def losses(a, work: Path) -> dict:
     """Both losses for every (tensor, format), computed once (work/losses.json)."""
     path = work / "losses.json"
@@ -74,15 +88,10 @@ def losses(a, work: Path) -> dict:
     import torch
 
     from lowbit.analysis.probe import Probe
-    from lowbit.data.calibration import CalibConfig
-    from lowbit.data.text import read_text
-    from lowbit.models.load import load
     from lowbit.analysis.tensor_losses import measured_losses, proxy_losses
     from lowbit.plans.planner import PlannerConfig, decoder_linears
-    from lowbit.quantize import calibration_samples
 
-    loaded = load(a.model)
-    rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(a.probe_samples, a.probe_seq_len, 1))
+    loaded, rows, _ = probe_model(a)
     names = decoder_linears(loaded.model, loaded.spec)
     fmts = PlannerConfig(3.0).candidates()
     start = time.perf_counter()
@@ -111,15 +120,10 @@ def outlier_losses(a, work: Path, found: dict) -> dict:
     import torch
 
     from lowbit.analysis.probe import Probe
-    from lowbit.data.calibration import CalibConfig
-    from lowbit.data.text import read_text
     from lowbit.formats import format_from_name
-    from lowbit.models.load import load
     from lowbit.analysis.tensor_losses import measured_losses
-    from lowbit.quantize import calibration_samples
 
-    loaded = load(a.model)
-    rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(a.probe_samples, a.probe_seq_len, 1))
+    loaded, rows, _ = probe_model(a)
     start = time.perf_counter()
     with torch.no_grad():
         kld = measured_losses(loaded.model, loaded.spec, Probe(loaded.model, loaded.spec, rows), found["names"],
@@ -140,17 +144,10 @@ def gptq_losses(a, work: Path, found: dict) -> dict:
     import torch
 
     from lowbit.analysis.probe import Probe
-    from lowbit.data.calibration import CalibConfig
-    from lowbit.data.text import read_text
     from lowbit.formats import format_from_name
-    from lowbit.models.load import load
     from lowbit.analysis.tensor_losses import measured_losses
-    from lowbit.quantize import calibration_samples
 
-    loaded = load(a.model)
-    text = read_text(str(CALIB_TEXT))
-    rows = calibration_samples(loaded, text, CalibConfig(a.probe_samples, a.probe_seq_len, 1))
-    h_rows = calibration_samples(loaded, text, CalibConfig(16, 512, 2))
+    loaded, rows, h_rows = probe_model(a, hessian_rows=True)
     formats = [*found["formats"], *WIDE_FORMATS]
     start = time.perf_counter()
     with torch.no_grad():
