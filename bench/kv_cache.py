@@ -12,6 +12,10 @@
   generate  `lowbit generate --prompt-file` (8k tokens of context: prompt of 8128, 64 new) in a process of
             its own per setting: decode tokens/s, the cache's bytes per token, peak RSS; ratios against
             the float cache of the same run.
+  diagnose  why K resists per-token quantizers (lowbit/kv/diagnose.py): per layer, the attention KL of K
+            quantized alone by each K quantizer, with and without its per-channel mean taken out, and
+            how much of K is per-channel bias and how alike neighbouring tokens are (one window of
+            --diagnose-tokens).
 
     python bench/kv_cache.py --model smollm2-135m --stage ppl [--windows 20] [--rows ...]
     python bench/kv_cache.py --model smollm2-135m --stage long --stage passkey --stage generate
@@ -40,13 +44,18 @@ ROWS = {   # label -> KvCacheConfig (None: the float cache)
     "int2-kchannel": KvCacheConfig("int", 2, axis="channel", group=32),
     "kivi4-r128": KvCacheConfig("kivi", 4, residual=128),
     "kivi2-r128": KvCacheConfig("kivi", 2, residual=128),
-    "turboquant3.5": KvCacheConfig("turboquant", 3.5),
+    "turboquant4": KvCacheConfig("turboquant", 4),        # the integer rates around 3.5 and 2.5: what the
+    "turboquant3.5": KvCacheConfig("turboquant", 3.5),    # outlier-channel split buys between them
+    "turboquant3": KvCacheConfig("turboquant", 3),
     "turboquant2.5": KvCacheConfig("turboquant", 2.5),
+    "turboquant2": KvCacheConfig("turboquant", 2),
+    "turboquant3.5-kcenter": KvCacheConfig("turboquant", 3.5, center_k=True),
+    "turboquant2.5-kcenter": KvCacheConfig("turboquant", 2.5, center_k=True),
     "turboquant3.5-qjl": KvCacheConfig("turboquant", 3.5, qjl=True),
     "turboquant2.5-qjl": KvCacheConfig("turboquant", 2.5, qjl=True),
 }
 MAIN_ROWS = ["float", "int8", "int4", "int2", "kivi4-r128", "kivi2-r128", "turboquant3.5", "turboquant2.5"]
-STAGES = ("ppl", "long", "passkey", "generate")
+STAGES = ("ppl", "long", "passkey", "generate", "diagnose")
 
 
 class CacheView(nn.Module):
@@ -135,6 +144,24 @@ def passkey(model: str, rows: list[str]) -> dict:
     return out
 
 
+def diagnosis(model: str, tokens: int) -> dict:
+    """lowbit.kv.diagnose on tokens 5000 .. 5000 + `tokens` of the evaluation text."""
+    from lowbit.data.text import read_text
+    from lowbit.eval.perplexity import tokenize
+    from lowbit.kv.diagnose import diagnose
+    from lowbit.models.load import load
+
+    loaded = load(model)
+    ids = tokenize(loaded.tokenizer, read_text(EVAL_TEXT).text)
+    start = 5000
+    result = diagnose(loaded, ids[start:start + tokens])
+    print(table(["K quantizer", "attention KL", "K centered"],
+                [[n, v["plain"], v["centered"]] for n, v in result["mean"].items()]))
+    print(f"K energy in per-channel means {result['bias_share']:.2f}; "
+          f"variance inside 32-token groups / across the window {result['within_group_var']:.2f}")
+    return {"window_start": start, "tokens": tokens, **result}
+
+
 def kv_flags(config: KvCacheConfig | None) -> list[str]:
     """`lowbit generate` flags for a setting."""
     if config is None:
@@ -144,7 +171,8 @@ def kv_flags(config: KvCacheConfig | None) -> list[str]:
         flags += ["--kv-group", str(config.group)]
     if config.axis != "token":
         flags += ["--kv-axis", config.axis]
-    return flags + (["--kv-sym"] if config.symmetric else []) + (["--kv-qjl"] if config.qjl else [])
+    return (flags + (["--kv-sym"] if config.symmetric else []) + (["--kv-qjl"] if config.qjl else [])
+            + (["--kv-center-k"] if config.center_k else []))
 
 
 def generation(model: str, rows: list[str], threads: int) -> dict:
@@ -191,6 +219,7 @@ def main() -> None:
     p.add_argument("--long-windows", type=int, default=2)
     p.add_argument("--rows", nargs="*", default=None, choices=list(ROWS),
                    help=f"default: all for ppl, {' '.join(MAIN_ROWS)} for the other stages")
+    p.add_argument("--diagnose-tokens", type=int, default=1024, help="the diagnose stage's window (from token 5000)")
     p.add_argument("--threads", type=int, default=2, help="OMP threads of each `lowbit generate` process")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -210,11 +239,17 @@ def main() -> None:
             result = perplexity(a.model, rows, a.long_ctx, a.long_windows)
         elif stage == "passkey":
             result = passkey(a.model, rows)
+        elif stage == "diagnose":
+            result = diagnosis(a.model, a.diagnose_tokens)
         else:
             result = generation(a.model, rows, a.threads)
-        merged = stages.setdefault(stage, {"rows": {}})
-        merged["rows"].update(result)
+        if stage == "diagnose":                 # one window's diagnosis, replaced as a whole
+            merged = stages[stage] = result
+        else:
+            merged = stages.setdefault(stage, {"rows": {}})
+            merged["rows"].update(result)
         merged["wall_seconds_last_run"] = time.perf_counter() - start
+        merged["machine"] = machine()           # each stage's own (the top-level one is the last run's)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(state, indent=1))
         if stage in ("ppl", "long"):

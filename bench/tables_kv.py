@@ -8,7 +8,16 @@ from tables_format import MODELS, RESULTS, fixed, header_lines, model_sections, 
 
 KV_MODELS = ("smollm2-135m", "gemma3-270m")
 PEER_DIR = RESULTS / "peers" / "kv_cache"
-NOMINAL = {"int8": 8, "int4": 4, "int2": 2, "int4-kchannel": 4, "int2-kchannel": 2, "kivi4-r128": 4, "kivi2-r128": 2}
+NOMINAL = {"int8": 8, "int4": 4, "int2": 2, "int4-kchannel": 4, "int2-kchannel": 2, "kivi4-r128": 4, "kivi2-r128": 2,
+           "turboquant4": 4, "turboquant2": 2}
+ORDER = ("float", "int8", "int4", "int2", "int4-kchannel", "int2-kchannel", "kivi4-r128", "kivi2-r128", "turboquant4",
+         "turboquant3.5", "turboquant3", "turboquant2.5", "turboquant2", "turboquant3.5-qjl", "turboquant2.5-qjl")
+
+
+def _ordered(rows: dict) -> dict:
+    """bench/kv_cache.py's rows in its own order (rows re-run later sit at the JSON's end)."""
+    rank = {n: i for i, n in enumerate(ORDER)}
+    return dict(sorted(rows.items(), key=lambda kv: rank.get(kv[0], len(ORDER))))
 
 
 def _peers(model: str) -> list[dict]:
@@ -43,7 +52,7 @@ def _gen(g: dict | None, f: dict | None) -> list[str]:
 
 def _rows(model: str, d: dict) -> tuple[list[list[str]], dict]:
     st = d.get("stages", {})
-    ppl_rows = st.get("ppl", {}).get("rows", {})
+    ppl_rows = _ordered(st.get("ppl", {}).get("rows", {}))
     pk, gen = st.get("passkey", {}).get("rows", {}), st.get("generate", {}).get("rows", {})
     fp = ppl_rows.get("float", {}).get("ppl")
     body = []
@@ -96,6 +105,22 @@ def _targets(facts: dict) -> list[str]:
     return lines
 
 
+def _diagnosis(dg: dict | None) -> str:
+    """The diagnose stage: K quantized alone, attention KL averaged over the layers, plain and centered."""
+    if not dg:
+        return ""
+    worst = max(dg["layers"], key=lambda r: r["attention_kl"]["turboquant3.5"]["plain"])
+    return (f"\n\nWhy K resists per-token quantizers (`--stage diagnose`: one window of {dg['tokens']} tokens from token "
+            f"{dg['window_start']}; K quantized alone, the model's own queries; attention KL averaged over the layers, "
+            "on K as it is and on K with its per-channel mean taken out before quantization and added back):\n\n"
+            + table(["K quantizer", "attention KL", "K centered"],
+                    [[n, sig(v["plain"], 3), sig(v["centered"], 3)] for n, v in dg["mean"].items()], {1, 2})
+            + f"\n\nK's energy in its per-channel means: {100 * dg['bias_share']:.0f}% (layer mean); a channel's "
+              f"variance inside 32-token groups over its variance across the window: {dg['within_group_var']:.2f}; "
+              f"the layer where turboquant3.5 costs most: {worst['layer']} "
+              f"({sig(worst['attention_kl']['turboquant3.5']['plain'], 3)}).")
+
+
 def _section(model: str, d: dict, name: str) -> str:
     head = ["row", "ppl", "Δppl", "KLD", "top-1 changed", "bits/value", "passkey", "decode tok/s", "cache B/token",
             "generation peak RSS MiB"]
@@ -104,7 +129,7 @@ def _section(model: str, d: dict, name: str) -> str:
     first = next(iter(ppl_stage.values()), {})
     text = (f"## {MODELS[model]} (`bench/results/{name}`)\n\nctx {first.get('ctx', '?')}, {first.get('windows', '?')} "
             "windows.\n\n" + table(head, body, set(range(1, 10))))
-    long_rows = d.get("stages", {}).get("long", {}).get("rows", {})
+    long_rows = _ordered(d.get("stages", {}).get("long", {}).get("rows", {}))
     if long_rows:
         r0 = next(iter(long_rows.values()))
         text += (f"\n\nAt ctx {r0['ctx']} ({r0['windows']} windows):\n\n" + table(
@@ -122,6 +147,7 @@ def _section(model: str, d: dict, name: str) -> str:
             [[f"{p['peer']}", *["✓" if t["correct"] else "✗" for t in sorted(p["passkey"]["trials"],
                                                                              key=lambda t: (t["length"], t["depth"]))]]
              for p in facts["peers"] if p.get("passkey")]))
+    text += _diagnosis(d.get("stages", {}).get("diagnose"))
     if facts["fp"] is not None:
         text += "\n\nTargets (issue 26):\n" + "\n".join(_targets(facts))
     return text + "\n\n" + "\n".join(header_lines(d))

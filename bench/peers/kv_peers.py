@@ -102,10 +102,12 @@ def run_llamacpp(peer: str, model: str, a) -> dict:
                                             str(a.windows), "-t", str(a.threads), "-fa", "on", "-ctk", "f32",
                                             "-ctv", "f32", "--kl-divergence-base", str(base)], base.with_suffix(".log"))
     log = root / f"kv-{kind}-c{a.ctx}-n{a.windows}.log"
-    start = time.perf_counter()
-    out = llamacpp._tool("llama-perplexity", ["-m", str(gguf), "-c", str(a.ctx), "--chunks", str(a.windows), "-t",
-                                              str(a.threads), "-fa", "on", "-ctk", kind, "-ctv", kind,
-                                              "--kl-divergence-base", str(base), "--kl-divergence"], log)
+    args = ["-m", str(gguf), "-c", str(a.ctx), "--chunks", str(a.windows), "-t", str(a.threads), "-fa", "on", "-ctk",
+            kind, "-ctv", kind, "--kl-divergence-base", str(base), "--kl-divergence"]
+    start, out = time.perf_counter(), _finished_log(log, args)
+    reused = out is not None           # the same command finished before (a later step of the peer failed)
+    if out is None:
+        out = llamacpp._tool("llama-perplexity", args, log)
     found = {k: re.search(p, out) for k, p in llamacpp.KLD_FIELDS.items()}
     if missing := [k for k, m in found.items() if m is None]:
         raise RuntimeError(f"llama-perplexity printed no {', '.join(missing)}; see {log}")
@@ -132,10 +134,23 @@ def run_llamacpp(peer: str, model: str, a) -> dict:
     return {"tool": "llama.cpp", "versions": {"llama-cpp-python": llama_cpp.__version__}, "cache_type": kind,
             "flash_attention": True, "gguf": str(gguf), "ppl": scores["ppl"], "float_ppl_llamacpp": scores["ppl_base"],
             "kld": scores["kld"], "kld_p99": scores["kld_p99"], "top1_changed": 1 - scores["same_top_pct"] / 100,
-            "eval_seconds": time.perf_counter() - start, "bits_per_value": GGML_BITS[kind],
+            "eval_seconds": None if reused else time.perf_counter() - start, "eval_log_reused": reused,
+            "bits_per_value": GGML_BITS[kind],
             "bits_source": "ggml block size of the cache type", "log": str(log),
             "convention": "llama-perplexity: BOS per chunk, second half of each chunk scored; KLD vs the F32 cache",
             "passkey": kv.score_passkey(meta, _decode(model, worker["passkey_tokens"])), "generation": gen}
+
+
+def _finished_log(log: Path, args: list[str]) -> str | None:
+    """The output in `log` when it records llama-perplexity run with exactly `args` to its final scores."""
+    import llamacpp_tools as llamacpp
+
+    if not log.exists():
+        return None
+    first, _, out = log.read_text().partition("\n")
+    ran = first.removeprefix("$ ").split(" ")[1:]
+    done = all(re.search(p, out) for p in llamacpp.KLD_FIELDS.values())
+    return out if ran == args and done else None
 
 
 def f32_gguf(model: str) -> Path:
@@ -162,6 +177,7 @@ def driver() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
     for model in a.model or ["smollm2-135m"]:
         for peer in a.peer or PEERS:
             row = {"peer": peer, "model": model, "eval": {"text": str(EVAL), "ctx": a.ctx, "windows": a.windows}}

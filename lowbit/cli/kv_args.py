@@ -27,6 +27,8 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                    "(default) or per channel in groups of tokens")
     g.add_argument("--kv-sym", action="store_true", help="int only: a symmetric grid (default asymmetric)")
     g.add_argument("--kv-qjl", action="store_true", help="turboquant only: K's last bit as the QJL residual")
+    g.add_argument("--kv-center-k", action="store_true", help="turboquant, int per token: K less its per-channel "
+                   "mean over the first write (stored once per head)")
     g.add_argument("--kv-seed", default="0", help="turboquant's rotation and QJL seed (default 0)")
 
 
@@ -49,7 +51,7 @@ def kv_config(args: argparse.Namespace, ctx: int | None = None):
     bits = int(args.kv_bits) if float(args.kv_bits).is_integer() else args.kv_bits
     try:
         config = KvCacheConfig(args.kv, bits, args.kv_group, args.kv_residual, args.kv_axis, args.kv_sym,
-                               args.kv_qjl, seed)
+                               args.kv_qjl, seed, args.kv_center_k)
         if ctx is not None:
             config.check_context(ctx)
     except ValueError as e:

@@ -52,7 +52,7 @@ def split_mask(allowed: Tensor, F: Tensor) -> Tensor:
     return torch.cat([allowed & quantized, allowed & ~quantized], dim=-1)
 
 
-def _allowed(attention_mask: Tensor | None, q_len: int, k_len: int, device) -> Tensor:
+def allowed_mask(attention_mask: Tensor | None, q_len: int, k_len: int, device) -> Tensor:
     """The model's mask as bool [B|1, 1, q, k] (None: causal)."""
     if attention_mask is None:
         return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
@@ -72,7 +72,7 @@ def kvcache_attention(module: nn.Module, query, key, value, attention_mask, **kw
     kq, vq, F = cache_views(key, value, config, module.layer_idx)
     if bool((F == torch.arange(1, T + 1)).all()):     # every earlier token already quantized: K_q alone, own mask
         return sdpa_attention_forward(module, query, kq, vq, attention_mask, **kwargs)
-    mask = split_mask(_allowed(attention_mask, T, T, key.device), F.to(key.device))
+    mask = split_mask(allowed_mask(attention_mask, T, T, key.device), F.to(key.device))
     kwargs.pop("is_causal", None)
     return sdpa_attention_forward(module, query, torch.cat([kq, key], -2), torch.cat([vq, value], -2), mask,
                                   is_causal=False, **kwargs)

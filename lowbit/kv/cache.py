@@ -77,11 +77,13 @@ class PackedLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: packed chunks and the float residual."""
+        """Bytes held: packed chunks, what the codecs fixed on the first write, and the float residual."""
         packed = sum(k.nbytes + v.nbytes for k, v in self.chunks)
         if not self.is_initialized:
             return packed
-        return packed + self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        state = self.k_codec.state_nbytes + self.v_codec.state_nbytes
+        return (packed + state + self.keys.numel() * self.keys.element_size()
+                + self.values.numel() * self.values.element_size())
 
     @property
     def quantized_tokens(self) -> int:

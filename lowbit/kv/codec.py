@@ -13,6 +13,11 @@ from .config import KvCacheConfig
 from .quantizers import (Codes, int_dequantize, int_quantize, qjl_matrix, turboquant, turboquant_dequantize)
 
 
+def _wide(x: Tensor) -> torch.dtype:
+    """float64 stays float64 (exactness tests), anything else computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class Chunk:
     """T consecutive tokens of K or V as stored: one Codes per channel set."""
@@ -48,6 +53,7 @@ class KvCodec:
                 raise ValueError(f"head_dim {head_dim} is not a multiple of the KV group {group}")
         self.dtype = torch.float32
         self.split: Tensor | None = None           # turboquant: [H, D] channel order, high-bit channels first
+        self.mean: Tensor | None = None            # center_k: [H, D] K's per-channel mean of the first write
         self._rot: dict[int, Tensor] = {}
         self._S: dict[int, Tensor] = {}
 
@@ -61,6 +67,27 @@ class KvCodec:
     def token_multiple(self) -> int:
         """Chunks must hold a multiple of this many tokens."""
         return self.group if self.per_channel else 1
+
+    @property
+    def centers(self) -> bool:
+        return self.config.center_k and self.which == "k"
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes fixed on the first write: a fractional split's channel order (a byte per channel) and
+        center_k's float16 mean per channel, per head."""
+        split = self.split.numel() if self.split is not None and len(self._parts(None)) > 1 else 0
+        return split + (2 * self.mean.numel() if self.mean is not None else 0)
+
+    def _centered(self, x: Tensor) -> Tensor:
+        """x less the per-channel mean (fixed on the first write: the prompt in generation, the window
+        in the one-pass evaluation, as the split is)."""
+        if not self.centers:
+            return x
+        if self.mean is None:
+            dt = _wide(x)
+            self.mean = x.to(dt).mean(dim=(0, 2)).to(torch.float16).to(dt)       # [B, H, T, D] -> [H, D]
+        return x - self.mean[None, :, None, :].to(x.dtype)
 
     # ------------------------------------------------------------------ turboquant's parts
     def _parts(self, x: Tensor) -> list[tuple[int, int]]:
@@ -101,10 +128,11 @@ class KvCodec:
     def encode(self, x: Tensor) -> Chunk:
         """x [B, H, T, D] -> Chunk (T a multiple of token_multiple)."""
         B, H, T, D = x.shape
-        self.dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.dtype = _wide(x)
         if T % self.token_multiple:
             raise ValueError(f"{T} tokens do not fill groups of {self.token_multiple}")
         c = self.config
+        x = self._centered(x)
         if c.method in ("int", "kivi"):
             bits = int(c.bits)
             if self.per_channel:
@@ -121,7 +149,11 @@ class KvCodec:
         return Chunk(T, parts)
 
     def decode(self, chunk: Chunk) -> Tensor:
-        """float32 [B, H, T, D] of a chunk."""
+        """float32 [B, H, T, D] of a chunk (float64 when the codec encoded float64)."""
+        y = self._decode(chunk)
+        return y + self.mean[None, :, None, :].to(y.dtype) if self.centers else y
+
+    def _decode(self, chunk: Chunk) -> Tensor:
         c = self.config
         if c.method in ("int", "kivi"):
             y = int_dequantize(chunk.parts[0], c.symmetric)

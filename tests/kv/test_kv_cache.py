@@ -110,7 +110,11 @@ def test_fractional_turboquant_prefill_equals_the_one_pass_evaluation(tiny, tiny
     # a fractional rate splits channels on the first write: a prompt prefilled at once is that write, the
     # window the one-pass evaluation splits on (token by token the first write would be one token)
     loaded = tiny if which == "llama" else tiny_gemma
-    config = KvCacheConfig("turboquant", 3.5)
+    for config in (KvCacheConfig("turboquant", 3.5), KvCacheConfig("turboquant", 3.5, center_k=True)):
+        _prefill_equals_one_pass(loaded, config)
+
+
+def _prefill_equals_one_pass(loaded, config):
     ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         prefill = loaded.model(ids, past_key_values=QuantizedKVCache(config, loaded.dims.n_layers),

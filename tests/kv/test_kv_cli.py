@@ -51,7 +51,8 @@ def test_generate_prints_text_speed_and_bytes(capsys, tiny_llama_dir, tmp_path):
     (["--kv", "int"], "needs --kv-bits"),
     (["--kv", "kivi", "--kv-bits", "2", "--kv-residual", "100"], "larger than the context"),
     (["--kv", "turboquant", "--kv-bits", "3", "--kv-seed", "x"], "--kv-seed must be an integer"),
-    (["--kv", "int", "--kv-bits", "4", "--kv-group", "7"], "not a multiple of the KV group")])
+    (["--kv", "int", "--kv-bits", "4", "--kv-group", "7"], "not a multiple of the KV group"),
+    (["--kv", "kivi", "--kv-bits", "2", "--kv-center-k"], "--kv-center-k (center_k) applies to per-token K")])
 def test_bad_kv_flags_are_one_line(capsys, tiny_llama_dir, text, flags, needle):
     code, _, err = run_cli(capsys, "eval", tiny_llama_dir, "--text", text, "--ctx", "64", "--windows", "1", *flags)
     assert code != 0 and needle in err and len(err.strip().splitlines()) == 1

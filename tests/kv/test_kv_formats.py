@@ -2,6 +2,8 @@
 int and TurboQuant quantizers equal to plain re-statements, stored bytes equal to the bits claimed."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -143,11 +145,35 @@ def test_turboquant_split_gives_the_high_bits_to_the_largest_channels():
     assert (y - x).norm() < (plain - x).norm()
 
 
+@pytest.mark.parametrize("config", [KvCacheConfig("turboquant", 3.5, center_k=True),
+                                    KvCacheConfig("int", 4, center_k=True)], ids=lambda c: c.name)
+def test_centered_k_is_the_codec_on_k_less_its_first_write_mean(config):
+    g = torch.Generator().manual_seed(5)
+    first, later = torch.randn(1, 2, 16, 64, generator=g), torch.randn(1, 2, 8, 64, generator=g)
+    first[..., 3] += 40                                        # a constant "bias" channel, as K has
+    later[..., 3] += 40
+    codec = KvCodec(config, 64, 0, "k")
+    y_first, y_later = codec.roundtrip(first), codec.roundtrip(later)
+    assert torch.equal(codec.mean, first.mean(dim=(0, 2)).half().float())   # fixed on the first write, float16
+    mean = codec.mean[None, :, None, :]                        # [H, D] -> [1, H, 1, D]
+    plain = KvCodec(dataclasses.replace(config, center_k=False), 64, 0, "k")
+    plain.roundtrip(first - mean)                              # the same first write fixes the same split
+    assert torch.allclose(y_later, plain.roundtrip(later - mean) + mean, atol=1e-6)
+    assert (y_first - first).norm() < (KvCodec(dataclasses.replace(config, center_k=False), 64, 0, "k")
+                                       .roundtrip(first) - first).norm()    # the bias channel no longer costs bits
+    assert codec.state_nbytes == 2 * 2 * 64 + (2 * 64 if config.bits == 3.5 else 0)   # mean (+ split order)
+    v = KvCodec(config, 64, 0, "v")
+    v.roundtrip(first)
+    assert v.mean is None                                      # V is never centered
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(method="int", bits=5), "supports --kv-bits 2, 3, 4, 8"), (dict(method="turboquant", bits=1.5), "2.5"),
     (dict(method="kivi", bits=3.5), "supports"), (dict(method="nope"), "unknown KV cache method"),
     (dict(residual=-1), "residual"), (dict(method="kivi", axis="channel"), "axis"),
-    (dict(method="int", qjl=True), "qjl"), (dict(group=0), "group"), (dict(seed="x"), "seed")])
+    (dict(method="int", qjl=True), "qjl"), (dict(group=0), "group"), (dict(seed="x"), "seed"),
+    (dict(method="kivi", bits=2, center_k=True), "center_k"),
+    (dict(method="int", axis="channel", center_k=True), "center_k")])
 def test_bad_kv_configs(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         KvCacheConfig(**kwargs)
