@@ -11,7 +11,8 @@ PEER_DIR = RESULTS / "peers" / "kv_cache"
 NOMINAL = {"int8": 8, "int4": 4, "int2": 2, "int4-kchannel": 4, "int2-kchannel": 2, "kivi4-r128": 4, "kivi2-r128": 2,
            "turboquant4": 4, "turboquant2": 2}
 ORDER = ("float", "int8", "int4", "int2", "int4-kchannel", "int2-kchannel", "kivi4-r128", "kivi2-r128", "turboquant4",
-         "turboquant3.5", "turboquant3", "turboquant2.5", "turboquant2", "turboquant3.5-qjl", "turboquant2.5-qjl")
+         "turboquant3.5", "turboquant3", "turboquant2.5", "turboquant2", "turboquant3.5-kcenter", "turboquant2.5-kcenter",
+         "turboquant3.5-qjl", "turboquant2.5-qjl")
 
 
 def _ordered(rows: dict) -> dict:

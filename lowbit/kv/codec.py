@@ -10,12 +10,7 @@ from torch import Tensor
 
 from ..rotations.hadamard import orthogonal
 from .config import KvCacheConfig
-from .quantizers import (Codes, int_dequantize, int_quantize, qjl_matrix, turboquant, turboquant_dequantize)
-
-
-def _wide(x: Tensor) -> torch.dtype:
-    """float64 stays float64 (exactness tests), anything else computes in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .quantizers import (Codes, compute_dtype, int_dequantize, int_quantize, qjl_matrix, turboquant, turboquant_dequantize)
 
 
 @dataclass
@@ -85,7 +80,7 @@ class KvCodec:
         if not self.centers:
             return x
         if self.mean is None:
-            dt = _wide(x)
+            dt = compute_dtype(x)
             self.mean = x.to(dt).mean(dim=(0, 2)).to(torch.float16).to(dt)       # [B, H, T, D] -> [H, D]
         return x - self.mean[None, :, None, :].to(x.dtype)
 
@@ -128,7 +123,7 @@ class KvCodec:
     def encode(self, x: Tensor) -> Chunk:
         """x [B, H, T, D] -> Chunk (T a multiple of token_multiple)."""
         B, H, T, D = x.shape
-        self.dtype = _wide(x)
+        self.dtype = compute_dtype(x)
         if T % self.token_multiple:
             raise ValueError(f"{T} tokens do not fill groups of {self.token_multiple}")
         c = self.config

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .codec import KvCodec
 from .config import KvCacheConfig
+from .quantizers import compute_dtype
 
 QUANTIZERS = {   # K alone, as the cache rows of bench/kv_cache.py quantize it
     "int4": KvCacheConfig("int", 4),
@@ -27,11 +28,6 @@ QUANTIZERS = {   # K alone, as the cache rows of bench/kv_cache.py quantize it
     "turboquant2.5": KvCacheConfig("turboquant", 2.5),
 }
 GROUP = 32
-
-
-def _wide(x: Tensor) -> Tensor:
-    """float64 stays float64 (exactness tests), anything else becomes float32."""
-    return x.detach() if x.dtype == torch.float64 else x.detach().float()
 
 
 CAPTURE = "lowbit_kv_capture"
@@ -44,7 +40,8 @@ def _record(module, query, key, value, attention_mask, **kwargs):
     from .attention import allowed_mask
 
     T = key.shape[-2]
-    module.lowbit_capture[module.layer_idx] = (_wide(query), _wide(key), allowed_mask(attention_mask, T, T, key.device),
+    q, k = (x.detach().to(compute_dtype(x)) for x in (query, key))       # float64 stays float64 (exactness tests)
+    module.lowbit_capture[module.layer_idx] = (q, k, allowed_mask(attention_mask, T, T, key.device),
                                                float(kwargs.get("scaling") or module.scaling))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -82,7 +79,8 @@ def attention_kl(q: Tensor, k: Tensor, k_hat: Tensor, allowed: Tensor, scaling: 
 
 
 def k_facts(k: Tensor) -> dict:
-    """bias_share and within_group_var of k [1, H, T, D] (T a multiple of GROUP)."""
+    """bias_share and within_group_var of k [1, H, T, D] (tokens after the last whole group of GROUP left out
+    of the group variance)."""
     mean = k.mean(dim=2, keepdim=True)                                   # [1, H, 1, D] per head and channel
     bias_share = float(mean.pow(2).sum() * k.shape[2] / k.pow(2).sum())
     B, H, T, D = k.shape

@@ -43,7 +43,7 @@ def _f16(x: Tensor) -> Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
-def _dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """float64 stays float64 (exactness tests), everything else computes in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -95,7 +95,7 @@ def turboquant(x: Tensor, rotation: Tensor, bits: int, S: Tensor | None = None) 
     level_bits = bits - 1 if S is not None else bits
     if level_bits < 1:
         raise ValueError(f"turboquant with QJL needs at least 2 bits, got {bits}")
-    dt = _dtype(x)
+    dt = compute_dtype(x)
     levels, bounds = (t.to(dt) for t in lloyd_max(d, level_bits))
     x = x.to(dt)
     norm = _f16(x.norm(dim=-1, keepdim=True)).to(dt)                    # [..., 1]
