@@ -72,6 +72,12 @@ class CacheView(nn.Module):
             layer.get_submodule(self.spec.attention).lowbit_kvcache = self.kv
         return base(*args, **kwargs)
 
+    def get_decoder(self):                      # evaluate_many's blocked scoring of long windows
+        return self.base[0].get_decoder()
+
+    def get_output_embeddings(self):
+        return self.base[0].get_output_embeddings()
+
 
 def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor) -> float:
     """Stored bits per cached value under `config`: layer 0's K of the first 512 tokens encoded by the
@@ -135,7 +141,7 @@ def passkey(model: str, rows: list[str]) -> dict:
     for r in rows:
         cfg, start, answers = ROWS[r], time.perf_counter(), []
         for i in range(len(meta)):
-            cache = (QuantizedKVCache(cfg, loaded.model.config.num_hidden_layers) if cfg
+            cache = (QuantizedKVCache.for_model(cfg, loaded.model.config) if cfg
                      else DynamicCache(config=loaded.model.config))
             answers.append(loaded.tokenizer.decode(generate_greedy(loaded.model, prompts[f"ids_{i}"], 8, cache).tokens,
                                                    skip_special_tokens=True))

@@ -85,7 +85,8 @@ def _values(d: dict) -> int | None:
 
 def _targets(facts: dict) -> list[str]:
     rows, pk, lines = facts["ppl"], facts["passkey"], []
-    for name, limit in (("turboquant3.5", 0.01), ("turboquant2.5", 0.03), ("kivi2-r128", 0.05)):
+    for name, limit in (("turboquant3.5", 0.01), ("turboquant3.5-kcenter", 0.01), ("turboquant2.5", 0.03),
+                        ("turboquant2.5-kcenter", 0.03), ("kivi2-r128", 0.05)):
         if name in rows and "ppl_increase" in rows[name]:
             inc = rows[name]["ppl_increase"]
             lines.append(f"- `{name}` within {100 * limit:.0f}% of the float cache's perplexity: {100 * inc:+.2f}% — "
@@ -99,10 +100,11 @@ def _targets(facts: dict) -> list[str]:
         lines.append(f"- lowbit's {bits}-bit rows at most the increase of {peer['peer']} ({100 * inc:+.2f}%): "
                      + ", ".join(f"`{n}` {100 * v:+.2f}%" for n, v in ours.items())
                      + f" — {'met' if not worse else 'missed by ' + ', '.join(worse)}")
-    if "float" in pk and "turboquant3.5" in pk:
-        a, b = pk["float"]["accuracy"], pk["turboquant3.5"]["accuracy"]
-        lines.append(f"- passkey at 3.5 bits equal to float's: {_passkey(pk['turboquant3.5'])} vs {_passkey(pk['float'])}"
-                     f" — {'met' if b >= a else 'missed'}")
+    for name in ("turboquant3.5", "turboquant3.5-kcenter"):
+        if "float" in pk and name in pk:
+            a, b = pk["float"]["accuracy"], pk[name]["accuracy"]
+            lines.append(f"- passkey at 3.5 bits (`{name}`) equal to float's: {_passkey(pk[name])} vs "
+                         f"{_passkey(pk['float'])} — {'met' if b >= a else 'missed'}")
     return lines
 
 

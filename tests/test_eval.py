@@ -82,3 +82,57 @@ def test_token_scores_match_cross_entropy_and_token_kld(scale, atol, rtol):
     assert torch.equal(nll_alone, nll) and none_kl is None and none_changed is None
     _, self_kl, self_changed = token_scores(ref_logits, targets, ReferenceWindow(ref_logits, chunk=64))
     assert torch.all(self_kl == 0) and not self_changed.any()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3-capped"])
+def test_blocked_head_scoring_equals_whole_logits(family, tiny_llama_dir, tiny_gemma3_dir, monkeypatch):
+    """Windows over LOGITS_BUDGET are scored from final hidden states in blocks of positions;
+    ppl, window losses, KLD and top-1 changes equal the whole-logits path (Gemma with soft-capping)."""
+    import lowbit.eval.perplexity as perplexity
+
+    path = tiny_llama_dir if family == "llama" else tiny_gemma3_dir
+    model, other = load(str(path)).model.double(), load(str(path)).model.double()
+    if family != "llama":
+        for m in (model, other):
+            m.config.final_logit_softcapping = 3.0    # tiny logits: a cap this low changes them
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    ids = torch.randint(0, 257, (2 * 40,), generator=torch.Generator().manual_seed(0))
+    models = {"ref": model, "other": other}
+    whole = perplexity.evaluate_many(models, ids, 40, reference=model, progress=False)
+    monkeypatch.setattr(perplexity, "LOGITS_BUDGET", 0)
+    monkeypatch.setattr(perplexity, "BLOCK", 7)              # 39 predictions: blocks of 7 and a ragged 4
+    blocked = perplexity.evaluate_many(models, ids, 40, reference=model, progress=False)
+    for name in models:
+        assert blocked[name].window_nll == pytest.approx(whole[name].window_nll, rel=1e-9)
+        assert blocked[name].kld.mean == pytest.approx(whole[name].kld.mean, rel=1e-6, abs=1e-9)
+        assert blocked[name].kld.top1_changed == whole[name].kld.top1_changed
+    assert blocked["other"].kld.mean > 1e-6           # the comparison is not of equal models
+
+
+def test_blocked_head_scoring_refuses_logits_it_cannot_rebuild(tiny_llama_dir, monkeypatch):
+    import lowbit.eval.perplexity as perplexity
+
+    model = load(str(tiny_llama_dir)).model
+    model.config.logit_scale = 2.0          # a post-processing the split head does not apply
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.config = base, base.config
+
+        def forward(self, *args, **kwargs):
+            out = self.base(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+        def get_decoder(self):
+            return self.base.get_decoder()
+
+        def get_output_embeddings(self):
+            return self.base.get_output_embeddings()
+
+    monkeypatch.setattr(perplexity, "LOGITS_BUDGET", 0)
+    ids = torch.randint(0, 257, (40,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LowbitError, match="cannot be scored in blocks"):
+        perplexity.evaluate(Scaled(model), ids, 40, progress=False)

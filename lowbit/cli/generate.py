@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             raise LowbitError(str(e)) from None
         if any(getattr(m, "lowbit_kv", None) is not None for m in model.modules()):
             raise LowbitError("this model already quantizes its KV cache (its recipe's kv_cache): --kv cannot be added")
-        cache = QuantizedKVCache(kv, model.config.num_hidden_layers)
+        cache = QuantizedKVCache.for_model(kv, model.config)
     else:
         cache = DynamicCache(config=model.config)
     eos = loaded.tokenizer.eos_token_id

@@ -65,6 +65,49 @@ def _logits(model, window: torch.Tensor) -> torch.Tensor:
     return out.logits[0, :-1]
 
 
+# A window's [ctx-1, V] float32 logits above this many bytes are not made whole: Gemma 3's
+# 262k vocabulary at ctx 8192 is 8.6 GB per copy, and scoring holds three (reference logits,
+# its probabilities, a model's logits). The model then returns its final hidden states and the
+# head runs over BLOCK positions at a time. Below it the plain path, which earlier results used.
+LOGITS_BUDGET = 4 << 30
+BLOCK = 1024
+
+
+class SplitHead:
+    """One window's final hidden states [ctx, d] and the model's head, applied in row blocks.
+
+    The head is the output embedding plus the config's final logit soft-capping (Gemma 2/3),
+    and it is checked against the model's own logits for the window's last position, so a
+    head this misses (another post-processing of the logits) fails loudly, not silently.
+    """
+
+    def __init__(self, model, window: torch.Tensor):
+        decoder, self.head = model.get_decoder(), model.get_output_embeddings()
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        captured = []
+        hook = decoder.register_forward_hook(lambda module, args, out: captured.append(out[0]))
+        try:   # logits_to_keep=1: the model's own head runs on the last position only
+            out = model(input_ids=window[None], use_cache=True, logits_to_keep=1)
+        finally:
+            hook.remove()
+        self.hidden = captured[-1][0]                      # [1, ctx, d] -> [ctx, d]
+        own, mine = out.logits[0, -1].float(), self(slice(-1, None))[0].float()
+        if not torch.allclose(mine, own, rtol=1e-4, atol=1e-4 * float(own.abs().max())):
+            raise LowbitError(f"{type(model).__name__}: its logits are not output embedding + soft-capping of "
+                              f"its final hidden states, so a {window.numel()}-token window cannot be scored "
+                              f"in blocks; use a smaller --ctx")
+
+    def __call__(self, rows: slice) -> torch.Tensor:
+        """[n, V] logits of the hidden rows `rows`."""
+        logits = self.head(self.hidden[rows])
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+
+
+def _splits(models: dict, reference, ctx: int) -> bool:
+    vocab = max(m.config.vocab_size for m in (*models.values(), *([reference] if reference is not None else [])))
+    return (ctx - 1) * vocab * 4 > LOGITS_BUDGET
+
+
 @torch.inference_mode()
 def evaluate_many(models: dict, ids: torch.Tensor, ctx: int, windows: int | None = None,
                   reference=None, reference_name: str = "", progress: bool = True) -> dict:
@@ -72,29 +115,47 @@ def evaluate_many(models: dict, ids: torch.Tensor, ctx: int, windows: int | None
 
     The reference runs once per window and is compared with every model, so evaluating K
     models costs K + 1 forward passes per window, and no logits are kept between windows.
+    Windows whose logits exceed LOGITS_BUDGET are scored in blocks of positions (SplitHead).
     Returns {name: PerplexityResult}.
     """
     for model in models.values():
         check_ctx(model, ctx)
     rows = make_windows(ids, ctx, windows)
+    split = _splits(models, reference, ctx)
     start = time.perf_counter()
     losses = {name: [] for name in models}
     kls = {name: [] for name in models}
     changes = {name: [] for name in models}
     for index, window in enumerate(tqdm(rows, desc="eval", unit="window", disable=not progress, leave=False)):
-        ref = ReferenceWindow(_logits(reference, window)) if reference is not None else None
-        for name, model in models.items():
-            logits = ref.logits if model is reference else _logits(model, window)
-            nll, kl, changed = token_scores(logits, window[1:], ref)
+        targets, scores = window[1:], {name: [] for name in models}
+        if split:   # every model's hidden states first (small), then the logits block by block
+            heads = {name: SplitHead(m, window) for name, m in models.items() if m is not reference}
+            ref_head = SplitHead(reference, window) if reference is not None else None
+            blocks = [slice(s, min(s + BLOCK, ctx - 1)) for s in range(0, ctx - 1, BLOCK)]
+        else:
+            blocks = [slice(0, ctx - 1)]
+        for block in blocks:
+            ref_logits = None
+            if reference is not None:
+                ref_logits = ref_head(block) if split else _logits(reference, window)
+            ref = ReferenceWindow(ref_logits) if ref_logits is not None else None
+            for name, model in models.items():
+                if model is reference:
+                    logits = ref_logits
+                else:
+                    logits = heads[name](block) if split else _logits(model, window)
+                scores[name].append(token_scores(logits, targets[block], ref))
+                del logits
+            del ref, ref_logits
+        for name in models:
+            nll = torch.cat([s[0] for s in scores[name]])
             loss = nll.double().mean().item()
             if not math.isfinite(loss):
                 raise LowbitError(f"{name}: window {index} has a non-finite loss (NaN/Inf in the model)")
             losses[name].append(loss)
-            if ref is not None:
-                kls[name].append(kl)
-                changes[name].append(changed)
-            del logits
-        del ref
+            if reference is not None:
+                kls[name].append(torch.cat([s[1] for s in scores[name]]))
+                changes[name].append(torch.cat([s[2] for s in scores[name]]))
     seconds = time.perf_counter() - start
     results = {}
     for name, window_nll in losses.items():

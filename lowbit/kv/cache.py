@@ -5,7 +5,9 @@ the oldest ones (a whole number of token groups for per-channel K) are encoded i
 leave float storage. Every read returns the de-quantized chunks followed by the float residual,
 so attention sees exactly what the cache holds (with residual 0 and per-token methods, a token's
 own K/V are quantized before it attends to them). Memory: the chunks' packed codes and float16
-side data, plus the residual — no float copy of the quantized part is kept.
+side data, plus the residual — no float copy of the quantized part is kept. A sliding-window
+layer (Gemma 3's local layers) forgets the chunks no later query can see, as transformers'
+DynamicSlidingWindowLayer does, and tells the mask where its tokens now start.
 """
 from __future__ import annotations
 
@@ -17,16 +19,21 @@ from .codec import Chunk, KvCodec
 from .config import KvCacheConfig
 
 
+# per-token layouts forget a sliding layer's stale tokens this many at a time: one copy of the chunk per
+# 64 steps instead of one per decoded token
+FORGET_STEP = 64
+
+
 class PackedLayer(CacheLayerMixin):
-    """One decoder layer's quantized K/V."""
+    """One decoder layer's quantized K/V; `window`: the layer's sliding window (None: full attention)."""
 
-    is_sliding = False          # sliding layers keep every token too; their mask limits what is read
-
-    def __init__(self, config: KvCacheConfig, layer: int):
+    def __init__(self, config: KvCacheConfig, layer: int, window: int | None = None):
         super().__init__()
-        self.config, self.layer = config, layer
+        self.config, self.layer, self.window = config, layer, window
+        self.is_sliding = window is not None      # the mask of sliding layers is built from the first one's sizes
         self.chunks: list[tuple[Chunk, Chunk]] = []
         self.seen = 0
+        self.offset = 0                           # tokens forgotten: the position of the first one stored
 
     def lazy_initialization(self, key_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -51,14 +58,41 @@ class PackedLayer(CacheLayerMixin):
         self.seen += key_states.shape[-2]
         n = self.flush_count(self.keys.shape[-2])
         if n:
-            k, v = self.k_codec.encode(self.keys[..., :n, :]), self.v_codec.encode(self.values[..., :n, :])
-            if self.chunks and self.multiple == 1:          # per-token layouts: one growing chunk, one decode per read
-                k, v = self.chunks[-1][0].extend(k), self.chunks[-1][1].extend(v)
-                self.chunks[-1] = (k, v)
-            else:
-                self.chunks.append((k, v))
+            # a sliding layer's token groups that are stale once this step is read go in a chunk of their
+            # own, which forget() drops whole (per-token layouts drop a chunk's front instead)
+            stale = 0
+            if self.window is not None and self.multiple > 1:
+                first = self.seen - self.keys.shape[-2]          # the position of the first residual token
+                stale = min(n, max(0, self.seen - (self.window - 1) - first)) // self.multiple * self.multiple
+            for a, b in ((0, stale), (stale, n)):
+                if b > a:
+                    self._store(self.keys[..., a:b, :], self.values[..., a:b, :])
             self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
-        return self.read()
+        states = self.read()                      # this step's queries may still read what is forgotten next
+        self.forget()
+        return states
+
+    def _store(self, keys: Tensor, values: Tensor) -> None:
+        """Encode [B, H, n, D] float K/V into the quantized store."""
+        k, v = self.k_codec.encode(keys), self.v_codec.encode(values)
+        if self.chunks and self.multiple == 1:          # per-token layouts: one growing chunk, one decode per read
+            self.chunks[-1] = (self.chunks[-1][0].extend(k), self.chunks[-1][1].extend(v))
+        else:
+            self.chunks.append((k, v))
+
+    def forget(self) -> None:
+        """Sliding layers: drop stored tokens older than the newest window-1 (no later query sees them),
+        in whole chunks, or FORGET_STEP tokens at a time from a per-token layout's one chunk."""
+        if self.window is None:
+            return
+        stale = self.seen - (self.window - 1) - self.offset
+        while self.chunks and self.chunks[0][0].tokens <= stale:
+            tokens = self.chunks.pop(0)[0].tokens
+            self.offset, stale = self.offset + tokens, stale - tokens
+        if self.chunks and self.multiple == 1 and stale >= FORGET_STEP:
+            k, v = self.chunks[0]
+            self.chunks[0] = (k.drop_front(stale), v.drop_front(stale))
+            self.offset += stale
 
     def read(self) -> tuple[Tensor, Tensor]:
         """(K, V) [B, H, seen, D]: the de-quantized chunks, then the float residual."""
@@ -67,7 +101,8 @@ class PackedLayer(CacheLayerMixin):
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 
     def get_mask_sizes(self, cache_position: Tensor) -> tuple[int, int]:
-        return self.seen + cache_position.shape[0], 0
+        """(keys the next update returns, position of the first): the stored tokens, then the new ones."""
+        return self.seen - self.offset + cache_position.shape[0], self.offset
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -87,15 +122,33 @@ class PackedLayer(CacheLayerMixin):
 
     @property
     def quantized_tokens(self) -> int:
+        """Tokens in the quantized store now (a sliding layer's forgotten ones not counted)."""
         return sum(k.tokens for k, _ in self.chunks)
+
+    @property
+    def stored_tokens(self) -> int:
+        return self.seen - self.offset
 
 
 class QuantizedKVCache(Cache):
-    """The packed cache for `num_layers` decoder layers under `config`."""
+    """The packed cache for `num_layers` decoder layers under `config`; `windows[i]`: layer i's
+    sliding window, or None for full attention (no windows: every layer keeps every token)."""
 
-    def __init__(self, config: KvCacheConfig, num_layers: int):
-        super().__init__(layers=[PackedLayer(config, i) for i in range(num_layers)])
+    def __init__(self, config: KvCacheConfig, num_layers: int, windows: list[int | None] | None = None):
+        windows = windows or [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} sliding windows for {num_layers} layers")
+        super().__init__(layers=[PackedLayer(config, i, w) for i, w in enumerate(windows)])
         self.config = config
+
+    @classmethod
+    def for_model(cls, config: KvCacheConfig, model_config) -> "QuantizedKVCache":
+        """The cache for a transformers model: its sliding layers (config.layer_types) forget what
+        their window no longer shows, as the model's own DynamicCache does."""
+        n = model_config.num_hidden_layers
+        kinds = getattr(model_config, "layer_types", None) or ["full_attention"] * n
+        window = getattr(model_config, "sliding_window", None)
+        return cls(config, n, [window if kind == "sliding_attention" and window else None for kind in kinds])
 
     @property
     def nbytes(self) -> int:

@@ -30,6 +30,12 @@ class Chunk:
                        {k: torch.cat([a.side[k], b.side[k]], -2) for k in a.side}) for a, b in zip(self.parts, other.parts)]
         return Chunk(self.tokens + other.tokens, parts)
 
+    def drop_front(self, n: int) -> "Chunk":
+        """This chunk less its oldest n tokens (per-token layouts), copied so their storage is freed."""
+        parts = [Codes(p.packed[..., n:, :].clone(), p.bits, p.n, {k: t[..., n:, :].clone() for k, t in p.side.items()})
+                 for p in self.parts]
+        return Chunk(self.tokens - n, parts)
+
 
 class KvCodec:
     """Encodes/decodes one layer's K or V ("k" / "v") under `config`; head_dim D."""

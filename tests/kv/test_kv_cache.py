@@ -120,3 +120,38 @@ def _prefill_equals_one_pass(loaded, config):
         prefill = loaded.model(ids, past_key_values=QuantizedKVCache(config, loaded.dims.n_layers),
                                use_cache=True).logits[0]
     assert torch.allclose(prefill, _one_pass(loaded, ids, config), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),
+                                    KvCacheConfig("turboquant", 3.5)], ids=lambda c: c.name)
+def test_gemma_sliding_layers_forget_what_their_window_hides(tiny_gemma, config, monkeypatch):
+    """A 30-token prompt and 60 decoded tokens (window 16): the cache built for the model forgets its
+    sliding layers' stale tokens, its logits equal those of a cache that keeps every token (float64),
+    and it holds fewer bytes."""
+    import lowbit.kv.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "FORGET_STEP", 4)       # per-token layouts forget in steps of 4 here
+    model = tiny_gemma.model
+    window = model.config.sliding_window
+    ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(4))
+    steps = torch.randint(0, 257, (1, 60), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for name, cache in (("keeps", QuantizedKVCache(config, tiny_gemma.dims.n_layers)),
+                        ("forgets", QuantizedKVCache.for_model(config, model.config))):
+        held = []                                              # a sliding layer's stored tokens after each step
+        with torch.no_grad():
+            logits = [model(ids, past_key_values=cache, use_cache=True).logits[0, -1]]
+            held.append(cache.layers[0].stored_tokens)
+            for t in range(steps.shape[1]):
+                logits.append(model(steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+                held.append(cache.layers[0].stored_tokens)
+        runs[name] = (torch.stack(logits), cache, held)
+    (keep, kept, _), (forget, forgot, held) = runs["keeps"], runs["forgets"]
+    assert torch.allclose(forget, keep, atol=1e-9, rtol=0)
+    sliding = [layer for layer in forgot.layers if layer.is_sliding]
+    assert sliding and not any(layer.is_sliding for layer in kept.layers) and forgot.layers[0].is_sliding
+    bound = window - 1 + max(4, config.token_group() if config.method == "kivi" else 1) + config.residual
+    assert max(held) <= bound                                  # from the prefill on, not only at the end
+    assert all(layer.seen == 90 and layer.stored_tokens <= bound for layer in sliding)
+    assert all(layer.stored_tokens == 90 for layer in forgot.layers if not layer.is_sliding)
+    assert forgot.nbytes < kept.nbytes
