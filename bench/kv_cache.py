@@ -198,7 +198,7 @@ def generation(model: str, rows: list[str], threads: int) -> dict:
             rec = json.loads(summary.read_text())
         out[r] = {**{k: rec[k] for k in ("prompt_tokens", "prefill_seconds", "decode_seconds",
                                           "decode_tokens_per_second", "cache_bytes", "text", "rss_after_load_mib",
-                                          "generation_peak_rss_mib") if k in rec},
+                                          "generation_peak_rss_mib", "mmap_threshold_pinned") if k in rec},
                   "bytes_per_token": rec["cache_bytes_per_token"], "peak_rss_mib": rss, "wall_seconds": wall, "threads": threads,
                   "command": f"lowbit generate {model} --prompt-file {prompt.name} --max-new-tokens "
                              f"{kv_inputs.GEN_NEW} {' '.join(kv_flags(ROWS[r]))}".strip()}

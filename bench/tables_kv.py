@@ -132,6 +132,16 @@ def _section(model: str, d: dict, name: str) -> str:
     first = next(iter(ppl_stage.values()), {})
     text = (f"## {MODELS[model]} (`bench/results/{name}`)\n\nctx {first.get('ctx', '?')}, {first.get('windows', '?')} "
             "windows.\n\n" + table(head, body, set(range(1, 10))))
+    gen_rows = d.get("stages", {}).get("generate", {}).get("rows", {})
+    if gen_rows:
+        pinned = all(g.get("mmap_threshold_pinned") for g in gen_rows.values())
+        text += ("\n\nlowbit's generation peaks: " + (
+            "`lowbit generate` pins glibc's mmap threshold at 1 MiB through the prefill, so its freed temporaries go "
+            "back to the system, and at 32 MiB for the decode steps, whose same-sized temporaries the heap reuses; "
+            "the peers' processes keep glibc's defaults." if pinned else
+            "measured before `lowbit generate` pinned glibc's mmap threshold (glibc's defaults, as the peers') and "
+            "before the packed cache stopped keeping the float prompt alive behind its residual's views, so a packed "
+            "cache peaked above the float cache."))
     long_rows = _ordered(d.get("stages", {}).get("long", {}).get("rows", {}))
     if long_rows:
         r0 = next(iter(long_rows.values()))

@@ -31,3 +31,34 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+# glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# `lowbit generate`'s thresholds: a prefill's one-off temporaries by mmap; decode steps' repeated ones (a
+# cache de-quantized every step: 8 MiB per layer at 8k tokens) from the heap, glibc's largest dynamic value
+PREFILL_MMAP_THRESHOLD = 1 << 20
+DECODE_MMAP_THRESHOLD = 32 << 20
+
+
+def pin_mmap_threshold(nbytes: int = PREFILL_MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of `nbytes` or more by mmap from now on, so a freed large tensor goes back
+    to the system at once, and keep up to 2·nbytes free at the heap's top (glibc's own ratio); False
+    where the C library is not glibc.
+
+    glibc raises its threshold to the largest block freed so far (up to 32 MiB). After a prefill has
+    freed its large activations, the next large temporaries (a layer's codec work, attention of the
+    next layer) come from the heap, and a small tensor kept above them (a packed chunk) holds their
+    pages (`lowbit generate` with a packed KV cache peaked above the float cache it is a quarter of).
+    Setting the thresholds stops glibc from moving them; they can be set again. The heap's top is
+    kept as glibc would: trimming it at every freed step cut SmolLM2's decode speed by half."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * DECODE_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False

@@ -67,7 +67,9 @@ class PackedLayer(CacheLayerMixin):
             for a, b in ((0, stale), (stale, n)):
                 if b > a:
                     self._store(self.keys[..., a:b, :], self.values[..., a:b, :])
-            self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
+            # copies: a view (contiguous() returns an empty or single-head slice as is) would keep the whole
+            # float prompt's storage alive behind a residual of a few tokens
+            self.keys, self.values = self.keys[..., n:, :].clone(), self.values[..., n:, :].clone()
         states = self.read()                      # this step's queries may still read what is forgotten next
         self.forget()
         return states

@@ -41,13 +41,16 @@ def cache_nbytes(cache) -> int:
 
 @torch.no_grad()
 def generate_greedy(model: nn.Module, ids: Tensor, max_new_tokens: int, cache, eos: set[int] | None = None,
-                    progress=None) -> Generation:
-    """ids [1, T] prompt; greedy next tokens until max_new_tokens or an eos id; `cache` is filled in place."""
+                    progress=None, after_prefill=None) -> Generation:
+    """ids [1, T] prompt; greedy next tokens until max_new_tokens or an eos id; `cache` is filled in place;
+    after_prefill() is called between the prompt's forward and the first decode step."""
     start = time.perf_counter()
     # only the last position's logits: the whole prompt's would be [T, vocab] (1.6 GB at 8k for a 49k vocabulary)
     out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[0, -1].argmax()
     prefill = time.perf_counter() - start
+    if after_prefill is not None:
+        after_prefill()
     new = [int(token)]
     start = time.perf_counter()
     while len(new) < max_new_tokens and not (eos and new[-1] in eos):

@@ -73,6 +73,28 @@ def test_cache_bytes_match_the_bits_claimed(tiny):
     assert cache.bytes_per_token() == cache.nbytes / 40
 
 
+def _held_bytes(layer) -> int:
+    """Bytes of every storage a packed layer's tensors keep alive (each storage once)."""
+    tensors = [layer.keys, layer.values] + [t for chunk in layer.chunks for c in chunk for p in c.parts
+                                            for t in (p.packed, *p.side.values())]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("config", [KvCacheConfig("int", 8), KvCacheConfig("kivi", 2, group=4, residual=8),
+                                    KvCacheConfig("turboquant", 3)], ids=lambda c: c.name)
+def test_the_cache_holds_no_more_memory_than_its_bytes(tiny, config):
+    # the float prompt must not live on behind the residual's views: a 40-token prefill, then 5 steps
+    cache = QuantizedKVCache(config, tiny.dims.n_layers)
+    with torch.no_grad():
+        tiny.model(torch.randint(0, 257, (1, 40)), past_key_values=cache, use_cache=True)
+        for t in range(5):
+            tiny.model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        state = layer.k_codec.state_nbytes + layer.v_codec.state_nbytes
+        assert _held_bytes(layer) == layer.nbytes - state
+
+
 def test_generation_is_deterministic_and_float_equals_transformers(tiny):
     ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(1))
     runs = [tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
@@ -84,8 +106,11 @@ def test_generation_is_deterministic_and_float_equals_transformers(tiny):
     from lowbit.kv.generate import generate_greedy
 
     plain = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
-    ours = generate_greedy(tiny.model, ids, 10, DynamicCache(config=tiny.model.config))
+    cache = DynamicCache(config=tiny.model.config)
+    seen = []                                  # what the cache held when after_prefill ran: the prompt alone
+    ours = generate_greedy(tiny.model, ids, 10, cache, after_prefill=lambda: seen.append(cache.get_seq_length()))
     assert torch.equal(ours.tokens, plain[0, ids.shape[1]:])          # the float cache: transformers' own tokens
+    assert seen == [ids.shape[1]]
 
 
 @pytest.fixture(scope="module")
