@@ -43,15 +43,15 @@ DECODE_MMAP_THRESHOLD = 32 << 20
 
 def pin_mmap_threshold(nbytes: int = PREFILL_MMAP_THRESHOLD) -> bool:
     """Serve every allocation of `nbytes` or more by mmap from now on, so a freed large tensor goes back
-    to the system at once, and keep up to 2·nbytes free at the heap's top (glibc's own ratio); False
-    where the C library is not glibc.
+    to the system at once, and trim the heap's top past 64 MiB free (glibc's own rule at its largest
+    threshold); False where the C library is not glibc.
 
     glibc raises its threshold to the largest block freed so far (up to 32 MiB). After a prefill has
     freed its large activations, the next large temporaries (a layer's codec work, attention of the
     next layer) come from the heap, and a small tensor kept above them (a packed chunk) holds their
     pages (`lowbit generate` with a packed KV cache peaked above the float cache it is a quarter of).
-    Setting the thresholds stops glibc from moving them; they can be set again. The heap's top is
-    kept as glibc would: trimming it at every freed step cut SmolLM2's decode speed by half."""
+    Setting the thresholds stops glibc from moving them; they can be set again. Trimming the heap's top
+    at glibc's small default instead halved SmolLM2's decode speed (every step regrew it)."""
     import ctypes
     import platform
 
@@ -59,6 +59,7 @@ def pin_mmap_threshold(nbytes: int = PREFILL_MMAP_THRESHOLD) -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * DECODE_MMAP_THRESHOLD))
+        return (bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+                and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * DECODE_MMAP_THRESHOLD)))
     except (OSError, AttributeError):
         return False
