@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     # from before the load (whose freed buffers would otherwise shape the heap): the prefill's large one-off
     # temporaries go back to the system at once; the decode steps' same-sized ones are reused from the heap
-    # (mmap for each cost up to a third of the decode speed)
+    # (an mmap for each slowed decoding in development)
     pinned = rss.pin_mmap_threshold(rss.PREFILL_MMAP_THRESHOLD)
     loaded = load(args.model)
     model = loaded.model

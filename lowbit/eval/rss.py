@@ -51,7 +51,7 @@ def pin_mmap_threshold(nbytes: int = PREFILL_MMAP_THRESHOLD) -> bool:
     next layer) come from the heap, and a small tensor kept above them (a packed chunk) holds their
     pages (`lowbit generate` with a packed KV cache peaked above the float cache it is a quarter of).
     Setting the thresholds stops glibc from moving them; they can be set again. Trimming the heap's top
-    at glibc's small default instead halved SmolLM2's decode speed (every step regrew it)."""
+    at glibc's small default instead slowed decoding in development (every step regrew it)."""
     import ctypes
     import platform
 
