@@ -13,7 +13,8 @@
             its own per setting: decode tokens/s, the cache's bytes per token, peak RSS; ratios against
             the float cache of the same run.
   diagnose  why K resists per-token quantizers (lowbit/kv/diagnose.py): per layer, the attention KL of K
-            quantized alone by each K quantizer, with and without its per-channel mean taken out, and
+            quantized alone by each K quantizer, with and without its per-channel mean taken out, over
+            scale_k's scales or not (key_stats: measured on the calibration text), and
             how much of K is per-channel bias and how alike neighbouring tokens are (one window of
             --diagnose-tokens).
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import EVAL_TEXT, REPO, machine, run_measured, table
+from common import CALIB_TEXT, EVAL_TEXT, REPO, machine, run_measured, table
 
 from lowbit.kv.config import KvCacheConfig
 
@@ -51,6 +52,9 @@ ROWS = {   # label -> KvCacheConfig (None: the float cache)
     "turboquant2": KvCacheConfig("turboquant", 2),
     "turboquant3.5-kcenter": KvCacheConfig("turboquant", 3.5, center_k=True),
     "turboquant2.5-kcenter": KvCacheConfig("turboquant", 2.5, center_k=True),
+    "turboquant3.5-kscale": KvCacheConfig("turboquant", 3.5, scale_k=True),   # scales: key_stats()
+    "turboquant3.5-kcenter-kscale": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True),
+    "turboquant2.5-kcenter-kscale": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True),
     "turboquant3.5-qjl": KvCacheConfig("turboquant", 3.5, qjl=True),
     "turboquant2.5-qjl": KvCacheConfig("turboquant", 2.5, qjl=True),
 }
@@ -58,18 +62,44 @@ MAIN_ROWS = ["float", "int8", "int4", "int2", "kivi4-r128", "kivi2-r128", "turbo
 STAGES = ("ppl", "long", "passkey", "generate", "diagnose")
 
 
-class CacheView(nn.Module):
-    """`base` whose attention reads K/V through `config` (None: the float cache) while it runs."""
+def key_stats(model: str, loaded=None) -> Path:
+    """The scale_k rows' q/K statistics of `model` (lowbit.kv.key_scales on the calibration text, the
+    measurement `--kv-scale-k CALIB_TEXT` makes), measured once and kept in the model's work folder."""
+    import kv_inputs
+    from lowbit.data.text import read_text
+    from lowbit.kv import key_scales
+    from lowbit.models.load import load
 
-    def __init__(self, base: nn.Module, spec, config: KvCacheConfig | None):
+    path = kv_inputs.work_dir(model) / "key_stats.safetensors"
+    if not path.exists():
+        loaded = loaded or load(model)
+        key_scales.save(key_scales.measure_text(loaded, read_text(CALIB_TEXT)), path, model)
+    return path
+
+
+def row_scales(model: str, config: KvCacheConfig | None, loaded=None) -> dict | None:
+    """{layer: [H, D]} K scales for a scale_k row, else None."""
+    if config is None or not config.scale_k:
+        return None
+    from lowbit.kv import key_scales
+
+    return key_scales.load(key_stats(model, loaded)).scales(config.center_k)
+
+
+class CacheView(nn.Module):
+    """`base` whose attention reads K/V through `config` (None: the float cache; `scales`: scale_k's) while it runs."""
+
+    def __init__(self, base: nn.Module, spec, config: KvCacheConfig | None, scales: dict | None = None):
         super().__init__()
-        self.base, self.spec, self.kv = [base], spec, config
+        self.base, self.spec, self.kv, self.scales = [base], spec, config, scales
         self.config = base.config
 
     def forward(self, *args, **kwargs):
         base = self.base[0]
         for layer in base.get_submodule(self.spec.layers):
-            layer.get_submodule(self.spec.attention).lowbit_kvcache = self.kv
+            attention = layer.get_submodule(self.spec.attention)
+            attention.lowbit_kvcache = self.kv
+            attention.lowbit_kv_scale = self.scales[attention.layer_idx] if self.scales else None
         return base(*args, **kwargs)
 
     def get_decoder(self):                      # evaluate_many's blocked scoring of long windows
@@ -79,7 +109,7 @@ class CacheView(nn.Module):
         return self.base[0].get_output_embeddings()
 
 
-def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor) -> float:
+def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor, scales: dict | None = None) -> float:
     """Stored bits per cached value under `config`: layer 0's K of the first 512 tokens encoded by the
     K and the V codec (the stored size depends on the shapes and the method, not on the values)."""
     from lowbit.kv.codec import KvCodec
@@ -97,7 +127,7 @@ def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor) -> f
     k = seen["k"].view(1, 512, -1, D).transpose(1, 2)          # [1, T, kv*D] -> [1, kv, T, D]
     total = 0
     for which in "kv":
-        codec = KvCodec(config, D, 0, which)
+        codec = KvCodec(config, D, 0, which, scales[0] if scales else None)
         total += codec.encode(k).nbytes
     return total * 8 / (2 * k.numel())
 
@@ -111,10 +141,11 @@ def perplexity(model: str, rows: list[str], ctx: int, windows: int) -> dict:
 
     loaded = load(model)
     ids = tokenize(loaded.tokenizer, read_text(EVAL_TEXT).text)
-    bits = {r: bits_per_value(ROWS[r], loaded, ids) for r in rows}
+    scales = {r: row_scales(model, ROWS[r], loaded) for r in rows}
+    bits = {r: bits_per_value(ROWS[r], loaded, ids, scales[r]) for r in rows}
     reference = load(model).model                        # a second copy: the float cache, plain SDPA
     install_kv_cache(loaded.model, loaded.spec, KvCacheConfig("int", 8))
-    views = {r: CacheView(loaded.model, loaded.spec, ROWS[r]) for r in rows}
+    views = {r: CacheView(loaded.model, loaded.spec, ROWS[r], scales[r]) for r in rows}
     results = evaluate_many(views, ids, ctx, windows, reference=reference, reference_name=f"{model} float cache")
     fp = results.get("float")
     return {r: {"ppl": res.ppl, "kld": res.kld.mean, "kld_p99": res.kld.p99, "top1_changed": res.kld.top1_changed,
@@ -140,8 +171,9 @@ def passkey(model: str, rows: list[str]) -> dict:
     out = {}
     for r in rows:
         cfg, start, answers = ROWS[r], time.perf_counter(), []
+        scales = row_scales(model, cfg, loaded)
         for i in range(len(meta)):
-            cache = (QuantizedKVCache.for_model(cfg, loaded.model.config) if cfg
+            cache = (QuantizedKVCache.for_model(cfg, loaded.model.config, scales) if cfg
                      else DynamicCache(config=loaded.model.config))
             answers.append(loaded.tokenizer.decode(generate_greedy(loaded.model, prompts[f"ids_{i}"], 8, cache).tokens,
                                                    skip_special_tokens=True))
@@ -157,19 +189,21 @@ def diagnosis(model: str, tokens: int) -> dict:
     from lowbit.kv.diagnose import diagnose
     from lowbit.models.load import load
 
+    from lowbit.kv import key_scales
+
     loaded = load(model)
     ids = tokenize(loaded.tokenizer, read_text(EVAL_TEXT).text)
     start = 5000
-    result = diagnose(loaded, ids[start:start + tokens])
-    print(table(["K quantizer", "attention KL", "K centered"],
-                [[n, v["plain"], v["centered"]] for n, v in result["mean"].items()]))
+    result = diagnose(loaded, ids[start:start + tokens], key_scales.load(key_stats(model, loaded)))
+    print(table(["K quantizer", "attention KL", "K centered", "K scaled", "K centered, scaled"],
+                [[n, v["plain"], v["centered"], v["scaled"], v["centered_scaled"]] for n, v in result["mean"].items()]))
     print(f"K energy in per-channel means {result['bias_share']:.2f}; "
           f"variance inside 32-token groups / across the window {result['within_group_var']:.2f}")
     return {"window_start": start, "tokens": tokens, **result}
 
 
-def kv_flags(config: KvCacheConfig | None) -> list[str]:
-    """`lowbit generate` flags for a setting."""
+def kv_flags(config: KvCacheConfig | None, model: str = "") -> list[str]:
+    """`lowbit generate` flags for a setting (scale_k: the model's saved statistics, key_stats)."""
     if config is None:
         return []
     flags = ["--kv", config.method, "--kv-bits", f"{config.bits:g}", "--kv-residual", str(config.residual)]
@@ -178,7 +212,8 @@ def kv_flags(config: KvCacheConfig | None) -> list[str]:
     if config.axis != "token":
         flags += ["--kv-axis", config.axis]
     return (flags + (["--kv-sym"] if config.symmetric else []) + (["--kv-qjl"] if config.qjl else [])
-            + (["--kv-center-k"] if config.center_k else []))
+            + (["--kv-center-k"] if config.center_k else [])
+            + (["--kv-scale-k", str(key_stats(model))] if config.scale_k else []))
 
 
 def generation(model: str, rows: list[str], threads: int) -> dict:
@@ -194,14 +229,14 @@ def generation(model: str, rows: list[str], threads: int) -> dict:
             summary = Path(tmp) / "gen.json"
             wall, rss, _ = run_measured([sys.executable, "-m", "lowbit", "-q", "generate", model, "--prompt-file",
                                          str(prompt), "--max-new-tokens", str(kv_inputs.GEN_NEW), "--json",
-                                         str(summary), *kv_flags(ROWS[r])], threads)
+                                         str(summary), *kv_flags(ROWS[r], model)], threads)
             rec = json.loads(summary.read_text())
         out[r] = {**{k: rec[k] for k in ("prompt_tokens", "prefill_seconds", "decode_seconds",
                                           "decode_tokens_per_second", "cache_bytes", "text", "rss_after_load_mib",
                                           "generation_peak_rss_mib", "mmap_threshold_pinned") if k in rec},
                   "bytes_per_token": rec["cache_bytes_per_token"], "peak_rss_mib": rss, "wall_seconds": wall, "threads": threads,
                   "command": f"lowbit generate {model} --prompt-file {prompt.name} --max-new-tokens "
-                             f"{kv_inputs.GEN_NEW} {' '.join(kv_flags(ROWS[r]))}".strip()}
+                             f"{kv_inputs.GEN_NEW} {' '.join(kv_flags(ROWS[r], model))}".strip()}
         print(f"generate {r}: {out[r]['decode_tokens_per_second']:.1f} tok/s, {out[r]['bytes_per_token']:.0f} B/token, "
               f"{rss} MiB (generation alone: {out[r].get('generation_peak_rss_mib')} MiB)", flush=True)
     if "float" in out:

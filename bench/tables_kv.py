@@ -12,7 +12,11 @@ NOMINAL = {"int8": 8, "int4": 4, "int2": 2, "int4-kchannel": 4, "int2-kchannel":
            "turboquant4": 4, "turboquant2": 2}
 ORDER = ("float", "int8", "int4", "int2", "int4-kchannel", "int2-kchannel", "kivi4-r128", "kivi2-r128", "turboquant4",
          "turboquant3.5", "turboquant3", "turboquant2.5", "turboquant2", "turboquant3.5-kcenter", "turboquant2.5-kcenter",
+         "turboquant3.5-kscale", "turboquant3.5-kcenter-kscale", "turboquant2.5-kcenter-kscale",
          "turboquant3.5-qjl", "turboquant2.5-qjl")
+TARGETS = (("turboquant3.5", 0.01), ("turboquant3.5-kcenter", 0.01), ("turboquant3.5-kscale", 0.01),
+           ("turboquant3.5-kcenter-kscale", 0.01), ("turboquant2.5", 0.03), ("turboquant2.5-kcenter", 0.03),
+           ("turboquant2.5-kcenter-kscale", 0.03), ("kivi2-r128", 0.05))
 
 
 def _ordered(rows: dict) -> dict:
@@ -85,8 +89,7 @@ def _values(d: dict) -> int | None:
 
 def _targets(facts: dict) -> list[str]:
     rows, pk, lines = facts["ppl"], facts["passkey"], []
-    for name, limit in (("turboquant3.5", 0.01), ("turboquant3.5-kcenter", 0.01), ("turboquant2.5", 0.03),
-                        ("turboquant2.5-kcenter", 0.03), ("kivi2-r128", 0.05)):
+    for name, limit in TARGETS:
         if name in rows and "ppl_increase" in rows[name]:
             inc = rows[name]["ppl_increase"]
             lines.append(f"- `{name}` within {100 * limit:.0f}% of the float cache's perplexity: {100 * inc:+.2f}% — "
@@ -100,7 +103,7 @@ def _targets(facts: dict) -> list[str]:
         lines.append(f"- lowbit's {bits}-bit rows at most the increase of {peer['peer']} ({100 * inc:+.2f}%): "
                      + ", ".join(f"`{n}` {100 * v:+.2f}%" for n, v in ours.items())
                      + f" — {'met' if not worse else 'missed by ' + ', '.join(worse)}")
-    for name in ("turboquant3.5", "turboquant3.5-kcenter"):
+    for name in ("turboquant3.5", "turboquant3.5-kcenter", "turboquant3.5-kscale", "turboquant3.5-kcenter-kscale"):
         if "float" in pk and name in pk:
             a, b = pk["float"]["accuracy"], pk[name]["accuracy"]
             lines.append(f"- passkey at 3.5 bits (`{name}`) equal to float's: {_passkey(pk[name])} vs "
@@ -115,9 +118,13 @@ def _diagnosis(dg: dict | None) -> str:
     worst = max(dg["layers"], key=lambda r: r["attention_kl"]["turboquant3.5"]["plain"])
     return (f"\n\nWhy K resists per-token quantizers (`--stage diagnose`: one window of {dg['tokens']} tokens from token "
             f"{dg['window_start']}; K quantized alone, the model's own queries; attention KL averaged over the layers, "
-            "on K as it is and on K with its per-channel mean taken out before quantization and added back):\n\n"
-            + table(["K quantizer", "attention KL", "K centered"],
-                    [[n, sig(v["plain"], 3), sig(v["centered"], 3)] for n, v in dg["mean"].items()], {1, 2})
+            "on K as it is and on K with its per-channel mean taken out before quantization and added back; scaled: "
+            "over `--kv-scale-k`'s per-channel scales, multiplied back after):\n\n"
+            + (table(["K quantizer", "attention KL", "K centered", "K scaled", "K centered, scaled"],
+                     [[n, *(sig(v[h], 3) for h in ("plain", "centered", "scaled", "centered_scaled"))]
+                      for n, v in dg["mean"].items()], {1, 2, 3, 4}) if "scaled" in next(iter(dg["mean"].values()))
+               else table(["K quantizer", "attention KL", "K centered"],
+                          [[n, sig(v["plain"], 3), sig(v["centered"], 3)] for n, v in dg["mean"].items()], {1, 2}))
             + f"\n\nK's energy in its per-channel means: {100 * dg['bias_share']:.0f}% (layer mean); a channel's "
               f"variance inside 32-token groups over its variance across the window: {dg['within_group_var']:.2f}; "
               f"the layer where turboquant3.5 costs most: {worst['layer']} "
@@ -172,7 +179,9 @@ def kv_page() -> str:
              "convention, KLD against the float cache. A window's tokens read the quantized K/V of every earlier "
              "token of that window (KIVI rows: the newest 128 to 159 in float). bits/value: the packed codes and "
              "their side data per cached value. Passkey: a 5-digit key hidden at 25% and 75% depth in prompts of "
-             "1k to 8k tokens of the evaluation text, 8 greedy tokens. decode tok/s, cache B/token, generation peak "
+             "1k to 8k tokens of the evaluation text, 8 greedy tokens. kscale rows: K over per-channel scales "
+             "(E[k²]/E[q²])^¼ from the model's own q and K on 4 × 1024 tokens of the calibration text (WikiText-2 "
+             "validation), `--kv-scale-k`. decode tok/s, cache B/token, generation peak "
              "RSS: `lowbit generate` after an 8128-token prompt, 64 new tokens, one process per row (ratios against "
              "the float cache of the same run); the peak is the process's from the end of the model's load to the "
              "end of the generation (the load's own peak reset through /proc/self/clear_refs). Peers (`bench/peers/kv_peers.py`): transformers' QuantizedCache "

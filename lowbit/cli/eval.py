@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 from ..log import logger
-from .kv_args import add_kv_args, install, kv_config
+from .kv_args import add_kv_args, install, key_scales, kv_config
 from .table import table
 
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     loaded = load(args.model)
     check_ctx(loaded.model, args.ctx)
-    kv_line = install(loaded, kv) if kv is not None else ""
+    kv_line = install(loaded, kv, key_scales(args, loaded, kv)) if kv is not None else ""
     ref_arg = _reference(args, loaded)
     reference = load(ref_arg).model if ref_arg else None
     if reference is not None and reference.config.vocab_size != loaded.model.config.vocab_size:

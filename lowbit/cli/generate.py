@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import LowbitError
-from .kv_args import add_kv_args, kv_config
+from .kv_args import add_kv_args, key_scales, kv_config
 from .table import table
 
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise LowbitError(str(e)) from None
         if any(getattr(m, "lowbit_kv", None) is not None for m in model.modules()):
             raise LowbitError("this model already quantizes its KV cache (its recipe's kv_cache): --kv cannot be added")
-        cache = QuantizedKVCache.for_model(kv, model.config)
+        cache = QuantizedKVCache.for_model(kv, model.config, key_scales(args, loaded, kv))
     else:
         cache = DynamicCache(config=model.config)
     eos = loaded.tokenizer.eos_token_id

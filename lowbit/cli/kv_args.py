@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import LowbitError
 
@@ -12,6 +13,7 @@ KV_CONVENTION = ("KV cache {name}: K (after RoPE) and V quantized as they are wr
 
 def add_kv_args(p: argparse.ArgumentParser) -> None:
     from ..kv.config import METHODS
+    from ..kv.key_scales import CALIB_SAMPLES, CALIB_SEQ_LEN
 
     g = p.add_argument_group("KV cache (quantized as generation would store it; docs/kv_cache.md)")
     g.add_argument("--kv", choices=METHODS, default=None, help="quantize the KV cache with this method")
@@ -29,6 +31,13 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-qjl", action="store_true", help="turboquant only: K's last bit as the QJL residual")
     g.add_argument("--kv-center-k", action="store_true", help="turboquant, int per token: K less its per-channel "
                    "mean over the first write (stored once per head)")
+    g.add_argument("--kv-scale-k", default=None, metavar="CALIB",
+                   help="turboquant, int per token: divide K by per-channel scales (E[k²]/E[q²])^1/4 before "
+                        "quantizing, so the error lands where queries are small; CALIB: calibration text (a file "
+                        "or HF dataset; %d windows of %d tokens, about a minute) or a .safetensors file of "
+                        "--kv-scales-out" % (CALIB_SAMPLES, CALIB_SEQ_LEN))
+    g.add_argument("--kv-scales-out", default=None, metavar="FILE",
+                   help="write the statistics --kv-scale-k measured (a .safetensors file, reusable as CALIB)")
     g.add_argument("--kv-seed", default="0", help="turboquant's rotation and QJL seed (default 0)")
 
 
@@ -39,7 +48,11 @@ def kv_config(args: argparse.Namespace, ctx: int | None = None):
     if args.kv is None:
         if args.kv_bits is not None and args.kv_bits != 16:
             raise LowbitError("--kv-bits needs --kv METHOD (int, kivi, turboquant)")
+        if args.kv_scale_k is not None:
+            raise LowbitError("--kv-scale-k needs --kv METHOD (turboquant, int)")
         return None
+    if args.kv_scales_out is not None and args.kv_scale_k is None:
+        raise LowbitError("--kv-scales-out needs --kv-scale-k CALIB")
     if args.kv_bits is None:
         raise LowbitError(f"--kv {args.kv} needs --kv-bits")
     if args.kv_bits == 16:
@@ -51,7 +64,7 @@ def kv_config(args: argparse.Namespace, ctx: int | None = None):
     bits = int(args.kv_bits) if float(args.kv_bits).is_integer() else args.kv_bits
     try:
         config = KvCacheConfig(args.kv, bits, args.kv_group, args.kv_residual, args.kv_axis, args.kv_sym,
-                               args.kv_qjl, seed, args.kv_center_k)
+                               args.kv_qjl, seed, args.kv_center_k, args.kv_scale_k is not None)
         if ctx is not None:
             config.check_context(ctx)
     except ValueError as e:
@@ -59,7 +72,34 @@ def kv_config(args: argparse.Namespace, ctx: int | None = None):
     return config
 
 
-def install(loaded, config) -> str:
+def key_scales(args: argparse.Namespace, loaded, config):
+    """{layer: [H, D]} K scales for scale_k (measured on --kv-scale-k's text, or read from its file), or None."""
+    if config is None or not config.scale_k:
+        return None
+    from ..kv import key_scales as ks
+
+    c = loaded.model.config
+    shape = (c.num_hidden_layers, c.num_key_value_heads,
+             getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    source = args.kv_scale_k
+    try:
+        if source.endswith(".safetensors"):
+            if not Path(source).is_file():
+                raise LowbitError(f"--kv-scale-k {source}: no such file")
+            stats = ks.load(source)
+        else:
+            from ..data.text import read_text
+
+            stats = ks.measure_text(loaded, read_text(source))
+            if args.kv_scales_out:
+                ks.save(stats, args.kv_scales_out, loaded.source.name)
+        stats.check(*shape)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+    return stats.scales(config.center_k)
+
+
+def install(loaded, config, scales=None) -> str:
     """Make loaded.model read its K/V as the packed cache would; the convention line. LowbitError
     (one line) when the model already quantizes its cache or its attention cannot be served."""
     from ..kv.attention import install_kv_cache
@@ -67,7 +107,7 @@ def install(loaded, config) -> str:
     if any(getattr(m, "lowbit_kv", None) is not None for m in loaded.model.modules()):
         raise LowbitError("this model already quantizes its KV cache (its recipe's kv_cache): --kv cannot be added")
     try:
-        install_kv_cache(loaded.model, loaded.spec, config)
+        install_kv_cache(loaded.model, loaded.spec, config, scales)
     except ValueError as e:
         raise LowbitError(f"--kv on {loaded.spec.family}: {e}") from None
     residual = f", except the newest {config.residual} tokens kept in float" if config.residual else ""

@@ -29,11 +29,13 @@ def flushed(T: int, residual: int, multiple: int) -> Tensor:
     return ((t + 1 - residual).clamp_min(0) // multiple) * multiple
 
 
-def cache_views(key: Tensor, value: Tensor, config: KvCacheConfig, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+def cache_views(key: Tensor, value: Tensor, config: KvCacheConfig, layer: int,
+                key_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(K_q, V_q, F): the window's K/V [B, H, T, D] as the cache would de-quantize them (the trailing
-    tokens of an incomplete token group left as they are: never read quantized) and F [T]."""
+    tokens of an incomplete token group left as they are: never read quantized) and F [T];
+    key_scale [H, D]: scale_k's K scales for this layer."""
     T, D = key.shape[-2], key.shape[-1]
-    k_codec, v_codec = KvCodec(config, D, layer, "k"), KvCodec(config, D, layer, "v")
+    k_codec, v_codec = KvCodec(config, D, layer, "k", key_scale), KvCodec(config, D, layer, "v")
     m = max(k_codec.token_multiple, v_codec.token_multiple)
     full = T // m * m                                                   # tokens in complete groups
     kq, vq = key.clone(), value.clone()
@@ -69,7 +71,7 @@ def kvcache_attention(module: nn.Module, query, key, value, attention_mask, **kw
     T = key.shape[-2]
     if config is None or query.shape[-2] != T:      # no cache config, or a generation step: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    kq, vq, F = cache_views(key, value, config, module.layer_idx)
+    kq, vq, F = cache_views(key, value, config, module.layer_idx, getattr(module, "lowbit_kv_scale", None))
     if bool((F == torch.arange(1, T + 1)).all()):     # every earlier token already quantized: K_q alone, own mask
         return sdpa_attention_forward(module, query, kq, vq, attention_mask, **kwargs)
     mask = split_mask(allowed_mask(attention_mask, T, T, key.device), F.to(key.device))
@@ -84,14 +86,19 @@ def _register() -> None:
     register_sdpa_attention(IMPLEMENTATION, kvcache_attention)
 
 
-def install_kv_cache(model: nn.Module, spec, config: KvCacheConfig) -> None:
-    """Make every decoder layer's attention of `model` read K/V as the packed cache would (in place)."""
+def install_kv_cache(model: nn.Module, spec, config: KvCacheConfig, key_scales: dict[int, Tensor] | None = None) -> None:
+    """Make every decoder layer's attention of `model` read K/V as the packed cache would (in place);
+    key_scales: {layer: [H, D]} scale_k's K scales."""
     _register()
-    for layer in model.get_submodule(spec.layers):
+    layers = model.get_submodule(spec.layers)
+    if config.scale_k and (key_scales is None or set(key_scales) != set(range(len(layers)))):
+        raise ValueError(f"--kv-scale-k needs K scales for each of the {len(layers)} layers")
+    for layer in layers:
         attention = layer.get_submodule(spec.attention)
         if not hasattr(attention, "layer_idx") or not hasattr(attention, "head_dim"):
             raise ValueError(f"{type(attention).__name__}: the KV cache needs an attention module with layer_idx "
                              "and head_dim (transformers' attention interface)")
         KvCodec(config, attention.head_dim, attention.layer_idx, "v")      # validates the group against head_dim
         attention.lowbit_kvcache = config
+        attention.lowbit_kv_scale = key_scales[attention.layer_idx] if config.scale_k else None
     model.config._attn_implementation = IMPLEMENTATION

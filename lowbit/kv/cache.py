@@ -25,11 +25,12 @@ FORGET_STEP = 64
 
 
 class PackedLayer(CacheLayerMixin):
-    """One decoder layer's quantized K/V; `window`: the layer's sliding window (None: full attention)."""
+    """One decoder layer's quantized K/V; `window`: the layer's sliding window (None: full attention);
+    `key_scale` [H, D]: scale_k's K scales for this layer."""
 
-    def __init__(self, config: KvCacheConfig, layer: int, window: int | None = None):
+    def __init__(self, config: KvCacheConfig, layer: int, window: int | None = None, key_scale: Tensor | None = None):
         super().__init__()
-        self.config, self.layer, self.window = config, layer, window
+        self.config, self.layer, self.window, self.key_scale = config, layer, window, key_scale
         self.is_sliding = window is not None      # the mask of sliding layers is built from the first one's sizes
         self.chunks: list[tuple[Chunk, Chunk]] = []
         self.seen = 0
@@ -38,7 +39,7 @@ class PackedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         D = key_states.shape[-1]
-        self.k_codec = KvCodec(self.config, D, self.layer, "k")
+        self.k_codec = KvCodec(self.config, D, self.layer, "k", self.key_scale)
         self.v_codec = KvCodec(self.config, D, self.layer, "v")
         self.multiple = max(self.k_codec.token_multiple, self.v_codec.token_multiple)
         self.is_initialized = True
@@ -134,23 +135,30 @@ class PackedLayer(CacheLayerMixin):
 
 class QuantizedKVCache(Cache):
     """The packed cache for `num_layers` decoder layers under `config`; `windows[i]`: layer i's
-    sliding window, or None for full attention (no windows: every layer keeps every token)."""
+    sliding window, or None for full attention (no windows: every layer keeps every token);
+    `key_scales`: {layer: [H, D]} scale_k's K scales (key_scales.KeyStats.scales)."""
 
-    def __init__(self, config: KvCacheConfig, num_layers: int, windows: list[int | None] | None = None):
+    def __init__(self, config: KvCacheConfig, num_layers: int, windows: list[int | None] | None = None,
+                 key_scales: dict[int, Tensor] | None = None):
         windows = windows or [None] * num_layers
         if len(windows) != num_layers:
             raise ValueError(f"{len(windows)} sliding windows for {num_layers} layers")
-        super().__init__(layers=[PackedLayer(config, i, w) for i, w in enumerate(windows)])
+        if config.scale_k and (key_scales is None or set(key_scales) != set(range(num_layers))):
+            raise ValueError(f"--kv-scale-k needs K scales for each of the {num_layers} layers")
+        scales = key_scales if config.scale_k else {}
+        super().__init__(layers=[PackedLayer(config, i, w, scales.get(i)) for i, w in enumerate(windows)])
         self.config = config
 
     @classmethod
-    def for_model(cls, config: KvCacheConfig, model_config) -> "QuantizedKVCache":
+    def for_model(cls, config: KvCacheConfig, model_config,
+                  key_scales: dict[int, Tensor] | None = None) -> "QuantizedKVCache":
         """The cache for a transformers model: its sliding layers (config.layer_types) forget what
         their window no longer shows, as the model's own DynamicCache does."""
         n = model_config.num_hidden_layers
         kinds = getattr(model_config, "layer_types", None) or ["full_attention"] * n
         window = getattr(model_config, "sliding_window", None)
-        return cls(config, n, [window if kind == "sliding_attention" and window else None for kind in kinds])
+        return cls(config, n, [window if kind == "sliding_attention" and window else None for kind in kinds],
+                   key_scales)
 
     @property
     def nbytes(self) -> int:

@@ -38,10 +38,19 @@ class Chunk:
 
 
 class KvCodec:
-    """Encodes/decodes one layer's K or V ("k" / "v") under `config`; head_dim D."""
+    """Encodes/decodes one layer's K or V ("k" / "v") under `config`; head_dim D; `scale` [H, D]: scale_k's
+    per-channel K scales for this layer (key_scales.py), required for K when config.scale_k."""
 
-    def __init__(self, config: KvCacheConfig, head_dim: int, layer: int, which: str):
+    def __init__(self, config: KvCacheConfig, head_dim: int, layer: int, which: str, scale: Tensor | None = None):
         self.config, self.D, self.which = config, head_dim, which
+        self.scale: Tensor | None = None
+        if config.scale_k and which == "k":
+            if scale is None:
+                raise ValueError("--kv-scale-k needs the K scales of every layer (key_scales.py), none given for "
+                                 f"layer {layer}")
+            if scale.shape[-1] != head_dim or scale.dim() != 2:
+                raise ValueError(f"K scales of shape {list(scale.shape)} for a head_dim of {head_dim}")
+            self.scale = scale.to(torch.float16).to(torch.float32)
         self.seed = config.seed * 1000 + 2 * layer + (which == "v")
         # int's default: 64 values (quanto's q_group_size; one group across Gemma 3's 256-wide heads was far
         # worse in development), or the whole head when 64 does not divide it
@@ -75,10 +84,11 @@ class KvCodec:
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes fixed on the first write: a fractional split's channel order (a byte per channel) and
-        center_k's float16 mean per channel, per head."""
+        """Bytes fixed on the first write or before: a fractional split's channel order (a byte per channel),
+        center_k's float16 mean and scale_k's float16 scale per channel, per head."""
         split = self.split.numel() if self.split is not None and len(self._parts(None)) > 1 else 0
-        return split + (2 * self.mean.numel() if self.mean is not None else 0)
+        scale = 2 * self.scale.numel() if self.scale is not None else 0
+        return split + (2 * self.mean.numel() if self.mean is not None else 0) + scale
 
     def _centered(self, x: Tensor) -> Tensor:
         """x less the per-channel mean (fixed on the first write: the prompt in generation, the window
@@ -89,6 +99,14 @@ class KvCodec:
             dt = compute_dtype(x)
             self.mean = x.to(dt).mean(dim=(0, 2)).to(torch.float16).to(dt)       # [B, H, T, D] -> [H, D]
         return x - self.mean[None, :, None, :].to(x.dtype)
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        """x [B, H, T, D] over scale_k's per-channel scales (what is quantized)."""
+        if self.scale is None:
+            return x
+        if self.scale.shape[0] != x.shape[1]:
+            raise ValueError(f"K scales for {self.scale.shape[0]} heads, the layer has {x.shape[1]}")
+        return x / self.scale[None, :, None, :].to(x.dtype)
 
     # ------------------------------------------------------------------ turboquant's parts
     def _parts(self, x: Tensor) -> list[tuple[int, int]]:
@@ -133,7 +151,7 @@ class KvCodec:
         if T % self.token_multiple:
             raise ValueError(f"{T} tokens do not fill groups of {self.token_multiple}")
         c = self.config
-        x = self._centered(x)
+        x = self._scaled(self._centered(x))
         if c.method in ("int", "kivi"):
             bits = int(c.bits)
             if self.per_channel:
@@ -152,6 +170,8 @@ class KvCodec:
     def decode(self, chunk: Chunk) -> Tensor:
         """float32 [B, H, T, D] of a chunk (float64 when the codec encoded float64)."""
         y = self._decode(chunk)
+        if self.scale is not None:
+            y = y * self.scale[None, :, None, :].to(y.dtype)
         return y + self.mean[None, :, None, :].to(y.dtype) if self.centers else y
 
     def _decode(self, chunk: Chunk) -> Tensor:

@@ -12,6 +12,10 @@
 center_k      per-token K (turboquant, int per token) minus its per-channel mean over the first write,
               stored once per head in float16 and added back on read: K's near-constant channels (57% of
               its energy on SmolLM2, 38% on Gemma 3) then cost a per-token quantizer little.
+scale_k       per-token K divided by per-channel scales s (per layer and head) before quantization and
+              multiplied back on read, s from the model's own q and K energies on calibration text
+              (key_scales.py): the quantization error then lands where queries are small. The scales
+              are supplied beside the config (a saved plan); the config only records that they are used.
 K is quantized after RoPE (what a cache holds; per-channel K keeps RoPE's paired channels apart).
 """
 from __future__ import annotations
@@ -28,7 +32,8 @@ class KvCacheConfig:
     """method, bits, group (int: along head_dim, default 64 where it divides head_dim, else head_dim; kivi: tokens per K group and V's
     group along head_dim, default 32), residual (newest tokens kept in float), axis (int only:
     "token" or "channel"), symmetric (int only), qjl (turboquant only), seed (turboquant's rotations),
-    center_k (per-token K less its per-channel mean over the first write)."""
+    center_k (per-token K less its per-channel mean over the first write), scale_k (per-token K over
+    calibrated per-channel scales, key_scales.py)."""
 
     method: str = "int"
     bits: float = 4
@@ -39,6 +44,7 @@ class KvCacheConfig:
     qjl: bool = False
     seed: int = 0
     center_k: bool = False
+    scale_k: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -64,6 +70,9 @@ class KvCacheConfig:
         if self.center_k and self.token_group() is not None:
             raise ValueError("--kv-center-k (center_k) applies to per-token K (turboquant, int per token): "
                              "per-channel K groups carry their own offsets")
+        if self.scale_k and self.token_group() is not None:
+            raise ValueError("--kv-scale-k (scale_k) applies to per-token K (turboquant, int per token): "
+                             "per-channel K groups carry their own scales")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"KV seed must be an integer, got {self.seed!r}")
 
@@ -78,6 +87,8 @@ class KvCacheConfig:
             parts.append("qjl")
         if self.center_k:
             parts.append("kcenter")
+        if self.scale_k:
+            parts.append("kscale")
         if self.residual:
             parts.append(f"r{self.residual}")
         return "-".join(parts)

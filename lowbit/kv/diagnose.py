@@ -5,7 +5,8 @@ For one window of the evaluation text, every layer's query and key (after RoPE) 
 K quantizer the layer's attention KL, mean over heads and queries of KL(softmax(s) ‖ softmax(ŝ)) with
 s = scaling·q·kᵀ under the model's mask and ŝ the same with K de-quantized, is measured twice: on K as
 it is, and on K with its per-channel mean over the window (per head) taken out before quantization and
-added back after (one float vector per head; tells whether the constant "bias" channels are the cost).
+added back after (one float vector per head; tells whether the constant "bias" channels are the cost),
+and, given scale_k's statistics, on K over its per-channel scales (key_scales.py), as it is and centered.
 Facts per layer: `bias_share`, the share of K's energy in those per-channel means, and
 `within_group_var`, the variance of a channel inside groups of 32 consecutive tokens over its variance
 across the window (small: neighbouring tokens agree, which a per-channel K group exploits and a
@@ -90,20 +91,26 @@ def k_facts(k: Tensor) -> dict:
     return {"bias_share": bias_share, "within_group_var": float(within.sum() / total.sum())}
 
 
-def diagnose(loaded, ids: Tensor) -> dict:
-    """{"layers": [...], "mean": {quantizer: {"plain", "centered"}}, "bias_share", "within_group_var"}
-    for the window `ids` [T] (the layers' means of the per-layer numbers)."""
+def diagnose(loaded, ids: Tensor, stats=None) -> dict:
+    """{"layers": [...], "mean": {quantizer: {"plain", "centered"[, "scaled", "centered_scaled"]}}, "bias_share",
+    "within_group_var"} for the window `ids` [T] (the layers' means of the per-layer numbers); with `stats`
+    (key_scales.KeyStats) also K over scale_k's scales, as it is and centered."""
     layers = []
+    scales = {False: stats.scales(False), True: stats.scales(True)} if stats is not None else None
     for layer, (q, k, allowed, scaling) in sorted(capture(loaded, ids).items()):
         mean = k.mean(dim=2, keepdim=True)
         row = {"layer": layer, **k_facts(k), "attention_kl": {}}
         for name, config in QUANTIZERS.items():
-            plain = KvCodec(config, k.shape[-1], layer, "k").roundtrip(k)
-            centered = KvCodec(config, k.shape[-1], layer, "k").roundtrip(k - mean) + mean
-            row["attention_kl"][name] = {"plain": attention_kl(q, k, plain, allowed, scaling),
-                                         "centered": attention_kl(q, k, centered, allowed, scaling)}
+            variants = {"plain": KvCodec(config, k.shape[-1], layer, "k").roundtrip(k),
+                        "centered": KvCodec(config, k.shape[-1], layer, "k").roundtrip(k - mean) + mean}
+            if scales is not None:
+                s, sc = (scales[c][layer][None, :, None, :].to(k.dtype) for c in (False, True))   # [H, D] -> [1, H, 1, D]
+                variants["scaled"] = KvCodec(config, k.shape[-1], layer, "k").roundtrip(k / s) * s
+                variants["centered_scaled"] = KvCodec(config, k.shape[-1], layer, "k").roundtrip((k - mean) / sc) * sc + mean
+            row["attention_kl"][name] = {how: attention_kl(q, k, k_hat, allowed, scaling) for how, k_hat in variants.items()}
         layers.append(row)
-    avg = {name: {how: sum(r["attention_kl"][name][how] for r in layers) / len(layers) for how in ("plain", "centered")}
+    hows = list(layers[0]["attention_kl"][next(iter(QUANTIZERS))])
+    avg = {name: {how: sum(r["attention_kl"][name][how] for r in layers) / len(layers) for how in hows}
            for name in QUANTIZERS}
     return {"layers": layers, "mean": avg,
             "bias_share": sum(r["bias_share"] for r in layers) / len(layers),

@@ -16,13 +16,6 @@ CONFIGS = [KvCacheConfig("int", 4), KvCacheConfig("int", 2, residual=5), KvCache
            KvCacheConfig("turboquant", 3, qjl=True, residual=2)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    loaded = load(str(tiny_llama_dir))
-    loaded.model.double()
-    return loaded
-
-
 def _stepwise(model, ids, cache):
     logits = []
     with torch.no_grad():
@@ -31,16 +24,17 @@ def _stepwise(model, ids, cache):
     return torch.stack(logits)
 
 
-def _one_pass(loaded, ids, config):
+def _one_pass(loaded, ids, config, scales=None):
     model, saved = loaded.model, loaded.model.config._attn_implementation
-    install_kv_cache(model, loaded.spec, config)
+    install_kv_cache(model, loaded.spec, config, scales)
     try:
         with torch.no_grad():
             return model(ids).logits[0]
     finally:
         model.config._attn_implementation = saved
         for layer in model.get_submodule(loaded.spec.layers):
-            del layer.get_submodule(loaded.spec.attention).lowbit_kvcache
+            attention = layer.get_submodule(loaded.spec.attention)
+            del attention.lowbit_kvcache, attention.lowbit_kv_scale
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
@@ -139,12 +133,31 @@ def test_fractional_turboquant_prefill_equals_the_one_pass_evaluation(tiny, tiny
         _prefill_equals_one_pass(loaded, config)
 
 
-def _prefill_equals_one_pass(loaded, config):
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_scaled_k_cache_equals_the_one_pass_evaluation(tiny, tiny_gemma, which):
+    """scale_k: prefill and then token by token, the cache's logits are the one-pass evaluation's (float64)."""
+    loaded = tiny if which == "llama" else tiny_gemma
+    c = loaded.model.config
+    g = torch.Generator().manual_seed(6)
+    scales = {i: torch.exp(torch.randn(c.num_key_value_heads, c.head_dim, generator=g)).half().float()
+              for i in range(c.num_hidden_layers)}
+    config = KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True)
+    _prefill_equals_one_pass(loaded, config, scales)
+    step_config = KvCacheConfig("int", 4, scale_k=True)
+    ids = torch.randint(0, 257, (1, 20), generator=g)
+    step = _stepwise(loaded.model, ids, QuantizedKVCache(step_config, loaded.dims.n_layers, key_scales=scales))
+    assert torch.allclose(step, _one_pass(loaded, ids, step_config, scales), atol=1e-9, rtol=0)
+    assert not torch.allclose(step, _one_pass(loaded, ids, KvCacheConfig("int", 4)), atol=1e-6)   # the scales act
+    with pytest.raises(ValueError, match="K scales for each"):
+        QuantizedKVCache(step_config, loaded.dims.n_layers)
+
+
+def _prefill_equals_one_pass(loaded, config, scales=None):
     ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        prefill = loaded.model(ids, past_key_values=QuantizedKVCache(config, loaded.dims.n_layers),
+        prefill = loaded.model(ids, past_key_values=QuantizedKVCache(config, loaded.dims.n_layers, key_scales=scales),
                                use_cache=True).logits[0]
-    assert torch.allclose(prefill, _one_pass(loaded, ids, config), atol=1e-9, rtol=0)
+    assert torch.allclose(prefill, _one_pass(loaded, ids, config, scales), atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),

@@ -8,13 +8,6 @@ import pytest
 from support import run_cli
 
 
-@pytest.fixture()
-def text(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text("the cat sat on the mat and the dog ate the bone " * 40)
-    return path
-
-
 def test_eval_with_a_quantized_cache_states_its_convention(capsys, tiny_llama_dir, text, tmp_path):
     out = tmp_path / "r.json"
     code, stdout, err = run_cli(capsys, "eval", tiny_llama_dir, "--text", text, "--ctx", "64", "--windows", "2",

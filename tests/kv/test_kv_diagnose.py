@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lowbit.kv.diagnose import GROUP, attention_kl, capture, diagnose, k_facts
-from lowbit.models.load import load
 
 
 def _causal(T):
@@ -45,13 +44,6 @@ def test_k_facts_bias_and_group_variance():
     assert k_facts(noise)["within_group_var"] == pytest.approx(1.0, abs=0.15)   # i.i.d.: no temporal structure
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    loaded = load(str(tiny_llama_dir))
-    loaded.model.double()
-    return loaded
-
-
 def test_captured_queries_and_keys_are_what_the_model_attends_with(tiny):
     ids = torch.randint(0, 257, (40,), generator=torch.Generator().manual_seed(3))
     seen = capture(tiny, ids)
@@ -83,3 +75,16 @@ def test_diagnose_ranks_finer_quantizers_as_cheaper(tiny):
     m = result["mean"]
     assert 0 < m["turboquant4"]["plain"] < m["turboquant2.5"]["plain"]
     assert all(v["plain"] >= 0 and v["centered"] >= 0 for v in m.values())
+
+
+def test_diagnose_with_unit_scales_repeats_the_unscaled_columns(tiny):
+    """Statistics whose q and K energies agree give scales of 1: the scaled columns equal the plain ones."""
+    from lowbit.kv.key_scales import KeyStats
+
+    ids = torch.randint(0, 257, (2 * GROUP,), generator=torch.Generator().manual_seed(5))
+    energy = {layer: torch.ones(2, 24, dtype=torch.float64) for layer in range(tiny.dims.n_layers)}
+    zeros = {layer: torch.zeros(2, 24, dtype=torch.float64) for layer in range(tiny.dims.n_layers)}
+    m = diagnose(tiny, ids, KeyStats(energy, energy, zeros, 1, "t"))["mean"]
+    for v in m.values():
+        assert v["scaled"] == pytest.approx(v["plain"], rel=1e-9)
+        assert v["centered_scaled"] == pytest.approx(v["centered"], rel=1e-9)
