@@ -8,11 +8,11 @@ from tables_format import MODELS, RESULTS, fixed, header_lines, model_sections, 
 
 KV_MODELS = ("smollm2-135m", "gemma3-270m")
 PEER_DIR = RESULTS / "peers" / "kv_cache"
-NOMINAL = {"int8": 8, "int4": 4, "int2": 2, "int4-kchannel": 4, "int2-kchannel": 2, "kivi4-r128": 4, "kivi2-r128": 2,
+NOMINAL = {"int8": 8, "int4": 4, "int4-kscale": 4, "int4-kcenter-kscale": 4, "int2": 2, "int4-kchannel": 4, "int2-kchannel": 2, "kivi4-r128": 4, "kivi2-r128": 2,
            "turboquant4": 4, "turboquant2": 2}
 ORDER = ("float", "int8", "int4", "int2", "int4-kchannel", "int2-kchannel", "kivi4-r128", "kivi2-r128", "turboquant4",
          "turboquant3.5", "turboquant3", "turboquant2.5", "turboquant2", "turboquant3.5-kcenter", "turboquant2.5-kcenter",
-         "turboquant3.5-kscale", "turboquant3.5-kcenter-kscale", "turboquant2.5-kcenter-kscale",
+         "turboquant3.5-kscale", "turboquant3.5-kcenter-kscale", "turboquant2.5-kcenter-kscale", "int4-kscale", "int4-kcenter-kscale",
          "turboquant3.5-qjl", "turboquant2.5-qjl")
 TARGETS = (("turboquant3.5", 0.01), ("turboquant3.5-kcenter", 0.01), ("turboquant3.5-kscale", 0.01),
            ("turboquant3.5-kcenter-kscale", 0.01), ("turboquant2.5", 0.03), ("turboquant2.5-kcenter", 0.03),

@@ -10,6 +10,7 @@ from lowbit.kv.attention import flushed, install_kv_cache
 from lowbit.kv.cache import QuantizedKVCache
 from lowbit.kv.config import KvCacheConfig
 from lowbit.models.load import load
+from kv_fixtures import tiny  # noqa: F401  (pytest fixtures)
 
 CONFIGS = [KvCacheConfig("int", 4), KvCacheConfig("int", 2, residual=5), KvCacheConfig("int", 3, axis="channel", group=4),
            KvCacheConfig("kivi", 2, group=4, residual=8), KvCacheConfig("turboquant", 3),

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from support import run_cli
+from kv_fixtures import text  # noqa: F401  (pytest fixtures)
 
 
 def test_eval_with_a_quantized_cache_states_its_convention(capsys, tiny_llama_dir, text, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowbit.kv.diagnose import GROUP, attention_kl, capture, diagnose, k_facts
+from kv_fixtures import tiny  # noqa: F401  (pytest fixtures)
 
 
 def _causal(T):

@@ -13,6 +13,7 @@ from lowbit.kv.codec import KvCodec
 from lowbit.kv.config import KvCacheConfig
 from lowbit.models.load import load
 from support import run_cli
+from kv_fixtures import text, tiny  # noqa: F401  (pytest fixtures)
 
 
 def _bound(q: torch.Tensor, k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

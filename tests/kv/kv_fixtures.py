@@ -1,4 +1,4 @@
-"""Fixtures shared by the KV-cache tests."""
+"""Fixtures shared by the KV-cache tests (imported by name: a conftest.py here would shadow tests/conftest.py, which other tests import)."""
 from __future__ import annotations
 
 import pytest
