@@ -88,9 +88,13 @@ def key_scales(args: argparse.Namespace, loaded, config):
                 raise LowbitError(f"--kv-scale-k {source}: no such file")
             stats = ks.load(source)
         else:
-            from ..data.text import read_text
+            from ..data.text import EVAL_TEXTS, read_text
 
-            stats = ks.measure_text(loaded, read_text(source))
+            text = read_text(source)
+            if text.is_eval_text:       # the flag that overrides this elsewhere (--allow-eval-text) is not offered here
+                raise LowbitError(f"--kv-scale-k: refusing to measure K scales on the evaluation text "
+                                  f"({EVAL_TEXTS[text.sha256]}, {text.origin}); pass a calibration text")
+            stats = ks.measure_text(loaded, text)
             if args.kv_scales_out:
                 ks.save(stats, args.kv_scales_out, loaded.source.name)
         stats.check(*shape)

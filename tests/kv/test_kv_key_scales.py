@@ -128,3 +128,14 @@ def test_scales_of_another_model_are_one_line(capsys, tiny_llama_dir, tiny_gemma
     code, _, err = run_cli(capsys, "eval", tiny_llama_dir, "--text", text, "--ctx", "64", "--windows", "1",
                            "--kv", "turboquant", "--kv-bits", "3", "--kv-scale-k", scales)
     assert code != 0 and "K scales measured on another model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_scales_are_not_measured_on_the_evaluation_text(capsys, tiny_llama_dir, text):
+    from support import EVAL_TEXT
+
+    if not EVAL_TEXT.is_file():
+        pytest.skip(f"{EVAL_TEXT} is absent")
+    code, _, err = run_cli(capsys, "eval", tiny_llama_dir, "--text", text, "--ctx", "64", "--windows", "1",
+                           "--kv", "turboquant", "--kv-bits", "3", "--kv-scale-k", EVAL_TEXT)
+    assert code != 0 and "refusing to measure K scales on the evaluation text" in err
+    assert "--allow-eval-text" not in err and len(err.strip().splitlines()) == 1
