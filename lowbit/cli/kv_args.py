@@ -78,9 +78,7 @@ def key_scales(args: argparse.Namespace, loaded, config):
         return None
     from ..kv import key_scales as ks
 
-    c = loaded.model.config
-    shape = (c.num_hidden_layers, c.num_key_value_heads,
-             getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    d = loaded.dims
     source = args.kv_scale_k
     try:
         if source.endswith(".safetensors"):
@@ -97,7 +95,7 @@ def key_scales(args: argparse.Namespace, loaded, config):
             stats = ks.measure_text(loaded, text)
             if args.kv_scales_out:
                 ks.save(stats, args.kv_scales_out, loaded.source.name)
-        stats.check(*shape)
+        stats.check(d.n_layers, d.kv_heads, d.head_dim)
     except ValueError as e:
         raise LowbitError(str(e)) from None
     return stats.scales(config.center_k)
