@@ -55,8 +55,17 @@ ROWS = {   # label -> KvCacheConfig (None: the float cache)
     "turboquant3.5-kscale": KvCacheConfig("turboquant", 3.5, scale_k=True),   # scales: key_stats()
     "turboquant3.5-kcenter-kscale": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True),
     "turboquant2.5-kcenter-kscale": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True),
+    "turboquant3.5-kcenter-kscale-sink1": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True, sink=1),
+    "turboquant2.5-kcenter-kscale-sink1": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True, sink=1),
+    "turboquant3.5-kcenter-kscale-r128": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True, residual=128),
+    "turboquant3.5-kcenter-kscale-sink1-r128": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True, sink=1,
+                                                             residual=128),
+    "turboquant2.5-kcenter-kscale-sink1-r128": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True, sink=1,
+                                                             residual=128),
+    "kivi2-sink1-r128": KvCacheConfig("kivi", 2, residual=128, sink=1),
     "int4-kscale": KvCacheConfig("int", 4, scale_k=True),
     "int4-kcenter-kscale": KvCacheConfig("int", 4, center_k=True, scale_k=True),
+    "int4-kscale-sink1": KvCacheConfig("int", 4, scale_k=True, sink=1),
     "turboquant3.5-qjl": KvCacheConfig("turboquant", 3.5, qjl=True),
     "turboquant2.5-qjl": KvCacheConfig("turboquant", 2.5, qjl=True),
 }

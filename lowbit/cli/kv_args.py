@@ -25,6 +25,8 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                         "kivi: K's tokens per group and V's group along head_dim (default 32)")
     g.add_argument("--kv-residual", type=int, default=0, metavar="R",
                    help="keep the newest R tokens in float (KIVI's residual window; default 0)")
+    g.add_argument("--kv-sink", type=int, default=0, metavar="S",
+                   help="keep the sequence's first S tokens in float (attention sinks; default 0)")
     g.add_argument("--kv-axis", choices=("token", "channel"), default="token", help="int only: K and V per token "
                    "(default) or per channel in groups of tokens")
     g.add_argument("--kv-sym", action="store_true", help="int only: a symmetric grid (default asymmetric)")
@@ -64,7 +66,7 @@ def kv_config(args: argparse.Namespace, ctx: int | None = None):
     bits = int(args.kv_bits) if float(args.kv_bits).is_integer() else args.kv_bits
     try:
         config = KvCacheConfig(args.kv, bits, args.kv_group, args.kv_residual, args.kv_axis, args.kv_sym,
-                               args.kv_qjl, seed, args.kv_center_k, args.kv_scale_k is not None)
+                               args.kv_qjl, seed, args.kv_center_k, args.kv_scale_k is not None, args.kv_sink)
         if ctx is not None:
             config.check_context(ctx)
     except ValueError as e:
@@ -112,5 +114,8 @@ def install(loaded, config, scales=None) -> str:
         install_kv_cache(loaded.model, loaded.spec, config, scales)
     except ValueError as e:
         raise LowbitError(f"--kv on {loaded.spec.family}: {e}") from None
-    residual = f", except the newest {config.residual} tokens kept in float" if config.residual else ""
+    first = "the first token" if config.sink == 1 else f"the first {config.sink} tokens"
+    kept = ([f"{first} of each window"] if config.sink else []) + (
+        [f"the newest {config.residual} tokens"] if config.residual else [])
+    residual = f", except {' and '.join(kept)} kept in float" if kept else ""
     return KV_CONVENTION.format(name=config.name, residual=residual)

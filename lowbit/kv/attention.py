@@ -3,7 +3,9 @@ token-by-token generation with QuantizedKVCache would hold when that query was w
 
 After token t is written the cache holds F(t) quantized tokens and the rest of 0..t in float, with
 F(t) = max(0, ⌊(t + 1 − R) / m⌋·m) (R the residual window, m the token group of per-channel K, else
-1). A token's quantized value does not depend on when it was flushed (per-token methods quantize it
+1); with S sink tokens (kept in float for good) the same counts start after them:
+F(t) = S + max(0, ⌊(t + 1 − S − R) / m⌋·m) for t ≥ S, the sink's values standing in for their
+quantized ones. A token's quantized value does not depend on when it was flushed (per-token methods quantize it
 alone; a per-channel K group is complete when flushed), so one pass computes all of them: attention
 runs over [K_q ; K] (2T keys) with query t allowed key j of K_q iff j < F(t) and key j of K iff
 F(t) ≤ j ≤ t — intersected with the model's own mask (causal, sliding window). Without a residual window and
@@ -23,26 +25,29 @@ from .config import KvCacheConfig
 IMPLEMENTATION = "lowbit_kvcache"
 
 
-def flushed(T: int, residual: int, multiple: int) -> Tensor:
-    """F(t) for t = 0..T−1: quantized tokens in the cache right after token t is written [T]."""
+def flushed(T: int, residual: int, multiple: int, sink: int = 0) -> Tensor:
+    """F(t) for t = 0..T−1: tokens in the cache's quantized part right after token t is written [T],
+    the first `sink` (float, never re-written) counted in it."""
     t = torch.arange(T)
-    return ((t + 1 - residual).clamp_min(0) // multiple) * multiple
+    after = ((t + 1 - sink - residual).clamp_min(0) // multiple) * multiple    # tokens past the sink
+    return torch.where(t < sink, t + 1, sink + after)
 
 
 def cache_views(key: Tensor, value: Tensor, config: KvCacheConfig, layer: int,
                 key_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(K_q, V_q, F): the window's K/V [B, H, T, D] as the cache would de-quantize them (the trailing
-    tokens of an incomplete token group left as they are: never read quantized) and F [T];
+    """(K_q, V_q, F): the window's K/V [B, H, T, D] as the cache would de-quantize them (the sink and the
+    trailing tokens of an incomplete token group left as they are: never read quantized) and F [T];
     key_scale [H, D]: scale_k's K scales for this layer."""
     T, D = key.shape[-2], key.shape[-1]
     k_codec, v_codec = KvCodec(config, D, layer, "k", key_scale), KvCodec(config, D, layer, "v")
     m = max(k_codec.token_multiple, v_codec.token_multiple)
-    full = T // m * m                                                   # tokens in complete groups
+    S = min(config.sink, T)
+    full = S + (T - S) // m * m                                         # the sink, then complete groups
     kq, vq = key.clone(), value.clone()
-    if full:
-        kq[..., :full, :] = k_codec.roundtrip(key[..., :full, :])
-        vq[..., :full, :] = v_codec.roundtrip(value[..., :full, :])
-    return kq, vq, flushed(T, config.residual, m)
+    if full > S:
+        kq[..., S:full, :] = k_codec.roundtrip(key[..., S:full, :])
+        vq[..., S:full, :] = v_codec.roundtrip(value[..., S:full, :])
+    return kq, vq, flushed(T, config.residual, m, config.sink)
 
 
 def split_mask(allowed: Tensor, F: Tensor) -> Tensor:

@@ -1,12 +1,13 @@
 """A transformers Cache whose layers store K and V packed (real bytes) and de-quantize on read.
 
-Per layer: the newest tokens sit in a float residual; when it holds more than `residual` tokens,
-the oldest ones (a whole number of token groups for per-channel K) are encoded into a Chunk and
-leave float storage. Every read returns the de-quantized chunks followed by the float residual,
-so attention sees exactly what the cache holds (with residual 0 and per-token methods, a token's
-own K/V are quantized before it attends to them). Memory: the chunks' packed codes and float16
-side data, plus the residual — no float copy of the quantized part is kept. A sliding-window
-layer (Gemma 3's local layers) forgets the chunks no later query can see, as transformers'
+Per layer: the sequence's first `sink` tokens stay in float for good (config.sink). After them the
+newest tokens sit in a float residual; when it holds more than `residual` tokens, the oldest ones (a
+whole number of token groups for per-channel K) are encoded into a Chunk and leave float storage.
+Every read returns the sink, the de-quantized chunks and the float residual, so attention sees
+exactly what the cache holds (with residual 0 and per-token methods, a token's own K/V are
+quantized before it attends to them). Memory: the chunks' packed codes and float16 side data, plus
+the sink and the residual — no float copy of the quantized part is kept. A sliding-window layer
+(Gemma 3's local layers) forgets the chunks no later query can see, as transformers'
 DynamicSlidingWindowLayer does, and tells the mask where its tokens now start.
 """
 from __future__ import annotations
@@ -24,6 +25,11 @@ from .config import KvCacheConfig
 FORGET_STEP = 64
 
 
+def _empty_like(x: Tensor) -> Tensor:
+    """[B, H, 0, D] with x's dtype, in storage of its own (an empty view would keep x's alive)."""
+    return x.new_empty(*x.shape[:-2], 0, x.shape[-1])
+
+
 class PackedLayer(CacheLayerMixin):
     """One decoder layer's quantized K/V; `window`: the layer's sliding window (None: full attention);
     `key_scale` [H, D]: scale_k's K scales for this layer."""
@@ -35,6 +41,8 @@ class PackedLayer(CacheLayerMixin):
         self.chunks: list[tuple[Chunk, Chunk]] = []
         self.seen = 0
         self.offset = 0                           # tokens forgotten: the position of the first one stored
+        self.sunk = 0                             # tokens that went to the float sink (at most config.sink)
+        self.sink_keys = self.sink_values = self.keys = self.values = None
 
     def lazy_initialization(self, key_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -44,6 +52,17 @@ class PackedLayer(CacheLayerMixin):
         self.multiple = max(self.k_codec.token_multiple, self.v_codec.token_multiple)
         self.is_initialized = True
 
+    def _fill_sink(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Move the new tokens that belong to the float sink there; the rest go on to the residual."""
+        take = min(self.config.sink - self.sunk, key_states.shape[-2])
+        if take <= 0:
+            return key_states, value_states
+        self.sink_keys = torch.cat([self.sink_keys, key_states[..., :take, :]], dim=-2)
+        self.sink_values = torch.cat([self.sink_values, value_states[..., :take, :]], dim=-2)
+        self.sunk += take
+        # copies: views would keep the sink's tokens stored twice behind the residual
+        return key_states[..., take:, :].clone(), value_states[..., take:, :].clone()
+
     def flush_count(self, residual_tokens: int) -> int:
         """How many of the oldest residual tokens leave for the quantized store."""
         excess = residual_tokens - self.config.residual
@@ -52,11 +71,14 @@ class PackedLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, cache_kwargs=None) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states)
+            self.sink_keys, self.sink_values = _empty_like(key_states), _empty_like(value_states)
+        self.seen += key_states.shape[-2]
+        key_states, value_states = self._fill_sink(key_states, value_states)
+        if self.keys is None:
             self.keys, self.values = key_states, value_states
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
-        self.seen += key_states.shape[-2]
         n = self.flush_count(self.keys.shape[-2])
         if n:
             # a sliding layer's token groups that are stale once this step is read go in a chunk of their
@@ -84,11 +106,17 @@ class PackedLayer(CacheLayerMixin):
             self.chunks.append((k, v))
 
     def forget(self) -> None:
-        """Sliding layers: drop stored tokens older than the newest window-1 (no later query sees them),
-        in whole chunks, or FORGET_STEP tokens at a time from a per-token layout's one chunk."""
+        """Sliding layers: drop stored tokens older than the newest window-1 (no later query sees them):
+        the sink once all of it is stale, then whole chunks, or FORGET_STEP tokens at a time from a
+        per-token layout's one chunk."""
         if self.window is None:
             return
         stale = self.seen - (self.window - 1) - self.offset
+        if n := self.sink_tokens:
+            if stale < n:                         # the sink holds the oldest tokens: nothing after it goes first
+                return
+            self.sink_keys, self.sink_values = _empty_like(self.sink_keys), _empty_like(self.sink_values)
+            self.offset, stale = self.offset + n, stale - n
         while self.chunks and self.chunks[0][0].tokens <= stale:
             tokens = self.chunks.pop(0)[0].tokens
             self.offset, stale = self.offset + tokens, stale - tokens
@@ -98,9 +126,9 @@ class PackedLayer(CacheLayerMixin):
             self.offset += stale
 
     def read(self) -> tuple[Tensor, Tensor]:
-        """(K, V) [B, H, seen, D]: the de-quantized chunks, then the float residual."""
-        ks = [self.k_codec.decode(k).to(self.dtype) for k, _ in self.chunks] + [self.keys]
-        vs = [self.v_codec.decode(v).to(self.dtype) for _, v in self.chunks] + [self.values]
+        """(K, V) [B, H, stored, D]: the float sink, the de-quantized chunks, then the float residual."""
+        ks = [self.sink_keys] + [self.k_codec.decode(k).to(self.dtype) for k, _ in self.chunks] + [self.keys]
+        vs = [self.sink_values] + [self.v_codec.decode(v).to(self.dtype) for _, v in self.chunks] + [self.values]
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 
     def get_mask_sizes(self, cache_position: Tensor) -> tuple[int, int]:
@@ -115,18 +143,23 @@ class PackedLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: packed chunks, what the codecs fixed on the first write, and the float residual."""
+        """Bytes held: packed chunks, what the codecs fixed on the first write, the float sink and residual."""
         packed = sum(k.nbytes + v.nbytes for k, v in self.chunks)
         if not self.is_initialized:
             return packed
         state = self.k_codec.state_nbytes + self.v_codec.state_nbytes
-        return (packed + state + self.keys.numel() * self.keys.element_size()
-                + self.values.numel() * self.values.element_size())
+        floats = (self.sink_keys, self.sink_values, self.keys, self.values)
+        return packed + state + sum(t.numel() * t.element_size() for t in floats if t is not None)
 
     @property
     def quantized_tokens(self) -> int:
         """Tokens in the quantized store now (a sliding layer's forgotten ones not counted)."""
         return sum(k.tokens for k, _ in self.chunks)
+
+    @property
+    def sink_tokens(self) -> int:
+        """Tokens in the float sink now (0 once a sliding layer forgot it)."""
+        return self.sink_keys.shape[-2] if self.sink_keys is not None else 0
 
     @property
     def stored_tokens(self) -> int:

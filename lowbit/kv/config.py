@@ -16,6 +16,9 @@ scale_k       per-token K divided by per-channel scales s (per layer and head) b
               multiplied back on read, s from the model's own q and K energies on calibration text
               (key_scales.py): the quantization error then lands where queries are small. The scales
               are supplied beside the config (a saved plan); the config only records that they are used.
+sink          the first `sink` tokens of the sequence stay in float (attention sinks, as KVQuant and IntactKV
+              keep them): most queries put much of their weight there, so their error reaches every later
+              token; the codecs' first-write statistics (center_k's mean, the split) skip them.
 K is quantized after RoPE (what a cache holds; per-channel K keeps RoPE's paired channels apart).
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ class KvCacheConfig:
     group along head_dim, default 32), residual (newest tokens kept in float), axis (int only:
     "token" or "channel"), symmetric (int only), qjl (turboquant only), seed (turboquant's rotations),
     center_k (per-token K less its per-channel mean over the first write), scale_k (per-token K over
-    calibrated per-channel scales, key_scales.py)."""
+    calibrated per-channel scales, key_scales.py), sink (the sequence's first tokens kept in float)."""
 
     method: str = "int"
     bits: float = 4
@@ -45,6 +48,7 @@ class KvCacheConfig:
     seed: int = 0
     center_k: bool = False
     scale_k: bool = False
+    sink: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -57,6 +61,8 @@ class KvCacheConfig:
             raise ValueError(f"KV group must be a positive integer, got {self.group!r}")
         if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"KV residual window must be an integer >= 0, got {self.residual!r}")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"KV sink must be an integer >= 0, got {self.sink!r}")
         if self.axis not in ("token", "channel"):
             raise ValueError(f"KV axis must be 'token' or 'channel', got {self.axis!r}")
         if self.axis == "channel" and self.method != "int":
@@ -89,6 +95,8 @@ class KvCacheConfig:
             parts.append("kcenter")
         if self.scale_k:
             parts.append("kscale")
+        if self.sink:
+            parts.append(f"sink{self.sink}")
         if self.residual:
             parts.append(f"r{self.residual}")
         return "-".join(parts)
@@ -103,6 +111,8 @@ class KvCacheConfig:
         """ValueError when the residual window (or a token group) does not fit the context."""
         if self.residual > context:
             raise ValueError(f"--kv-residual {self.residual} is larger than the context ({context} tokens)")
+        if self.sink > context:
+            raise ValueError(f"--kv-sink {self.sink} is larger than the context ({context} tokens)")
         if (g := self.token_group()) is not None and g > context:
             raise ValueError(f"a KV token group of {g} is larger than the context ({context} tokens)")
 

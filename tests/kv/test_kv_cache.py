@@ -14,7 +14,8 @@ from kv_fixtures import tiny  # noqa: F401  (pytest fixtures)
 
 CONFIGS = [KvCacheConfig("int", 4), KvCacheConfig("int", 2, residual=5), KvCacheConfig("int", 3, axis="channel", group=4),
            KvCacheConfig("kivi", 2, group=4, residual=8), KvCacheConfig("turboquant", 3),
-           KvCacheConfig("turboquant", 3, qjl=True, residual=2)]
+           KvCacheConfig("turboquant", 3, qjl=True, residual=2), KvCacheConfig("int", 4, sink=1),
+           KvCacheConfig("turboquant", 3, sink=3), KvCacheConfig("kivi", 2, group=4, residual=8, sink=2)]
 
 
 def _stepwise(model, ids, cache):
@@ -49,12 +50,17 @@ def test_generation_cache_equals_the_one_pass_evaluation(tiny, config):
     assert torch.allclose(step, one, atol=1e-9, rtol=0)
     assert (one - plain).abs().max() > 1e-4                          # the cache did quantize
     layer = cache.layers[0]
-    assert layer.quantized_tokens == int(flushed(29, config.residual, layer.multiple)[-1])
+    assert layer.sink_tokens == config.sink
+    quantized = int(flushed(29, config.residual, layer.multiple, config.sink)[-1])
+    assert layer.sink_tokens + layer.quantized_tokens == quantized
 
 
 def test_flushed_counts():
     assert flushed(6, 0, 1).tolist() == [1, 2, 3, 4, 5, 6]
     assert flushed(10, 2, 4).tolist() == [0, 0, 0, 0, 0, 4, 4, 4, 4, 8]
+    # a sink of 3: its tokens count as soon as written, the groups of 4 start after it
+    assert flushed(10, 2, 4, sink=3).tolist() == [1, 2, 3, 3, 3, 3, 3, 3, 7, 7]
+    assert flushed(5, 0, 1, sink=2).tolist() == [1, 2, 3, 4, 5]
 
 
 def test_cache_bytes_match_the_bits_claimed(tiny):
@@ -70,14 +76,15 @@ def test_cache_bytes_match_the_bits_claimed(tiny):
 
 def _held_bytes(layer) -> int:
     """Bytes of every storage a packed layer's tensors keep alive (each storage once)."""
-    tensors = [layer.keys, layer.values] + [t for chunk in layer.chunks for c in chunk for p in c.parts
+    tensors = [layer.sink_keys, layer.sink_values, layer.keys, layer.values] + [t for chunk in layer.chunks for c in chunk for p in c.parts
                                             for t in (p.packed, *p.side.values())]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
 @pytest.mark.parametrize("config", [KvCacheConfig("int", 8), KvCacheConfig("kivi", 2, group=4, residual=8),
-                                    KvCacheConfig("turboquant", 3)], ids=lambda c: c.name)
+                                    KvCacheConfig("turboquant", 3), KvCacheConfig("turboquant", 3, sink=4, residual=50)],
+                         ids=lambda c: c.name)
 def test_the_cache_holds_no_more_memory_than_its_bytes(tiny, config):
     # the float prompt must not live on behind the residual's views: a 40-token prefill, then 5 steps
     cache = QuantizedKVCache(config, tiny.dims.n_layers)
@@ -116,7 +123,8 @@ def tiny_gemma(tiny_gemma3_dir):
 
 
 @pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),
-                                    KvCacheConfig("turboquant", 3)], ids=lambda c: c.name)
+                                    KvCacheConfig("turboquant", 3), KvCacheConfig("turboquant", 3, sink=2)],
+                         ids=lambda c: c.name)
 def test_gemma_sliding_window_cache_equals_the_one_pass_evaluation(tiny_gemma, config):
     # 40 tokens: beyond the tiny Gemma's sliding window of 16, so the sliding layers' masks matter
     ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(2))
@@ -130,7 +138,8 @@ def test_fractional_turboquant_prefill_equals_the_one_pass_evaluation(tiny, tiny
     # a fractional rate splits channels on the first write: a prompt prefilled at once is that write, the
     # window the one-pass evaluation splits on (token by token the first write would be one token)
     loaded = tiny if which == "llama" else tiny_gemma
-    for config in (KvCacheConfig("turboquant", 3.5), KvCacheConfig("turboquant", 3.5, center_k=True)):
+    for config in (KvCacheConfig("turboquant", 3.5), KvCacheConfig("turboquant", 3.5, center_k=True),
+                   KvCacheConfig("turboquant", 3.5, center_k=True, sink=2)):   # the sink: not in the first write
         _prefill_equals_one_pass(loaded, config)
 
 
@@ -162,7 +171,9 @@ def _prefill_equals_one_pass(loaded, config, scales=None):
 
 
 @pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),
-                                    KvCacheConfig("turboquant", 3.5)], ids=lambda c: c.name)
+                                    KvCacheConfig("turboquant", 3.5),
+                                    KvCacheConfig("kivi", 2, group=4, residual=8, sink=3)],
+                         ids=lambda c: c.name)
 def test_gemma_sliding_layers_forget_what_their_window_hides(tiny_gemma, config, monkeypatch):
     """A 30-token prompt and 60 decoded tokens (window 16): the cache built for the model forgets its
     sliding layers' stale tokens, its logits equal those of a cache that keeps every token (float64),
@@ -189,8 +200,28 @@ def test_gemma_sliding_layers_forget_what_their_window_hides(tiny_gemma, config,
     assert torch.allclose(forget, keep, atol=1e-9, rtol=0)
     sliding = [layer for layer in forgot.layers if layer.is_sliding]
     assert sliding and not any(layer.is_sliding for layer in kept.layers) and forgot.layers[0].is_sliding
-    bound = window - 1 + max(4, config.token_group() if config.method == "kivi" else 1) + config.residual
+    bound = window - 1 + max(4, config.token_group() if config.method == "kivi" else 1) + config.residual + config.sink
     assert max(held) <= bound                                  # from the prefill on, not only at the end
     assert all(layer.seen == 90 and layer.stored_tokens <= bound for layer in sliding)
     assert all(layer.stored_tokens == 90 for layer in forgot.layers if not layer.is_sliding)
     assert forgot.nbytes < kept.nbytes
+    assert all(layer.sink_tokens == 0 for layer in sliding) and all(    # the sink: forgotten where the window hides it
+        layer.sink_tokens == config.sink for layer in forgot.layers if not layer.is_sliding)
+
+
+def test_the_sink_reads_back_exactly_and_the_rest_is_quantized(tiny):
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(7))
+    packed, plain = QuantizedKVCache(KvCacheConfig("turboquant", 3, sink=3), tiny.dims.n_layers), DynamicCache()
+    with torch.no_grad():
+        tiny.model(ids[:, :2], past_key_values=packed, use_cache=True)   # a prompt shorter than the sink,
+        tiny.model(ids[:, 2:], past_key_values=packed, use_cache=True)   # then the rest
+        tiny.model(ids, past_key_values=plain, use_cache=True)
+    for layer, ref in zip(packed.layers, plain.layers):
+        k, v = layer.read()
+        assert layer.sink_tokens == 3 and layer.quantized_tokens == 9
+        # float64; the two calls' matmul shapes differ from the plain one's, hence 1e-12 rather than bit equality
+        assert torch.allclose(k[..., :3, :], ref.keys[..., :3, :], atol=1e-12, rtol=0)
+        assert torch.allclose(v[..., :3, :], ref.values[..., :3, :], atol=1e-12, rtol=0)
+        assert not torch.allclose(k[..., 3:, :], ref.keys[..., 3:, :], atol=1e-3)

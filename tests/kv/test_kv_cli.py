@@ -13,11 +13,13 @@ def test_eval_with_a_quantized_cache_states_its_convention(capsys, tiny_llama_di
     out = tmp_path / "r.json"
     code, stdout, err = run_cli(capsys, "eval", tiny_llama_dir, "--text", text, "--ctx", "64", "--windows", "2",
                                 "--kv", "kivi", "--kv-bits", "2", "--kv-group", "8", "--kv-residual", "16",
-                                "--json", out)
+                                "--kv-sink", "4", "--json", out)
     assert code == 0, err
-    assert "kv cache: KV cache kivi2-g8-r16" in stdout and "newest 16 tokens kept in float" in stdout
+    assert "kv cache: KV cache kivi2-g8-sink4-r16" in stdout
+    assert "except the first 4 tokens of each window and the newest 16 tokens kept in float" in stdout
     record = json.loads(out.read_text())
     assert record["kv_cache"]["method"] == "kivi" and record["kv_cache"]["residual"] == 16
+    assert record["kv_cache"]["sink"] == 4
     code, stdout16, err = run_cli(capsys, "eval", tiny_llama_dir, "--text", text, "--ctx", "64", "--windows", "2",
                                   "--kv", "int", "--kv-bits", "16")
     assert code == 0 and "kv cache" not in stdout16                           # 16 bits: the float cache
@@ -44,6 +46,8 @@ def test_generate_prints_text_speed_and_bytes(capsys, tiny_llama_dir, tmp_path):
     (["--kv-bits", "4"], "--kv-bits needs --kv"),
     (["--kv", "int"], "needs --kv-bits"),
     (["--kv", "kivi", "--kv-bits", "2", "--kv-residual", "100"], "larger than the context"),
+    (["--kv", "turboquant", "--kv-bits", "3", "--kv-sink", "65"], "--kv-sink 65 is larger than the context"),
+    (["--kv", "turboquant", "--kv-bits", "3", "--kv-sink", "-1"], "KV sink must be an integer >= 0"),
     (["--kv", "turboquant", "--kv-bits", "3", "--kv-seed", "x"], "--kv-seed must be an integer"),
     (["--kv", "int", "--kv-bits", "4", "--kv-group", "7"], "not a multiple of the KV group"),
     (["--kv", "kivi", "--kv-bits", "2", "--kv-center-k"], "--kv-center-k (center_k) applies to per-token K")])

@@ -170,7 +170,8 @@ def test_centered_k_is_the_codec_on_k_less_its_first_write_mean(config):
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(method="int", bits=5), "supports --kv-bits 2, 3, 4, 8"), (dict(method="turboquant", bits=1.5), "2.5"),
     (dict(method="kivi", bits=3.5), "supports"), (dict(method="nope"), "unknown KV cache method"),
-    (dict(residual=-1), "residual"), (dict(method="kivi", axis="channel"), "axis"),
+    (dict(residual=-1), "residual"), (dict(sink=-2), "sink"), (dict(sink=True), "sink"),
+    (dict(method="kivi", axis="channel"), "axis"),
     (dict(method="int", qjl=True), "qjl"), (dict(group=0), "group"), (dict(seed="x"), "seed"),
     (dict(method="kivi", bits=2, center_k=True), "center_k"),
     (dict(method="int", axis="channel", center_k=True), "center_k")])
@@ -182,6 +183,9 @@ def test_bad_kv_configs(kwargs, needle):
 def test_context_checks():
     with pytest.raises(ValueError, match="larger than the context"):
         KvCacheConfig("kivi", 2, residual=4096).check_context(2048)
+    with pytest.raises(ValueError, match="--kv-sink 4096 is larger than the context"):
+        KvCacheConfig("turboquant", 3, sink=4096).check_context(2048)
+    assert KvCacheConfig("turboquant", 3, center_k=True, sink=4).name == "turboquant3-kcenter-sink4"
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 50, 64])

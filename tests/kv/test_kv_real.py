@@ -25,3 +25,27 @@ def test_scaled_k_costs_turboquant_less_attention_error_on_smollm2():
     for name in ("turboquant3.5", "turboquant2.5"):
         assert m[name]["scaled"] < 0.9 * m[name]["plain"], m[name]
         assert m[name]["centered_scaled"] < 0.95 * m[name]["centered"], m[name]
+
+
+def test_a_float_sink_costs_turboquant_less_on_smollm2():
+    """The first token kept in float (--kv-sink 1): on an evaluation window (its first token the sink), TurboQuant
+    3.5 with centered, scaled K moves the next-token distributions less from the float cache's (mean KL)."""
+    import torch
+
+    from lowbit.kv.attention import install_kv_cache
+    from lowbit.kv.config import KvCacheConfig
+
+    loaded = load("smollm2-135m")
+    calib = tokenize(loaded.tokenizer, read_text(CALIB_TEXT).text)
+    scales = ks.measure(loaded, calib[None, 1000:1512], "valid", progress=False).scales(True)
+    ids = tokenize(loaded.tokenizer, read_text(EVAL_TEXT).text)[None, 5000:5512]
+    with torch.no_grad():
+        reference = torch.log_softmax(loaded.model(ids).logits[0].double(), -1)
+    kl = {}
+    for sink in (0, 1):
+        install_kv_cache(loaded.model, loaded.spec, KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True,
+                                                                  sink=sink), scales)
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(ids).logits[0].double(), -1)
+        kl[sink] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+    assert kl[1] < 0.85 * kl[0], kl
