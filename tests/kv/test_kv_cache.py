@@ -76,8 +76,8 @@ def test_cache_bytes_match_the_bits_claimed(tiny):
 
 def _held_bytes(layer) -> int:
     """Bytes of every storage a packed layer's tensors keep alive (each storage once)."""
-    tensors = [layer.sink_keys, layer.sink_values, layer.keys, layer.values] + [t for chunk in layer.chunks for c in chunk for p in c.parts
-                                            for t in (p.packed, *p.side.values())]
+    floats = [layer.sink_keys, layer.sink_values, layer.keys, layer.values]
+    tensors = floats + [t for chunk in layer.chunks for c in chunk for p in c.parts for t in (p.packed, *p.side.values())]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
@@ -200,7 +200,8 @@ def test_gemma_sliding_layers_forget_what_their_window_hides(tiny_gemma, config,
     assert torch.allclose(forget, keep, atol=1e-9, rtol=0)
     sliding = [layer for layer in forgot.layers if layer.is_sliding]
     assert sliding and not any(layer.is_sliding for layer in kept.layers) and forgot.layers[0].is_sliding
-    bound = window - 1 + max(4, config.token_group() if config.method == "kivi" else 1) + config.residual + config.sink
+    group = config.token_group() if config.method == "kivi" else 1
+    bound = window - 1 + max(4, group) + config.residual + config.sink
     assert max(held) <= bound                                  # from the prefill on, not only at the end
     assert all(layer.seen == 90 and layer.stored_tokens <= bound for layer in sliding)
     assert all(layer.stored_tokens == 90 for layer in forgot.layers if not layer.is_sliding)
