@@ -63,9 +63,21 @@ ROWS = {   # label -> KvCacheConfig (None: the float cache)
     "turboquant2.5-kcenter-kscale-sink1-r128": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True, sink=1,
                                                              residual=128),
     "kivi2-sink1-r128": KvCacheConfig("kivi", 2, residual=128, sink=1),
+    # K before RoPE (lowbit.kv.rope): centering, scales and kivi's channel groups in a frame that holds still
+    "turboquant3.5-prerope-kcenter-kscale-sink1": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True, sink=1,
+                                                                pre_rope=True),
+    "turboquant2.5-prerope-kcenter-kscale-sink1": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True, sink=1,
+                                                                pre_rope=True),
+    "turboquant3.5-prerope-kcenter-kscale-sink1-r128": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True,
+                                                                     sink=1, residual=128, pre_rope=True),
+    "turboquant2.5-prerope-kcenter-kscale-sink1-r128": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True,
+                                                                     sink=1, residual=128, pre_rope=True),
+    "kivi2-prerope-sink1-r128": KvCacheConfig("kivi", 2, residual=128, sink=1, pre_rope=True),
+    "int4-prerope-kcenter-kscale-sink1": KvCacheConfig("int", 4, center_k=True, scale_k=True, sink=1, pre_rope=True),
     "int4-kscale": KvCacheConfig("int", 4, scale_k=True),
     "int4-kcenter-kscale": KvCacheConfig("int", 4, center_k=True, scale_k=True),
     "int4-kscale-sink1": KvCacheConfig("int", 4, scale_k=True, sink=1),
+    "int4-kcenter-kscale-sink1": KvCacheConfig("int", 4, center_k=True, scale_k=True, sink=1),   # prerope's twin
     "turboquant3.5-qjl": KvCacheConfig("turboquant", 3.5, qjl=True),
     "turboquant2.5-qjl": KvCacheConfig("turboquant", 2.5, qjl=True),
 }
@@ -82,7 +94,7 @@ def key_stats(model: str, loaded=None) -> Path:
     from lowbit.models.load import load
 
     path = kv_inputs.work_dir(model) / "key_stats.safetensors"
-    if not path.exists():
+    if not path.exists() or key_scales.load(path).k_energy_pre is None:     # older files lack K before RoPE
         loaded = loaded or load(model)
         key_scales.save(key_scales.measure_text(loaded, read_text(CALIB_TEXT)), path, model)
     return path
@@ -94,7 +106,14 @@ def row_scales(model: str, config: KvCacheConfig | None, loaded=None) -> dict | 
         return None
     from lowbit.kv import key_scales
 
-    return key_scales.load(key_stats(model, loaded)).scales(config.center_k)
+    return key_scales.load(key_stats(model, loaded)).scales(config.center_k, pre_rope=config.pre_rope)
+
+
+def row_ropes(config: KvCacheConfig | None, loaded) -> dict:
+    """{layer: Rope} for a pre_rope row, else {}."""
+    from lowbit.kv.rope import layer_ropes
+
+    return layer_ropes(loaded.model, loaded.spec) if config is not None and config.pre_rope else {}
 
 
 class CacheView(nn.Module):
@@ -102,7 +121,10 @@ class CacheView(nn.Module):
 
     def __init__(self, base: nn.Module, spec, config: KvCacheConfig | None, scales: dict | None = None):
         super().__init__()
+        from lowbit.kv.rope import layer_ropes
+
         self.base, self.spec, self.kv, self.scales = [base], spec, config, scales
+        self.ropes = layer_ropes(base, spec) if config is not None and config.pre_rope else None
         self.config = base.config
 
     def forward(self, *args, **kwargs):
@@ -111,6 +133,7 @@ class CacheView(nn.Module):
             attention = layer.get_submodule(self.spec.attention)
             attention.lowbit_kvcache = self.kv
             attention.lowbit_kv_scale = self.scales[attention.layer_idx] if self.scales else None
+            attention.lowbit_kv_rope = self.ropes[attention.layer_idx] if self.ropes else None
         return base(*args, **kwargs)
 
     def get_decoder(self):                      # evaluate_many's blocked scoring of long windows
@@ -138,7 +161,7 @@ def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor, scal
     k = seen["k"].view(1, 512, -1, D).transpose(1, 2)          # [1, T, kv*D] -> [1, kv, T, D]
     total = 0
     for which in "kv":
-        codec = KvCodec(config, D, 0, which, scales[0] if scales else None)
+        codec = KvCodec(config, D, 0, which, scales[0] if scales else None, row_ropes(config, loaded).get(0))
         total += codec.encode(k).nbytes
     return total * 8 / (2 * k.numel())
 
@@ -184,7 +207,7 @@ def passkey(model: str, rows: list[str]) -> dict:
         cfg, start, answers = ROWS[r], time.perf_counter(), []
         scales = row_scales(model, cfg, loaded)
         for i in range(len(meta)):
-            cache = (QuantizedKVCache.for_model(cfg, loaded.model.config, scales) if cfg
+            cache = (QuantizedKVCache.for_model(cfg, loaded.model.config, scales, row_ropes(cfg, loaded) or None) if cfg
                      else DynamicCache(config=loaded.model.config))
             answers.append(loaded.tokenizer.decode(generate_greedy(loaded.model, prompts[f"ids_{i}"], 8, cache).tokens,
                                                    skip_special_tokens=True))
@@ -223,7 +246,8 @@ def kv_flags(config: KvCacheConfig | None, model: str = "") -> list[str]:
     if config.axis != "token":
         flags += ["--kv-axis", config.axis]
     return (flags + (["--kv-sym"] if config.symmetric else []) + (["--kv-qjl"] if config.qjl else [])
-            + (["--kv-center-k"] if config.center_k else [])
+            + (["--kv-center-k"] if config.center_k else []) + (["--kv-pre-rope"] if config.pre_rope else [])
+            + (["--kv-sink", str(config.sink)] if config.sink else [])
             + (["--kv-scale-k", str(key_stats(model))] if config.scale_k else []))
 
 

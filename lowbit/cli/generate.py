@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..kv.cache import QuantizedKVCache
     from ..kv.generate import generate_greedy
+    from ..kv.rope import layer_ropes
     from ..models.load import load
 
     if args.max_new_tokens < 1:
@@ -65,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
             raise LowbitError(str(e)) from None
         if any(getattr(m, "lowbit_kv", None) is not None for m in model.modules()):
             raise LowbitError("this model already quantizes its KV cache (its recipe's kv_cache): --kv cannot be added")
-        cache = QuantizedKVCache.for_model(kv, model.config, key_scales(args, loaded, kv))
+        try:
+            ropes = layer_ropes(model, loaded.spec) if kv.pre_rope else None
+        except ValueError as e:
+            raise LowbitError(f"--kv-pre-rope on {loaded.spec.family}: {e}") from None
+        cache = QuantizedKVCache.for_model(kv, model.config, key_scales(args, loaded, kv), ropes)
     else:
         cache = DynamicCache(config=model.config)
     eos = loaded.tokenizer.eos_token_id

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 
-KV_CONVENTION = ("KV cache {name}: K (after RoPE) and V quantized as they are written, every attention read sees "
+KV_CONVENTION = ("KV cache {name}: K ({rope}) and V quantized as they are written, every attention read sees "
                  "the de-quantized values{residual}; each window's tokens attend to the quantized K/V of every "
                  "earlier token of that window, as a token-by-token generation's cache would hold them")
 
@@ -33,6 +33,9 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-qjl", action="store_true", help="turboquant only: K's last bit as the QJL residual")
     g.add_argument("--kv-center-k", action="store_true", help="turboquant, int per token: K less its per-channel "
                    "mean over the first write (stored once per head)")
+    g.add_argument("--kv-pre-rope", action="store_true", help="quantize K before RoPE (KVQuant): turned back by "
+                   "its position's angle when written, turned again on read, so per-channel statistics hold at "
+                   "any context length")
     g.add_argument("--kv-scale-k", default=None, metavar="CALIB",
                    help="turboquant, int per token: divide K by per-channel scales (E[k²]/E[q²])^1/4 before "
                         "quantizing, so the error lands where queries are small; CALIB: calibration text (a file "
@@ -66,7 +69,8 @@ def kv_config(args: argparse.Namespace, ctx: int | None = None):
     bits = int(args.kv_bits) if float(args.kv_bits).is_integer() else args.kv_bits
     try:
         config = KvCacheConfig(args.kv, bits, args.kv_group, args.kv_residual, args.kv_axis, args.kv_sym,
-                               args.kv_qjl, seed, args.kv_center_k, args.kv_scale_k is not None, args.kv_sink)
+                               args.kv_qjl, seed, args.kv_center_k, args.kv_scale_k is not None, args.kv_sink,
+                               args.kv_pre_rope)
         if ctx is not None:
             config.check_context(ctx)
     except ValueError as e:
@@ -98,9 +102,9 @@ def key_scales(args: argparse.Namespace, loaded, config):
             if args.kv_scales_out:
                 ks.save(stats, args.kv_scales_out, loaded.source.name)
         stats.check(d.n_layers, d.kv_heads, d.head_dim)
+        return stats.scales(config.center_k, pre_rope=config.pre_rope)
     except ValueError as e:
         raise LowbitError(str(e)) from None
-    return stats.scales(config.center_k)
 
 
 def install(loaded, config, scales=None) -> str:
@@ -118,4 +122,5 @@ def install(loaded, config, scales=None) -> str:
     kept = ([f"{first} of each window"] if config.sink else []) + (
         [f"the newest {config.residual} tokens"] if config.residual else [])
     residual = f", except {' and '.join(kept)} kept in float" if kept else ""
-    return KV_CONVENTION.format(name=config.name, residual=residual)
+    return KV_CONVENTION.format(name=config.name, residual=residual,
+                                rope="before RoPE, turned back on read" if config.pre_rope else "after RoPE")

@@ -11,7 +11,8 @@ runs over [K_q ; K] (2T keys) with query t allowed key j of K_q iff j < F(t) and
 F(t) ≤ j ≤ t — intersected with the model's own mask (causal, sliding window). Without a residual window and
 with per-token groups F(t) = t + 1: the queries read K_q alone under the model's own mask (half
 the keys, SDPA's causal path). TurboQuant's channel
-split is chosen on the window, as on a generation's first write (its prompt).
+split is chosen on the window, as on a generation's first write (its prompt). With pre_rope the window's
+K is turned back by RoPE at positions 0..T−1, quantized, and turned again (the cache does the same).
 Installed as the transformers attention implementation "lowbit_kvcache" around SDPA.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from .codec import KvCodec
 from .config import KvCacheConfig
+from .rope import Rope, layer_ropes
 
 IMPLEMENTATION = "lowbit_kvcache"
 
@@ -34,18 +36,18 @@ def flushed(T: int, residual: int, multiple: int, sink: int = 0) -> Tensor:
 
 
 def cache_views(key: Tensor, value: Tensor, config: KvCacheConfig, layer: int,
-                key_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(K_q, V_q, F): the window's K/V [B, H, T, D] as the cache would de-quantize them (the sink and the
-    trailing tokens of an incomplete token group left as they are: never read quantized) and F [T];
-    key_scale [H, D]: scale_k's K scales for this layer."""
+                key_scale: Tensor | None = None, rope: Rope | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(K_q, V_q, F): the window's K/V [B, H, T, D] at positions 0..T−1 as the cache would de-quantize them
+    (the sink and the trailing tokens of an incomplete token group left as they are: never read quantized)
+    and F [T]; key_scale [H, D]: scale_k's K scales for this layer; rope: its RoPE (pre_rope)."""
     T, D = key.shape[-2], key.shape[-1]
-    k_codec, v_codec = KvCodec(config, D, layer, "k", key_scale), KvCodec(config, D, layer, "v")
+    k_codec, v_codec = KvCodec(config, D, layer, "k", key_scale, rope), KvCodec(config, D, layer, "v")
     m = max(k_codec.token_multiple, v_codec.token_multiple)
     S = min(config.sink, T)
     full = S + (T - S) // m * m                                         # the sink, then complete groups
     kq, vq = key.clone(), value.clone()
     if full > S:
-        kq[..., S:full, :] = k_codec.roundtrip(key[..., S:full, :])
+        kq[..., S:full, :] = k_codec.roundtrip(key[..., S:full, :], S)
         vq[..., S:full, :] = v_codec.roundtrip(value[..., S:full, :])
     return kq, vq, flushed(T, config.residual, m, config.sink)
 
@@ -76,7 +78,12 @@ def kvcache_attention(module: nn.Module, query, key, value, attention_mask, **kw
     T = key.shape[-2]
     if config is None or query.shape[-2] != T:      # no cache config, or a generation step: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    kq, vq, F = cache_views(key, value, config, module.layer_idx, getattr(module, "lowbit_kv_scale", None))
+    positions = kwargs.get("position_ids")
+    if config.pre_rope and positions is not None and not bool(
+            (positions == torch.arange(T, device=positions.device)).all()):
+        raise ValueError("K before RoPE in one pass needs each window at positions 0..T-1")
+    kq, vq, F = cache_views(key, value, config, module.layer_idx, getattr(module, "lowbit_kv_scale", None),
+                            getattr(module, "lowbit_kv_rope", None))
     if bool((F == torch.arange(1, T + 1)).all()):     # every earlier token already quantized: K_q alone, own mask
         return sdpa_attention_forward(module, query, kq, vq, attention_mask, **kwargs)
     mask = split_mask(allowed_mask(attention_mask, T, T, key.device), F.to(key.device))
@@ -93,9 +100,10 @@ def _register() -> None:
 
 def install_kv_cache(model: nn.Module, spec, config: KvCacheConfig, key_scales: dict[int, Tensor] | None = None) -> None:
     """Make every decoder layer's attention of `model` read K/V as the packed cache would (in place);
-    key_scales: {layer: [H, D]} scale_k's K scales."""
+    key_scales: {layer: [H, D]} scale_k's K scales; pre_rope reads each layer's RoPE off the model."""
     _register()
     layers = model.get_submodule(spec.layers)
+    ropes = layer_ropes(model, spec) if config.pre_rope else {}
     if config.scale_k and (key_scales is None or set(key_scales) != set(range(len(layers)))):
         raise ValueError(f"--kv-scale-k needs K scales for each of the {len(layers)} layers")
     for layer in layers:
@@ -106,4 +114,7 @@ def install_kv_cache(model: nn.Module, spec, config: KvCacheConfig, key_scales: 
         KvCodec(config, attention.head_dim, attention.layer_idx, "v")      # validates the group against head_dim
         attention.lowbit_kvcache = config
         attention.lowbit_kv_scale = key_scales[attention.layer_idx] if config.scale_k else None
+        attention.lowbit_kv_rope = ropes.get(attention.layer_idx)
+        KvCodec(config, attention.head_dim, attention.layer_idx, "k", attention.lowbit_kv_scale,
+                attention.lowbit_kv_rope)                                  # and K's scales and RoPE
     model.config._attn_implementation = IMPLEMENTATION

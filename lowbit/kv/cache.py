@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .codec import Chunk, KvCodec
 from .config import KvCacheConfig
+from .rope import Rope
 
 
 # per-token layouts forget a sliding layer's stale tokens this many at a time: one copy of the chunk per
@@ -32,11 +33,13 @@ def _empty_like(x: Tensor) -> Tensor:
 
 class PackedLayer(CacheLayerMixin):
     """One decoder layer's quantized K/V; `window`: the layer's sliding window (None: full attention);
-    `key_scale` [H, D]: scale_k's K scales for this layer."""
+    `key_scale` [H, D]: scale_k's K scales for this layer; `rope`: its RoPE (pre_rope; a token's position
+    is its place in the sequence)."""
 
-    def __init__(self, config: KvCacheConfig, layer: int, window: int | None = None, key_scale: Tensor | None = None):
+    def __init__(self, config: KvCacheConfig, layer: int, window: int | None = None, key_scale: Tensor | None = None,
+                 rope: Rope | None = None):
         super().__init__()
-        self.config, self.layer, self.window, self.key_scale = config, layer, window, key_scale
+        self.config, self.layer, self.window, self.key_scale, self.rope = config, layer, window, key_scale, rope
         self.is_sliding = window is not None      # the mask of sliding layers is built from the first one's sizes
         self.chunks: list[tuple[Chunk, Chunk]] = []
         self.seen = 0
@@ -47,7 +50,7 @@ class PackedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         D = key_states.shape[-1]
-        self.k_codec = KvCodec(self.config, D, self.layer, "k", self.key_scale)
+        self.k_codec = KvCodec(self.config, D, self.layer, "k", self.key_scale, self.rope)
         self.v_codec = KvCodec(self.config, D, self.layer, "v")
         self.multiple = max(self.k_codec.token_multiple, self.v_codec.token_multiple)
         self.is_initialized = True
@@ -84,12 +87,12 @@ class PackedLayer(CacheLayerMixin):
             # a sliding layer's token groups that are stale once this step is read go in a chunk of their
             # own, which forget() drops whole (per-token layouts drop a chunk's front instead)
             stale = 0
+            first = self.seen - self.keys.shape[-2]              # the position of the first residual token
             if self.window is not None and self.multiple > 1:
-                first = self.seen - self.keys.shape[-2]          # the position of the first residual token
                 stale = min(n, max(0, self.seen - (self.window - 1) - first)) // self.multiple * self.multiple
             for a, b in ((0, stale), (stale, n)):
                 if b > a:
-                    self._store(self.keys[..., a:b, :], self.values[..., a:b, :])
+                    self._store(self.keys[..., a:b, :], self.values[..., a:b, :], first + a)
             # copies: a view (contiguous() returns an empty or single-head slice as is) would keep the whole
             # float prompt's storage alive behind a residual of a few tokens
             self.keys, self.values = self.keys[..., n:, :].clone(), self.values[..., n:, :].clone()
@@ -97,9 +100,9 @@ class PackedLayer(CacheLayerMixin):
         self.forget()
         return states
 
-    def _store(self, keys: Tensor, values: Tensor) -> None:
-        """Encode [B, H, n, D] float K/V into the quantized store."""
-        k, v = self.k_codec.encode(keys), self.v_codec.encode(values)
+    def _store(self, keys: Tensor, values: Tensor, start: int) -> None:
+        """Encode [B, H, n, D] float K/V at positions start..start+n−1 into the quantized store."""
+        k, v = self.k_codec.encode(keys, start), self.v_codec.encode(values, start)
         if self.chunks and self.multiple == 1:          # per-token layouts: one growing chunk, one decode per read
             self.chunks[-1] = (self.chunks[-1][0].extend(k), self.chunks[-1][1].extend(v))
         else:
@@ -169,29 +172,33 @@ class PackedLayer(CacheLayerMixin):
 class QuantizedKVCache(Cache):
     """The packed cache for `num_layers` decoder layers under `config`; `windows[i]`: layer i's
     sliding window, or None for full attention (no windows: every layer keeps every token);
-    `key_scales`: {layer: [H, D]} scale_k's K scales (key_scales.KeyStats.scales)."""
+    `key_scales`: {layer: [H, D]} scale_k's K scales (key_scales.KeyStats.scales); `ropes`: {layer: Rope}
+    (pre_rope; rope.layer_ropes)."""
 
     def __init__(self, config: KvCacheConfig, num_layers: int, windows: list[int | None] | None = None,
-                 key_scales: dict[int, Tensor] | None = None):
+                 key_scales: dict[int, Tensor] | None = None, ropes: dict[int, Rope] | None = None):
         windows = windows or [None] * num_layers
         if len(windows) != num_layers:
             raise ValueError(f"{len(windows)} sliding windows for {num_layers} layers")
         if config.scale_k and (key_scales is None or set(key_scales) != set(range(num_layers))):
             raise ValueError(f"--kv-scale-k needs K scales for each of the {num_layers} layers")
+        if config.pre_rope and (ropes is None or set(ropes) != set(range(num_layers))):
+            raise ValueError(f"--kv-pre-rope needs the RoPE of each of the {num_layers} layers")
         scales = key_scales if config.scale_k else {}
-        super().__init__(layers=[PackedLayer(config, i, w, scales.get(i)) for i, w in enumerate(windows)])
+        ropes = ropes if config.pre_rope else {}
+        super().__init__(layers=[PackedLayer(config, i, w, scales.get(i), ropes.get(i)) for i, w in enumerate(windows)])
         self.config = config
 
     @classmethod
-    def for_model(cls, config: KvCacheConfig, model_config,
-                  key_scales: dict[int, Tensor] | None = None) -> "QuantizedKVCache":
+    def for_model(cls, config: KvCacheConfig, model_config, key_scales: dict[int, Tensor] | None = None,
+                  ropes: dict[int, Rope] | None = None) -> "QuantizedKVCache":
         """The cache for a transformers model: its sliding layers (config.layer_types) forget what
         their window no longer shows, as the model's own DynamicCache does."""
         n = model_config.num_hidden_layers
         kinds = getattr(model_config, "layer_types", None) or ["full_attention"] * n
         window = getattr(model_config, "sliding_window", None)
         return cls(config, n, [window if kind == "sliding_attention" and window else None for kind in kinds],
-                   key_scales)
+                   key_scales, ropes)
 
     @property
     def nbytes(self) -> int:

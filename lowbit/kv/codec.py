@@ -10,15 +10,18 @@ from torch import Tensor
 
 from ..rotations.hadamard import orthogonal
 from .config import KvCacheConfig
+from .rope import Rope
 from .quantizers import (Codes, compute_dtype, int_dequantize, int_quantize, qjl_matrix, turboquant, turboquant_dequantize)
 
 
 @dataclass
 class Chunk:
-    """T consecutive tokens of K or V as stored: one Codes per channel set."""
+    """T consecutive tokens of K or V as stored: one Codes per channel set; `start`: the position of the
+    first (pre_rope turns K back by it on decode)."""
 
     tokens: int
     parts: list[Codes]
+    start: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -26,23 +29,35 @@ class Chunk:
 
     def extend(self, other: "Chunk") -> "Chunk":
         """This chunk followed by `other` along the tokens (per-token layouts: codes [B, H, T, bytes])."""
+        if other.start != self.start + self.tokens:
+            raise ValueError(f"chunk at position {other.start} does not follow tokens "
+                             f"{self.start}..{self.start + self.tokens - 1}")
         parts = [Codes(torch.cat([a.packed, b.packed], -2), a.bits, a.n,
                        {k: torch.cat([a.side[k], b.side[k]], -2) for k in a.side}) for a, b in zip(self.parts, other.parts)]
-        return Chunk(self.tokens + other.tokens, parts)
+        return Chunk(self.tokens + other.tokens, parts, self.start)
 
     def drop_front(self, n: int) -> "Chunk":
         """This chunk less its oldest n tokens (per-token layouts), copied so their storage is freed."""
         parts = [Codes(p.packed[..., n:, :].clone(), p.bits, p.n, {k: t[..., n:, :].clone() for k, t in p.side.items()})
                  for p in self.parts]
-        return Chunk(self.tokens - n, parts)
+        return Chunk(self.tokens - n, parts, self.start + n)
 
 
 class KvCodec:
     """Encodes/decodes one layer's K or V ("k" / "v") under `config`; head_dim D; `scale` [H, D]: scale_k's
-    per-channel K scales for this layer (key_scales.py), required for K when config.scale_k."""
+    per-channel K scales for this layer (key_scales.py), required for K when config.scale_k; `rope`: the
+    layer's RoPE (rope.py), required for K when config.pre_rope."""
 
-    def __init__(self, config: KvCacheConfig, head_dim: int, layer: int, which: str, scale: Tensor | None = None):
+    def __init__(self, config: KvCacheConfig, head_dim: int, layer: int, which: str, scale: Tensor | None = None,
+                 rope: Rope | None = None):
         self.config, self.D, self.which = config, head_dim, which
+        self.rope = rope if config.pre_rope and which == "k" else None
+        if config.pre_rope and which == "k":
+            if rope is None:
+                raise ValueError(f"--kv-pre-rope needs the RoPE of every layer (kv.rope.layer_ropes), none given for "
+                                 f"layer {layer}")
+            if rope.head_dim != head_dim:
+                raise ValueError(f"RoPE of head_dim {rope.head_dim} for a head_dim of {head_dim}")
         self.scale: Tensor | None = None
         if config.scale_k and which == "k":
             if scale is None:
@@ -144,35 +159,39 @@ class KvCodec:
         return torch.gather(x, -1, idx)
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, x: Tensor) -> Chunk:
-        """x [B, H, T, D] -> Chunk (T a multiple of token_multiple)."""
+    def encode(self, x: Tensor, start: int = 0) -> Chunk:
+        """x [B, H, T, D] at positions start..start+T−1 -> Chunk (T a multiple of token_multiple)."""
         B, H, T, D = x.shape
         self.dtype = compute_dtype(x)
         if T % self.token_multiple:
             raise ValueError(f"{T} tokens do not fill groups of {self.token_multiple}")
         c = self.config
+        if self.rope is not None:
+            x = self.rope.undo(x.to(self.dtype), start)
         x = self._scaled(self._centered(x))
         if c.method in ("int", "kivi"):
             bits = int(c.bits)
             if self.per_channel:
                 xt = x.transpose(-1, -2)                               # [B, H, T, D] -> [B, H, D, T]: groups of tokens
-                return Chunk(T, [int_quantize(xt, bits, self.group, c.symmetric)])
-            return Chunk(T, [int_quantize(x, bits, self.group, c.symmetric)])
+                return Chunk(T, [int_quantize(xt, bits, self.group, c.symmetric)], start)
+            return Chunk(T, [int_quantize(x, bits, self.group, c.symmetric)], start)
         if self.split is None:
             self._choose_split(x)
-        xs, parts, start = self._gather(x), [], 0
+        xs, parts, first = self._gather(x), [], 0
         for n, bits in self._parts(x):
-            part = xs[..., start:start + n]
+            part = xs[..., first:first + n]
             parts.append(turboquant(part, self._rotation(n), bits, self._qjl(n)))
-            start += n
-        return Chunk(T, parts)
+            first += n
+        return Chunk(T, parts, start)
 
     def decode(self, chunk: Chunk) -> Tensor:
         """float32 [B, H, T, D] of a chunk (float64 when the codec encoded float64)."""
         y = self._decode(chunk)
         if self.scale is not None:
             y = y * self.scale[None, :, None, :].to(y.dtype)
-        return y + self.mean[None, :, None, :].to(y.dtype) if self.centers else y
+        if self.centers:
+            y = y + self.mean[None, :, None, :].to(y.dtype)
+        return self.rope.apply(y, chunk.start) if self.rope is not None else y
 
     def _decode(self, chunk: Chunk) -> Tensor:
         c = self.config
@@ -187,6 +206,6 @@ class KvCodec:
         out = torch.empty_like(ys)
         return out.scatter_(-1, self.split[None, :, None, :].expand_as(ys), ys)
 
-    def roundtrip(self, x: Tensor) -> Tensor:
-        """decode(encode(x)) in x's dtype."""
-        return self.decode(self.encode(x)).to(x.dtype)
+    def roundtrip(self, x: Tensor, start: int = 0) -> Tensor:
+        """decode(encode(x, start)) in x's dtype."""
+        return self.decode(self.encode(x, start)).to(x.dtype)

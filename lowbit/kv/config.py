@@ -19,7 +19,13 @@ scale_k       per-token K divided by per-channel scales s (per layer and head) b
 sink          the first `sink` tokens of the sequence stay in float (attention sinks, as KVQuant and IntactKV
               keep them): most queries put much of their weight there, so their error reaches every later
               token; the codecs' first-write statistics (center_k's mean, the split) skip them.
-K is quantized after RoPE (what a cache holds; per-channel K keeps RoPE's paired channels apart).
+pre_rope      K quantized before RoPE (KVQuant): each written key is turned back by its position's RoPE
+              angle, quantized (after the options above), and turned again on read (rope.py). Before RoPE
+              a channel means the same at every position, so per-channel statistics (center_k's mean,
+              scale_k's scales, kivi's per-channel groups) fit any context length; after RoPE the
+              high-frequency pairs turn from token to token. It stores nothing more: a token's
+              position is its place in the sequence.
+Without pre_rope K is quantized after RoPE, as the model hands it to the cache.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ class KvCacheConfig:
     group along head_dim, default 32), residual (newest tokens kept in float), axis (int only:
     "token" or "channel"), symmetric (int only), qjl (turboquant only), seed (turboquant's rotations),
     center_k (per-token K less its per-channel mean over the first write), scale_k (per-token K over
-    calibrated per-channel scales, key_scales.py), sink (the sequence's first tokens kept in float)."""
+    calibrated per-channel scales, key_scales.py), sink (the sequence's first tokens kept in float),
+    pre_rope (K quantized before RoPE)."""
 
     method: str = "int"
     bits: float = 4
@@ -49,6 +56,7 @@ class KvCacheConfig:
     center_k: bool = False
     scale_k: bool = False
     sink: int = 0
+    pre_rope: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -79,6 +87,8 @@ class KvCacheConfig:
         if self.scale_k and self.token_group() is not None:
             raise ValueError("--kv-scale-k (scale_k) applies to per-token K (turboquant, int per token): "
                              "per-channel K groups carry their own scales")
+        if not isinstance(self.pre_rope, bool):
+            raise ValueError(f"KV pre_rope must be True or False, got {self.pre_rope!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"KV seed must be an integer, got {self.seed!r}")
 
@@ -91,6 +101,8 @@ class KvCacheConfig:
             parts.append(f"g{self.group}")
         if self.qjl:
             parts.append("qjl")
+        if self.pre_rope:
+            parts.append("prerope")
         if self.center_k:
             parts.append("kcenter")
         if self.scale_k:

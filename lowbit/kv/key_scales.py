@@ -11,6 +11,12 @@ attention a K head serves several query heads, and E[q_j²] sums over them. For 
 E[k_j²] is K's variance. The scale acts inside the cache, after RoPE, so RoPE's channel pairs need no
 common scale (folding a scale into the q/k projections instead would need one per pair).
 
+With pre_rope (K quantized before RoPE, rope.py) the same holds in RoPE's frame: k_j is the key before
+RoPE, and the query meets the error turned by the relative angle of the two positions, which mixes the
+energies of channels j and j + D/2 (fully for the fast pairs): E[q_j²] is taken as that pair's mean,
+which no angle changes. Both sides are then free of the positions measured, so the scales fit any
+context; after RoPE they fit the positions they were measured over (1024-token windows by default).
+
 The energies are measured once on calibration text (`measure`) and saved (`save`/`load`): a plan, applied
 by the cache (codec.py) as float16 scales, counted in the cache's bytes.
 """
@@ -23,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .rope import pair_mean
+
 ALPHA = 0.25
 FORMAT = "lowbit-kv-key-stats"
 CALIB_SAMPLES, CALIB_SEQ_LEN = 4, 1024      # windows measured by default (`lowbit eval/generate --kv-scale-k`)
@@ -31,20 +39,28 @@ CALIB_SAMPLES, CALIB_SEQ_LEN = 4, 1024      # windows measured by default (`lowb
 @dataclass(frozen=True)
 class KeyStats:
     """Per layer, float64 [Hkv, D] after RoPE: q_energy = E[q_j²] summed over the query heads a K head
-    serves, k_energy = E[k_j²], k_mean = E[k_j]; `tokens` measured, `source` the calibration text."""
+    serves, k_energy = E[k_j²], k_mean = E[k_j]; k_energy_pre / k_mean_pre the same for K before RoPE
+    (None in files written before they were kept); `tokens` measured, `source` the calibration text."""
 
     q_energy: dict[int, Tensor]
     k_energy: dict[int, Tensor]
     k_mean: dict[int, Tensor]
     tokens: int
     source: str
+    k_energy_pre: dict[int, Tensor] | None = None
+    k_mean_pre: dict[int, Tensor] | None = None
 
-    def scales(self, centered: bool, alpha: float = ALPHA) -> dict[int, Tensor]:
-        """{layer: s [Hkv, D]} (float16 values) for K as it is, or centered (its variance)."""
+    def scales(self, centered: bool, alpha: float = ALPHA, pre_rope: bool = False) -> dict[int, Tensor]:
+        """{layer: s [Hkv, D]} (float16 values) for K as it is, or centered (its variance); pre_rope: for K
+        before RoPE (the queries' energy averaged over each RoPE pair)."""
+        if pre_rope and self.k_energy_pre is None:
+            raise ValueError(f"these K statistics ({self.source or 'a file'}) hold no K before RoPE (written by an "
+                             "older lowbit): measure them again for --kv-pre-rope")
+        energy, mean = (self.k_energy_pre, self.k_mean_pre) if pre_rope else (self.k_energy, self.k_mean)
         out = {}
         for layer, q in self.q_energy.items():
-            k = self.k_energy[layer] - self.k_mean[layer] ** 2 if centered else self.k_energy[layer]
-            out[layer] = key_scales(q, k, alpha)
+            k = energy[layer] - mean[layer] ** 2 if centered else energy[layer]
+            out[layer] = key_scales(pair_mean(q) if pre_rope else q, k, alpha)
         return out
 
     def check(self, layers: int, kv_heads: int, head_dim: int) -> None:
@@ -66,23 +82,28 @@ def key_scales(q_energy: Tensor, k_energy: Tensor, alpha: float = ALPHA) -> Tens
 
 
 def measure(loaded, windows: Tensor, source: str = "", progress: bool = True) -> KeyStats:
-    """The q/K energies of `loaded` over token windows [N, T] (every position of every window)."""
+    """The q/K energies of `loaded` over token windows [N, T] (every position of every window; a window's
+    positions are 0..T−1, as the model numbers them without a cache)."""
     from tqdm.auto import tqdm
 
     from .diagnose import capture
+    from .rope import layer_ropes
 
+    ropes = layer_ropes(loaded.model, loaded.spec)
     sums: dict[int, list[Tensor]] = {}
     tokens = 0
     for ids in tqdm(windows, desc="K scales", unit="window", disable=not progress, leave=False):
         for layer, (q, k, _, _) in capture(loaded, ids).items():
             q, k = q[0].double(), k[0].double()                   # [Hq, T, D], [Hkv, T, D]
+            k_pre = ropes[layer].undo(k)                  # positions 0..T−1
             rep = q.shape[0] // k.shape[0]
             q2 = q.pow(2).sum(1).reshape(k.shape[0], rep, -1).sum(1)   # [Hq, D] -> [Hkv, rep, D] -> [Hkv, D]
-            acc = sums.setdefault(layer, [0, 0, 0])
-            acc[0], acc[1], acc[2] = acc[0] + q2, acc[1] + k.pow(2).sum(1), acc[2] + k.sum(1)
+            acc = sums.setdefault(layer, [0] * 5)
+            for i, t in enumerate((q2, k.pow(2).sum(1), k.sum(1), k_pre.pow(2).sum(1), k_pre.sum(1))):
+                acc[i] = acc[i] + t
         tokens += ids.numel()
-    return KeyStats({l: a[0] / tokens for l, a in sums.items()}, {l: a[1] / tokens for l, a in sums.items()},
-                    {l: a[2] / tokens for l, a in sums.items()}, tokens, source)
+    mean = [{l: a[i] / tokens for l, a in sums.items()} for i in range(5)]
+    return KeyStats(mean[0], mean[1], mean[2], tokens, source, mean[3], mean[4])
 
 
 def measure_text(loaded, text) -> KeyStats:
@@ -99,9 +120,9 @@ def measure_text(loaded, text) -> KeyStats:
 def save(stats: KeyStats, path: str | Path, model: str = "") -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"{name}.{layer}": t.contiguous() for name, d in
-               (("q_energy", stats.q_energy), ("k_energy", stats.k_energy), ("k_mean", stats.k_mean))
-               for layer, t in d.items()}
+    named = (("q_energy", stats.q_energy), ("k_energy", stats.k_energy), ("k_mean", stats.k_mean),
+             ("k_energy_pre", stats.k_energy_pre), ("k_mean_pre", stats.k_mean_pre))
+    tensors = {f"{name}.{layer}": t.contiguous() for name, d in named if d is not None for layer, t in d.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": FORMAT, "tokens": str(stats.tokens), "source": stats.source,
                                             "model": model, "alpha": json.dumps(ALPHA)})
@@ -119,8 +140,11 @@ def load(path: str | Path) -> KeyStats:
         raise ValueError(f"{path}: not a K-scales file ({type(e).__name__})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a K-scales file (format {meta.get('format')!r})")
-    parts: dict[str, dict[int, Tensor]] = {"q_energy": {}, "k_energy": {}, "k_mean": {}}
+    parts: dict[str, dict[int, Tensor]] = {n: {} for n in ("q_energy", "k_energy", "k_mean", "k_energy_pre", "k_mean_pre")}
     for key, t in tensors.items():
         name, layer = key.rsplit(".", 1)
+        if name not in parts:
+            raise ValueError(f"{path}: not a K-scales file (tensor {key!r})")
         parts[name][int(layer)] = t
-    return KeyStats(parts["q_energy"], parts["k_energy"], parts["k_mean"], int(meta["tokens"]), meta.get("source", ""))
+    return KeyStats(parts["q_energy"], parts["k_energy"], parts["k_mean"], int(meta["tokens"]), meta.get("source", ""),
+                    parts["k_energy_pre"] or None, parts["k_mean_pre"] or None)

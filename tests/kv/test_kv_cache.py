@@ -9,13 +9,24 @@ import torch
 from lowbit.kv.attention import flushed, install_kv_cache
 from lowbit.kv.cache import QuantizedKVCache
 from lowbit.kv.config import KvCacheConfig
+from lowbit.kv.rope import layer_ropes
 from lowbit.models.load import load
 from kv_fixtures import tiny  # noqa: F401  (pytest fixtures)
 
 CONFIGS = [KvCacheConfig("int", 4), KvCacheConfig("int", 2, residual=5), KvCacheConfig("int", 3, axis="channel", group=4),
            KvCacheConfig("kivi", 2, group=4, residual=8), KvCacheConfig("turboquant", 3),
            KvCacheConfig("turboquant", 3, qjl=True, residual=2), KvCacheConfig("int", 4, sink=1),
-           KvCacheConfig("turboquant", 3, sink=3), KvCacheConfig("kivi", 2, group=4, residual=8, sink=2)]
+           KvCacheConfig("turboquant", 3, sink=3), KvCacheConfig("kivi", 2, group=4, residual=8, sink=2),
+           KvCacheConfig("int", 4, residual=3, pre_rope=True), KvCacheConfig("turboquant", 3, sink=2, pre_rope=True),
+           KvCacheConfig("kivi", 2, group=4, residual=8, sink=2, pre_rope=True)]
+
+
+def _cache(loaded, config, scales=None, for_model=False):
+    """The packed cache for `loaded` under config (pre_rope: with the model's RoPE per layer)."""
+    ropes = layer_ropes(loaded.model, loaded.spec) if config.pre_rope else None
+    if for_model:
+        return QuantizedKVCache.for_model(config, loaded.model.config, scales, ropes)
+    return QuantizedKVCache(config, loaded.dims.n_layers, key_scales=scales, ropes=ropes)
 
 
 def _stepwise(model, ids, cache):
@@ -36,13 +47,13 @@ def _one_pass(loaded, ids, config, scales=None):
         model.config._attn_implementation = saved
         for layer in model.get_submodule(loaded.spec.layers):
             attention = layer.get_submodule(loaded.spec.attention)
-            del attention.lowbit_kvcache, attention.lowbit_kv_scale
+            del attention.lowbit_kvcache, attention.lowbit_kv_scale, attention.lowbit_kv_rope
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 def test_generation_cache_equals_the_one_pass_evaluation(tiny, config):
     ids = torch.randint(0, 257, (1, 29), generator=torch.Generator().manual_seed(0))
-    cache = QuantizedKVCache(config, tiny.dims.n_layers)
+    cache = _cache(tiny, config)
     step = _stepwise(tiny.model, ids, cache)
     one = _one_pass(tiny, ids, config)
     with torch.no_grad():
@@ -123,12 +134,14 @@ def tiny_gemma(tiny_gemma3_dir):
 
 
 @pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),
-                                    KvCacheConfig("turboquant", 3), KvCacheConfig("turboquant", 3, sink=2)],
+                                    KvCacheConfig("turboquant", 3), KvCacheConfig("turboquant", 3, sink=2),
+                                    KvCacheConfig("turboquant", 3, sink=1, pre_rope=True)],
                          ids=lambda c: c.name)
 def test_gemma_sliding_window_cache_equals_the_one_pass_evaluation(tiny_gemma, config):
     # 40 tokens: beyond the tiny Gemma's sliding window of 16, so the sliding layers' masks matter
+    # (pre_rope: the sliding layers turn K with their own RoPE base)
     ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(2))
-    step = _stepwise(tiny_gemma.model, ids, QuantizedKVCache(config, tiny_gemma.dims.n_layers))
+    step = _stepwise(tiny_gemma.model, ids, _cache(tiny_gemma, config))
     one = _one_pass(tiny_gemma, ids, config)
     assert torch.allclose(step, one, atol=1e-9, rtol=0)
 
@@ -139,7 +152,8 @@ def test_fractional_turboquant_prefill_equals_the_one_pass_evaluation(tiny, tiny
     # window the one-pass evaluation splits on (token by token the first write would be one token)
     loaded = tiny if which == "llama" else tiny_gemma
     for config in (KvCacheConfig("turboquant", 3.5), KvCacheConfig("turboquant", 3.5, center_k=True),
-                   KvCacheConfig("turboquant", 3.5, center_k=True, sink=2)):   # the sink: not in the first write
+                   KvCacheConfig("turboquant", 3.5, center_k=True, sink=2),    # the sink: not in the first write
+                   KvCacheConfig("turboquant", 3.5, center_k=True, sink=2, pre_rope=True)):
         _prefill_equals_one_pass(loaded, config)
 
 
@@ -153,6 +167,7 @@ def test_scaled_k_cache_equals_the_one_pass_evaluation(tiny, tiny_gemma, which):
               for i in range(c.num_hidden_layers)}
     config = KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True)
     _prefill_equals_one_pass(loaded, config, scales)
+    _prefill_equals_one_pass(loaded, KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True, pre_rope=True), scales)
     step_config = KvCacheConfig("int", 4, scale_k=True)
     ids = torch.randint(0, 257, (1, 20), generator=g)
     step = _stepwise(loaded.model, ids, QuantizedKVCache(step_config, loaded.dims.n_layers, key_scales=scales))
@@ -165,14 +180,15 @@ def test_scaled_k_cache_equals_the_one_pass_evaluation(tiny, tiny_gemma, which):
 def _prefill_equals_one_pass(loaded, config, scales=None):
     ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        prefill = loaded.model(ids, past_key_values=QuantizedKVCache(config, loaded.dims.n_layers, key_scales=scales),
-                               use_cache=True).logits[0]
+        prefill = loaded.model(ids, past_key_values=_cache(loaded, config, scales), use_cache=True).logits[0]
     assert torch.allclose(prefill, _one_pass(loaded, ids, config, scales), atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),
                                     KvCacheConfig("turboquant", 3.5),
-                                    KvCacheConfig("kivi", 2, group=4, residual=8, sink=3)],
+                                    KvCacheConfig("kivi", 2, group=4, residual=8, sink=3),
+                                    KvCacheConfig("turboquant", 3.5, sink=1, pre_rope=True),
+                                    KvCacheConfig("kivi", 2, group=4, residual=8, pre_rope=True)],
                          ids=lambda c: c.name)
 def test_gemma_sliding_layers_forget_what_their_window_hides(tiny_gemma, config, monkeypatch):
     """A 30-token prompt and 60 decoded tokens (window 16): the cache built for the model forgets its
@@ -186,8 +202,7 @@ def test_gemma_sliding_layers_forget_what_their_window_hides(tiny_gemma, config,
     ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(4))
     steps = torch.randint(0, 257, (1, 60), generator=torch.Generator().manual_seed(5))
     runs = {}
-    for name, cache in (("keeps", QuantizedKVCache(config, tiny_gemma.dims.n_layers)),
-                        ("forgets", QuantizedKVCache.for_model(config, model.config))):
+    for name, cache in (("keeps", _cache(tiny_gemma, config)), ("forgets", _cache(tiny_gemma, config, for_model=True))):
         held = []                                              # a sliding layer's stored tokens after each step
         with torch.no_grad():
             logits = [model(ids, past_key_values=cache, use_cache=True).logits[0, -1]]

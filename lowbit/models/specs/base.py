@@ -58,6 +58,8 @@ class ArchSpec:
     residual_writers: tuple[str, ...] = ()    # ("self_attn.o_proj", "mlp.down_proj")
     value_out: tuple[str, ...] = ()           # ("self_attn.v_proj", "self_attn.o_proj")
     rotation_refusal: str = ""
+    # RoPE (lowbit.kv.rope): the rotary module serving each attention type of config.layer_types
+    rotary: tuple[tuple[str, str], ...] = (("full_attention", "model.rotary_emb"),)
 
     def __post_init__(self):
         if self.embed_scale not in ("none", "sqrt_hidden"):

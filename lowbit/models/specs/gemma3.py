@@ -33,4 +33,6 @@ GEMMA3 = ArchSpec(
     embed_scale="sqrt_hidden",
     hidden_act="gelu_pytorch_tanh",
     layer_returns_tuple=True,
+    # the sliding (local) layers turn K with their own, lower RoPE base
+    rotary=(("full_attention", "model.rotary_emb"), ("sliding_attention", "model.rotary_emb_local")),
 )

@@ -21,5 +21,7 @@ QWEN2 = ArchSpec(
     value_out=("self_attn.v_proj", "self_attn.o_proj"),
     hidden_act="silu",
     biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    # one rotary module for both attention types (sliding layers when use_sliding_window)
+    rotary=(("full_attention", "model.rotary_emb"), ("sliding_attention", "model.rotary_emb")),
     notes="v_proj's bias is divided with its rows when an o_proj scale is folded into it",
 )
