@@ -72,6 +72,8 @@ ROWS = {   # label -> KvCacheConfig (None: the float cache)
                                                                      sink=1, residual=128, pre_rope=True),
     "turboquant2.5-prerope-kcenter-kscale-sink1-r128": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True,
                                                                      sink=1, residual=128, pre_rope=True),
+    "turboquant3.5-prerope-kcenter-kscale-sink16": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True,
+                                                                 sink=16, pre_rope=True),
     "kivi2-prerope-sink1-r128": KvCacheConfig("kivi", 2, residual=128, sink=1, pre_rope=True),
     "int4-prerope-kcenter-kscale-sink1": KvCacheConfig("int", 4, center_k=True, scale_k=True, sink=1, pre_rope=True),
     "int4-kscale": KvCacheConfig("int", 4, scale_k=True),

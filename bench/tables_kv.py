@@ -15,7 +15,7 @@ NOMINAL = {"int8": 8, "int4": 4, "int4-kscale": 4, "int4-kcenter-kscale": 4, "in
            "int4-prerope-kcenter-kscale-sink1": 4}
 PRE_ROPE = ("turboquant3.5-prerope-kcenter-kscale-sink1", "turboquant2.5-prerope-kcenter-kscale-sink1",
             "turboquant3.5-prerope-kcenter-kscale-sink1-r128", "turboquant2.5-prerope-kcenter-kscale-sink1-r128",
-            "kivi2-prerope-sink1-r128", "int4-prerope-kcenter-kscale-sink1")
+            "turboquant3.5-prerope-kcenter-kscale-sink16", "kivi2-prerope-sink1-r128", "int4-prerope-kcenter-kscale-sink1")
 ORDER = ("float", "int8", "int4", "int2", "int4-kchannel", "int2-kchannel", "kivi4-r128", "kivi2-r128", "turboquant4",
          "turboquant3.5", "turboquant3", "turboquant2.5", "turboquant2", "turboquant3.5-kcenter", "turboquant2.5-kcenter",
          "turboquant3.5-kscale", "turboquant3.5-kcenter-kscale", "turboquant2.5-kcenter-kscale",
