@@ -111,11 +111,11 @@ def row_scales(model: str, config: KvCacheConfig | None, loaded=None) -> dict | 
     return key_scales.load(key_stats(model, loaded)).scales(config.center_k, pre_rope=config.pre_rope)
 
 
-def row_ropes(config: KvCacheConfig | None, loaded) -> dict:
-    """{layer: Rope} for a pre_rope row, else {}."""
+def row_ropes(config: KvCacheConfig | None, model, spec) -> dict:
+    """{layer: Rope} of `model` for a pre_rope row, else {}."""
     from lowbit.kv.rope import layer_ropes
 
-    return layer_ropes(loaded.model, loaded.spec) if config is not None and config.pre_rope else {}
+    return layer_ropes(model, spec) if config is not None and config.pre_rope else {}
 
 
 class CacheView(nn.Module):
@@ -123,10 +123,8 @@ class CacheView(nn.Module):
 
     def __init__(self, base: nn.Module, spec, config: KvCacheConfig | None, scales: dict | None = None):
         super().__init__()
-        from lowbit.kv.rope import layer_ropes
-
         self.base, self.spec, self.kv, self.scales = [base], spec, config, scales
-        self.ropes = layer_ropes(base, spec) if config is not None and config.pre_rope else None
+        self.ropes = row_ropes(config, base, spec)
         self.config = base.config
 
     def forward(self, *args, **kwargs):
@@ -163,7 +161,7 @@ def bits_per_value(config: KvCacheConfig | None, loaded, ids: torch.Tensor, scal
     k = seen["k"].view(1, 512, -1, D).transpose(1, 2)          # [1, T, kv*D] -> [1, kv, T, D]
     total = 0
     for which in "kv":
-        codec = KvCodec(config, D, 0, which, scales[0] if scales else None, row_ropes(config, loaded).get(0))
+        codec = KvCodec(config, D, 0, which, scales[0] if scales else None, row_ropes(config, loaded.model, loaded.spec).get(0))
         total += codec.encode(k).nbytes
     return total * 8 / (2 * k.numel())
 
@@ -209,7 +207,7 @@ def passkey(model: str, rows: list[str]) -> dict:
         cfg, start, answers = ROWS[r], time.perf_counter(), []
         scales = row_scales(model, cfg, loaded)
         for i in range(len(meta)):
-            cache = (QuantizedKVCache.for_model(cfg, loaded.model.config, scales, row_ropes(cfg, loaded) or None) if cfg
+            cache = (QuantizedKVCache.for_model(cfg, loaded.model.config, scales, row_ropes(cfg, loaded.model, loaded.spec) or None) if cfg
                      else DynamicCache(config=loaded.model.config))
             answers.append(loaded.tokenizer.decode(generate_greedy(loaded.model, prompts[f"ids_{i}"], 8, cache).tokens,
                                                    skip_special_tokens=True))

@@ -89,13 +89,16 @@ def measure(loaded, windows: Tensor, source: str = "", progress: bool = True) ->
     from .diagnose import capture
     from .rope import layer_ropes
 
-    ropes = layer_ropes(loaded.model, loaded.spec)
+    try:
+        ropes = layer_ropes(loaded.model, loaded.spec)
+    except ValueError:                  # RoPE the cache cannot undo: the statistics after RoPE only
+        ropes = None
     sums: dict[int, list[Tensor]] = {}
     tokens = 0
     for ids in tqdm(windows, desc="K scales", unit="window", disable=not progress, leave=False):
         for layer, (q, k, _, _) in capture(loaded, ids).items():
             q, k = q[0].double(), k[0].double()                   # [Hq, T, D], [Hkv, T, D]
-            k_pre = ropes[layer].undo(k)                  # positions 0..T−1
+            k_pre = ropes[layer].undo(k) if ropes else torch.zeros_like(k)      # positions 0..T−1
             rep = q.shape[0] // k.shape[0]
             q2 = q.pow(2).sum(1).reshape(k.shape[0], rep, -1).sum(1)   # [Hq, D] -> [Hkv, rep, D] -> [Hkv, D]
             acc = sums.setdefault(layer, [0] * 5)
@@ -103,7 +106,8 @@ def measure(loaded, windows: Tensor, source: str = "", progress: bool = True) ->
                 acc[i] = acc[i] + t
         tokens += ids.numel()
     mean = [{l: a[i] / tokens for l, a in sums.items()} for i in range(5)]
-    return KeyStats(mean[0], mean[1], mean[2], tokens, source, mean[3], mean[4])
+    pre = (mean[3], mean[4]) if ropes else (None, None)
+    return KeyStats(mean[0], mean[1], mean[2], tokens, source, *pre)
 
 
 def measure_text(loaded, text) -> KeyStats:

@@ -151,6 +151,18 @@ def test_pre_rope_statistics_and_scales(tiny, tmp_path):
     ks.save(old, path)                                                      # a file from before pre-RoPE K
     with pytest.raises(ValueError, match="hold no K before RoPE"):
         ks.load(path).scales(True, pre_rope=True)
+    # a model whose RoPE the cache cannot undo still gets its statistics after RoPE, none before
+    rotary = tiny.model.model.rotary_emb
+    saved = getattr(rotary, "rope_type", None)
+    rotary.rope_type = "dynamic"
+    try:
+        after_only = ks.measure(tiny, windows, "t", progress=False)
+    finally:
+        rotary.rope_type = saved
+    assert after_only.k_energy_pre is None and torch.equal(after_only.k_energy[1], stats.k_energy[1])
+    ks.save(after_only, path)
+    with pytest.raises(ValueError, match="hold no K before RoPE"):
+        ks.load(path).scales(True, pre_rope=True)
 
 
 def test_eval_and_generate_with_k_before_rope(capsys, tiny_llama_dir, text, tmp_path):
