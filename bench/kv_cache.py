@@ -76,6 +76,20 @@ ROWS = {   # label -> KvCacheConfig (None: the float cache)
                                                                  sink=16, pre_rope=True),
     "kivi2-prerope-sink1-r128": KvCacheConfig("kivi", 2, residual=128, sink=1, pre_rope=True),
     "int4-prerope-kcenter-kscale-sink1": KvCacheConfig("int", 4, center_k=True, scale_k=True, sink=1, pre_rope=True),
+    # norms rescaled so each de-quantized vector keeps its projection (no Lloyd–Max shrinkage of scores)
+    "turboquant3.5-ncorr-prerope-kcenter-kscale-sink1": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True,
+                                                                      sink=1, pre_rope=True, norm_correct="kv"),
+    "turboquant2.5-ncorr-prerope-kcenter-kscale-sink1": KvCacheConfig("turboquant", 2.5, center_k=True, scale_k=True,
+                                                                      sink=1, pre_rope=True, norm_correct="kv"),
+    "turboquant3.5-ncorr-prerope-kcenter-kscale-sink1-r128": KvCacheConfig(
+        "turboquant", 3.5, center_k=True, scale_k=True, sink=1, residual=128, pre_rope=True, norm_correct="kv"),
+    "turboquant2.5-ncorr-prerope-kcenter-kscale-sink1-r128": KvCacheConfig(
+        "turboquant", 2.5, center_k=True, scale_k=True, sink=1, residual=128, pre_rope=True, norm_correct="kv"),
+    "turboquant3.5-ncorrv-prerope-kcenter-kscale-sink1": KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True,
+                                                                       sink=1, pre_rope=True, norm_correct="v"),
+    "turboquant2.5-ncorrv-prerope-kcenter-kscale-sink1-r128": KvCacheConfig(
+        "turboquant", 2.5, center_k=True, scale_k=True, sink=1, residual=128, pre_rope=True, norm_correct="v"),
+    "turboquant3.5-ncorr": KvCacheConfig("turboquant", 3.5, norm_correct="kv"),    # the correction alone
     "int4-kscale": KvCacheConfig("int", 4, scale_k=True),
     "int4-kcenter-kscale": KvCacheConfig("int", 4, center_k=True, scale_k=True),
     "int4-kscale-sink1": KvCacheConfig("int", 4, scale_k=True, sink=1),
@@ -246,6 +260,7 @@ def kv_flags(config: KvCacheConfig | None, model: str = "") -> list[str]:
     if config.axis != "token":
         flags += ["--kv-axis", config.axis]
     return (flags + (["--kv-sym"] if config.symmetric else []) + (["--kv-qjl"] if config.qjl else [])
+            + (["--kv-norm-correct", config.norm_correct] if config.norm_correct else [])
             + (["--kv-center-k"] if config.center_k else []) + (["--kv-pre-rope"] if config.pre_rope else [])
             + (["--kv-sink", str(config.sink)] if config.sink else [])
             + (["--kv-scale-k", str(key_stats(model))] if config.scale_k else []))

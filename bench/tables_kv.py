@@ -15,7 +15,10 @@ NOMINAL = {"int8": 8, "int4": 4, "int4-kscale": 4, "int4-kcenter-kscale": 4, "in
            "int4-prerope-kcenter-kscale-sink1": 4}
 PRE_ROPE = ("turboquant3.5-prerope-kcenter-kscale-sink1", "turboquant2.5-prerope-kcenter-kscale-sink1",
             "turboquant3.5-prerope-kcenter-kscale-sink1-r128", "turboquant2.5-prerope-kcenter-kscale-sink1-r128",
-            "turboquant3.5-prerope-kcenter-kscale-sink16", "kivi2-prerope-sink1-r128", "int4-prerope-kcenter-kscale-sink1")
+            "turboquant3.5-prerope-kcenter-kscale-sink16", "kivi2-prerope-sink1-r128", "int4-prerope-kcenter-kscale-sink1",
+            "turboquant3.5-ncorr-prerope-kcenter-kscale-sink1", "turboquant3.5-ncorrv-prerope-kcenter-kscale-sink1",
+            "turboquant2.5-ncorr-prerope-kcenter-kscale-sink1", "turboquant3.5-ncorr-prerope-kcenter-kscale-sink1-r128",
+            "turboquant2.5-ncorr-prerope-kcenter-kscale-sink1-r128", "turboquant2.5-ncorrv-prerope-kcenter-kscale-sink1-r128")
 ORDER = ("float", "int8", "int4", "int2", "int4-kchannel", "int2-kchannel", "kivi4-r128", "kivi2-r128", "turboquant4",
          "turboquant3.5", "turboquant3", "turboquant2.5", "turboquant2", "turboquant3.5-kcenter", "turboquant2.5-kcenter",
          "turboquant3.5-kscale", "turboquant3.5-kcenter-kscale", "turboquant2.5-kcenter-kscale",
@@ -23,14 +26,14 @@ ORDER = ("float", "int8", "int4", "int2", "int4-kchannel", "int2-kchannel", "kiv
          "turboquant3.5-kcenter-kscale-r128", "turboquant3.5-kcenter-kscale-sink1-r128",
          "turboquant2.5-kcenter-kscale-sink1-r128", "kivi2-sink1-r128", "int4-kscale", "int4-kcenter-kscale",
          "int4-kscale-sink1", "int4-kcenter-kscale-sink1", *PRE_ROPE,
-         "turboquant3.5-qjl", "turboquant2.5-qjl")
+         "turboquant3.5-ncorr", "turboquant3.5-qjl", "turboquant2.5-qjl")
 TARGETS = (("turboquant3.5", 0.01), ("turboquant3.5-kcenter", 0.01), ("turboquant3.5-kscale", 0.01),
            ("turboquant3.5-kcenter-kscale", 0.01), ("turboquant2.5", 0.03), ("turboquant2.5-kcenter", 0.03),
            ("turboquant2.5-kcenter-kscale", 0.03), ("turboquant3.5-kcenter-kscale-sink1", 0.01),
            ("turboquant2.5-kcenter-kscale-sink1", 0.03), ("turboquant3.5-kcenter-kscale-r128", 0.01),
            ("turboquant3.5-kcenter-kscale-sink1-r128", 0.01),
            ("turboquant2.5-kcenter-kscale-sink1-r128", 0.03),
-           ("kivi2-r128", 0.05), ("kivi2-sink1-r128", 0.05),
+           ("kivi2-r128", 0.05), ("kivi2-sink1-r128", 0.05), ("turboquant3.5-ncorr", 0.01),
            *((n, 0.01 if n.startswith("turboquant3.5") else 0.03 if n.startswith("turboquant2.5") else 0.05)
              for n in PRE_ROPE if not n.startswith("int4")))
 
@@ -126,7 +129,7 @@ def _targets(facts: dict) -> list[str]:
     for name in ("turboquant3.5", "turboquant3.5-kcenter", "turboquant3.5-kscale", "turboquant3.5-kcenter-kscale",
                  "turboquant3.5-kcenter-kscale-sink1", "turboquant3.5-kcenter-kscale-r128",
                  "turboquant3.5-kcenter-kscale-sink1-r128", "turboquant3.5-prerope-kcenter-kscale-sink1",
-                 "turboquant3.5-prerope-kcenter-kscale-sink1-r128"):
+                 "turboquant3.5-prerope-kcenter-kscale-sink1-r128", "turboquant3.5-ncorr-prerope-kcenter-kscale-sink1"):
         if "float" in pk and name in pk:
             a, b = pk["float"]["accuracy"], pk[name]["accuracy"]
             lines.append(f"- passkey at 3.5 bits (`{name}`) equal to float's: {_passkey(pk[name])} vs "
@@ -235,7 +238,9 @@ def kv_page() -> str:
              "validation), `--kv-scale-k`. sink1 rows: the sequence's first token kept in float (`--kv-sink 1`; "
              "the float sink and residual are not in bits/value, they are in the generation's cache B/token). "
              "prerope rows: K quantized before RoPE (`--kv-pre-rope`: turned back by its position's angle when "
-             "written, turned again on read; the K statistics and scales taken before RoPE too). "
+             "written, turned again on read; the K statistics and scales taken before RoPE too). ncorr rows "
+             "(`--kv-norm-correct`; ncorrv: V only): each TurboQuant vector's norm stored so that its de-quantized "
+             "vector keeps its projection, ⟨x̂, x⟩ = ‖x‖² (no Lloyd–Max shrinkage; the same bytes). "
              "decode tok/s, cache B/token, generation peak "
              "RSS: `lowbit generate` after an 8128-token prompt, 64 new tokens, one process per row (ratios against "
              "the float cache of the same run); the peak is the process's from the end of the model's load to the "

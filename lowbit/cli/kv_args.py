@@ -31,6 +31,9 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                    "(default) or per channel in groups of tokens")
     g.add_argument("--kv-sym", action="store_true", help="int only: a symmetric grid (default asymmetric)")
     g.add_argument("--kv-qjl", action="store_true", help="turboquant only: K's last bit as the QJL residual")
+    g.add_argument("--kv-norm-correct", nargs="?", const="kv", default="", choices=("k", "v", "kv"),
+                   help="turboquant only: store the norms of K, V or both (bare flag: kv) so each de-quantized "
+                        "vector keeps its projection (undoes the Lloyd–Max shrinkage of scores and outputs)")
     g.add_argument("--kv-center-k", action="store_true", help="turboquant, int per token: K less its per-channel "
                    "mean over the first write (stored once per head)")
     g.add_argument("--kv-pre-rope", action="store_true", help="quantize K before RoPE (KVQuant): turned back by "
@@ -70,7 +73,7 @@ def kv_config(args: argparse.Namespace, ctx: int | None = None):
     try:
         config = KvCacheConfig(args.kv, bits, args.kv_group, args.kv_residual, args.kv_axis, args.kv_sym,
                                args.kv_qjl, seed, args.kv_center_k, args.kv_scale_k is not None, args.kv_sink,
-                               args.kv_pre_rope)
+                               args.kv_pre_rope, args.kv_norm_correct)
         if ctx is not None:
             config.check_context(ctx)
     except ValueError as e:

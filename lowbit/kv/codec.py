@@ -180,7 +180,7 @@ class KvCodec:
         xs, parts, first = self._gather(x), [], 0
         for n, bits in self._parts(x):
             part = xs[..., first:first + n]
-            parts.append(turboquant(part, self._rotation(n), bits, self._qjl(n)))
+            parts.append(turboquant(part, self._rotation(n), bits, self._qjl(n), self.which in c.norm_correct))
             first += n
         return Chunk(T, parts, start)
 

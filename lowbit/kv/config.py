@@ -26,6 +26,12 @@ pre_rope      K quantized before RoPE (KVQuant): each written key is turned back
               high-frequency pairs turn from token to token. It stores nothing more: a token's
               position is its place in the sequence.
 Without pre_rope K is quantized after RoPE, as the model hands it to the cache.
+norm_correct  turboquant only, "k", "v" or "kv" (which of them; "" none): each vector's stored norm is rescaled
+              so that its de-quantized vector x̂ has ⟨x̂, x⟩ = ‖x‖² (quantizers.py). Lloyd–Max levels are
+              conditional means, so a reconstruction is shrunk by about 1 − D(b): K's scores shrink (a
+              softmax temperature error), V's outputs too. Shrunk scores are the lower-MSE estimate, unshrunk
+              ones unbiased; which serves attention better is measured per model (docs/kv_cache.md). It
+              stores nothing more (the same float16 norm). With qjl, K keeps QJL's unbiasing.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ class KvCacheConfig:
     "token" or "channel"), symmetric (int only), qjl (turboquant only), seed (turboquant's rotations),
     center_k (per-token K less its per-channel mean over the first write), scale_k (per-token K over
     calibrated per-channel scales, key_scales.py), sink (the sequence's first tokens kept in float),
-    pre_rope (K quantized before RoPE)."""
+    pre_rope (K quantized before RoPE), norm_correct ("k", "v", "kv": turboquant's norms rescaled, ⟨x̂, x⟩ = ‖x‖²)."""
 
     method: str = "int"
     bits: float = 4
@@ -57,6 +63,7 @@ class KvCacheConfig:
     scale_k: bool = False
     sink: int = 0
     pre_rope: bool = False
+    norm_correct: str = ""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -89,6 +96,11 @@ class KvCacheConfig:
                              "per-channel K groups carry their own scales")
         if not isinstance(self.pre_rope, bool):
             raise ValueError(f"KV pre_rope must be True or False, got {self.pre_rope!r}")
+        if self.norm_correct not in ("", "k", "v", "kv"):
+            raise ValueError(f"KV norm_correct must be 'k', 'v', 'kv' or '' (none), got {self.norm_correct!r}")
+        if self.norm_correct and self.method != "turboquant":
+            raise ValueError("--kv-norm-correct (norm_correct) applies to --kv turboquant only (its Lloyd–Max "
+                             "levels shrink; integer grids do not)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"KV seed must be an integer, got {self.seed!r}")
 
@@ -101,6 +113,8 @@ class KvCacheConfig:
             parts.append(f"g{self.group}")
         if self.qjl:
             parts.append("qjl")
+        if self.norm_correct:
+            parts.append("ncorr" + ("" if self.norm_correct == "kv" else self.norm_correct))
         if self.pre_rope:
             parts.append("prerope")
         if self.center_k:

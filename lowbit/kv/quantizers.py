@@ -11,6 +11,11 @@ de-quantized from the stored bytes is exactly what the reference computes.
               with `qjl`, one of the bits goes to QJL: the signs of S·r for the rotated residual r
               (S Gaussian [d, d]) and ‖r‖, from which ‖r‖·√(π/2)/d · Sᵀ sign(S r) estimates r
               without bias, so inner products with the de-quantized vector are unbiased.
+              With `norm_correct` (vectors without QJL) the stored norm is ‖x‖·‖u‖²/⟨u, û⟩ instead of
+              ‖x‖ (û: the levels chosen): Lloyd–Max levels are conditional means, so the reconstruction
+              is shrunk along x by ⟨u, û⟩ ≈ 1 − D(b) (D: the codebook's distortion per unit norm);
+              rescaled, ⟨x̂, x⟩ = ‖x‖² for every vector, and the attention scores (K) and outputs (V)
+              it feeds lose that systematic shrinkage (a softmax temperature error for K).
 """
 from __future__ import annotations
 
@@ -88,9 +93,10 @@ def qjl_matrix(d: int, seed: int) -> Tensor:
     return torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
 
 
-def turboquant(x: Tensor, rotation: Tensor, bits: int, S: Tensor | None = None) -> Codes:
+def turboquant(x: Tensor, rotation: Tensor, bits: int, S: Tensor | None = None, norm_correct: bool = False) -> Codes:
     """x [..., d] -> Codes: codes of Lloyd–Max levels for the rotated unit vector, its norm, and with
-    S ([d, d], QJL) the residual's signs and norm (then bits − 1 bits go to the levels)."""
+    S ([d, d], QJL) the residual's signs and norm (then bits − 1 bits go to the levels); norm_correct
+    (without S): the norm stored so that ⟨x̂, x⟩ = ‖x‖² (module docstring)."""
     d = x.shape[-1]
     level_bits = bits - 1 if S is not None else bits
     if level_bits < 1:
@@ -102,6 +108,10 @@ def turboquant(x: Tensor, rotation: Tensor, bits: int, S: Tensor | None = None) 
     u = (x / norm.clamp_min(1e-12)) @ rotation.to(dt).T                 # rotated unit vector [..., d]
     codes = torch.bucketize(u, bounds)                                  # nearest level (cells split at midpoints)
     side = {"norm": norm.half()}
+    if norm_correct and S is None:
+        u_hat = levels[codes]                                           # [..., d] the reconstruction, unit scale
+        shrink = (u * u_hat).sum(-1, keepdim=True) / u.pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+        side["norm"] = (norm / shrink.clamp_min(1e-6)).half()           # a zero vector stays zero
     if S is not None:
         r = u - levels[codes]                                           # residual in the rotated unit space
         side["signs"] = pack_codes((r @ S.to(dt).T > 0).to(torch.uint8), 1)   # [..., d/8] bytes

@@ -135,7 +135,8 @@ def tiny_gemma(tiny_gemma3_dir):
 
 @pytest.mark.parametrize("config", [KvCacheConfig("int", 4), KvCacheConfig("kivi", 2, group=4, residual=8),
                                     KvCacheConfig("turboquant", 3), KvCacheConfig("turboquant", 3, sink=2),
-                                    KvCacheConfig("turboquant", 3, sink=1, pre_rope=True)],
+                                    KvCacheConfig("turboquant", 3, sink=1, pre_rope=True),
+                                    KvCacheConfig("turboquant", 3, sink=1, norm_correct="kv")],
                          ids=lambda c: c.name)
 def test_gemma_sliding_window_cache_equals_the_one_pass_evaluation(tiny_gemma, config):
     # 40 tokens: beyond the tiny Gemma's sliding window of 16, so the sliding layers' masks matter
@@ -153,7 +154,8 @@ def test_fractional_turboquant_prefill_equals_the_one_pass_evaluation(tiny, tiny
     loaded = tiny if which == "llama" else tiny_gemma
     for config in (KvCacheConfig("turboquant", 3.5), KvCacheConfig("turboquant", 3.5, center_k=True),
                    KvCacheConfig("turboquant", 3.5, center_k=True, sink=2),    # the sink: not in the first write
-                   KvCacheConfig("turboquant", 3.5, center_k=True, sink=2, pre_rope=True)):
+                   KvCacheConfig("turboquant", 3.5, center_k=True, sink=2, pre_rope=True),
+                   KvCacheConfig("turboquant", 3.5, center_k=True, sink=2, pre_rope=True, norm_correct="kv")):
         _prefill_equals_one_pass(loaded, config)
 
 

@@ -50,7 +50,8 @@ def test_generate_prints_text_speed_and_bytes(capsys, tiny_llama_dir, tmp_path):
     (["--kv", "turboquant", "--kv-bits", "3", "--kv-sink", "-1"], "KV sink must be an integer >= 0"),
     (["--kv", "turboquant", "--kv-bits", "3", "--kv-seed", "x"], "--kv-seed must be an integer"),
     (["--kv", "int", "--kv-bits", "4", "--kv-group", "7"], "not a multiple of the KV group"),
-    (["--kv", "kivi", "--kv-bits", "2", "--kv-center-k"], "--kv-center-k (center_k) applies to per-token K")])
+    (["--kv", "kivi", "--kv-bits", "2", "--kv-center-k"], "--kv-center-k (center_k) applies to per-token K"),
+    (["--kv", "int", "--kv-bits", "4", "--kv-norm-correct"], "--kv-norm-correct (norm_correct) applies to --kv turboquant")])
 def test_bad_kv_flags_are_one_line(capsys, tiny_llama_dir, text, flags, needle):
     code, _, err = run_cli(capsys, "eval", tiny_llama_dir, "--text", text, "--ctx", "64", "--windows", "1", *flags)
     assert code != 0 and needle in err and len(err.strip().splitlines()) == 1

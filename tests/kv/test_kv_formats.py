@@ -124,10 +124,48 @@ def test_qjl_makes_inner_products_unbiased():
     assert abs(mse_only - exact) > abs(mean - exact)         # the 1-bit MSE quantizer alone is biased here
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_norm_correct_keeps_each_vectors_projection(bits):
+    d = 64
+    R = random_hadamard(d, 2).double()
+    x = torch.randn(4000, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    plain, fixed = turboquant(x, R, bits), turboquant(x, R, bits, norm_correct=True)
+    assert torch.equal(plain.packed, fixed.packed) and fixed.nbytes == plain.nbytes    # same codes, same bytes
+    y_plain, y_fixed = turboquant_dequantize(plain, R, dtype=torch.float64), turboquant_dequantize(fixed, R, dtype=torch.float64)
+    proj = lambda y: (y * x).sum(-1) / x.pow(2).sum(-1)                 # ⟨x̂, x⟩ / ‖x‖² per vector
+    assert torch.allclose(proj(y_fixed), torch.ones(4000, dtype=torch.float64), atol=2e-3)   # float16 norm
+    shrink = 1 - mse(d, bits) * d                                       # Lloyd–Max: ⟨x̂, x⟩ ≈ (1 − D)‖x‖²
+    assert abs(float(proj(y_plain).mean()) - shrink) < 0.25 * mse(d, bits) * d
+    # inner products with independent vectors: the plain ones shrink by 1 − D on average, the fixed ones do not
+    q = torch.randn(4000, d, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    exact = (q * x).sum(-1)
+    slope = lambda y: float((q * y).sum(-1) @ exact / (exact @ exact))  # least-squares slope of scores on exact ones
+    assert abs(slope(y_fixed) - 1) < abs(slope(y_plain) - 1)
+    assert abs(slope(y_plain) - shrink) < 0.03
+    zero = turboquant(torch.zeros(2, d, dtype=torch.float64), R, bits, norm_correct=True)
+    assert torch.equal(turboquant_dequantize(zero, R, dtype=torch.float64), torch.zeros(2, d, dtype=torch.float64))
+
+
+def test_norm_correct_in_the_codec_leaves_qjl_ks_unbiasing_alone():
+    x = torch.randn(1, 2, 16, 64, generator=torch.Generator().manual_seed(1))
+    qjl, both = KvCacheConfig("turboquant", 3, qjl=True), KvCacheConfig("turboquant", 3, qjl=True, norm_correct="kv")
+    assert torch.equal(KvCodec(qjl, 64, 0, "k").roundtrip(x), KvCodec(both, 64, 0, "k").roundtrip(x))
+    assert not torch.equal(KvCodec(qjl, 64, 0, "v").roundtrip(x), KvCodec(both, 64, 0, "v").roundtrip(x))
+    fixed = KvCodec(KvCacheConfig("turboquant", 2.5, norm_correct="kv"), 64, 0, "v")
+    y = fixed.roundtrip(x)
+    for n, part in zip((32, 32), fixed.encode(x).parts):      # each channel set keeps its own projection
+        assert part.n == n
+    assert torch.allclose((y * x).sum(-1) / x.pow(2).sum(-1), torch.ones(1, 2, 16), atol=0.1)
+    assert KvCacheConfig("turboquant", 3.5, norm_correct="kv", pre_rope=True).name == "turboquant3.5-ncorr-prerope"
+    assert KvCacheConfig("turboquant", 3.5, norm_correct="v").name == "turboquant3.5-ncorrv"
+    only_v = KvCacheConfig("turboquant", 3, norm_correct="v")
+    assert torch.equal(KvCodec(only_v, 64, 0, "k").roundtrip(x), KvCodec(KvCacheConfig("turboquant", 3), 64, 0, "k").roundtrip(x))
+
+
 @pytest.mark.parametrize("config, bits_per_value", [
     (KvCacheConfig("int", 4), 4 + 32 / 64), (KvCacheConfig("int", 2, group=32), 2 + 32 / 32),
     (KvCacheConfig("kivi", 2), 2 + 32 / 32), (KvCacheConfig("turboquant", 3), 3 + 16 / 64),
-    (KvCacheConfig("turboquant", 2.5), 2.5 + 32 / 64)])
+    (KvCacheConfig("turboquant", 2.5), 2.5 + 32 / 64), (KvCacheConfig("turboquant", 3.5, norm_correct="kv"), 3.5 + 32 / 64)])
 def test_codec_bytes_match_the_bits_claimed(config, bits_per_value):
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for which in "kv":
@@ -174,7 +212,9 @@ def test_centered_k_is_the_codec_on_k_less_its_first_write_mean(config):
     (dict(method="kivi", axis="channel"), "axis"),
     (dict(method="int", qjl=True), "qjl"), (dict(group=0), "group"), (dict(seed="x"), "seed"),
     (dict(method="kivi", bits=2, center_k=True), "center_k"),
-    (dict(method="int", axis="channel", center_k=True), "center_k")])
+    (dict(method="int", axis="channel", center_k=True), "center_k"),
+    (dict(method="int", norm_correct="kv"), "applies to --kv turboquant only"),
+    (dict(method="turboquant", norm_correct=True), "norm_correct must be"), (dict(method="turboquant", norm_correct="q"), "norm_correct must be")])
 def test_bad_kv_configs(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         KvCacheConfig(**kwargs)

@@ -74,3 +74,28 @@ def test_k_before_rope_costs_turboquant_less_on_smollm2():
         with torch.no_grad():
             kl[pre] = float(token_kld(reference, loaded.model(ids).logits[0])[0].mean())
     assert kl[True] < 0.8 * kl[False], kl
+
+
+def test_norm_correct_costs_turboquant_less_on_smollm2():
+    """--kv-norm-correct on an evaluation window: TurboQuant 3.5 with K before RoPE, centered and scaled and a
+    float first token, moves the next-token distributions less from the float cache's (mean KL) once each
+    vector's norm undoes the Lloyd–Max shrinkage (scores and outputs no longer scaled down)."""
+    import torch
+
+    from lowbit.eval.kld import token_kld
+    from lowbit.kv.attention import install_kv_cache
+    from lowbit.kv.config import KvCacheConfig
+
+    loaded = load("smollm2-135m")
+    calib = tokenize(loaded.tokenizer, read_text(CALIB_TEXT).text)
+    scales = ks.measure(loaded, calib[None, 1000:1512], "valid", progress=False).scales(True, pre_rope=True)
+    ids = tokenize(loaded.tokenizer, read_text(EVAL_TEXT).text)[None, 5000:5512]
+    with torch.no_grad():
+        reference = loaded.model(ids).logits[0]
+    kl = {}
+    for fix in ("", "kv"):
+        config = KvCacheConfig("turboquant", 3.5, center_k=True, scale_k=True, sink=1, pre_rope=True, norm_correct=fix)
+        install_kv_cache(loaded.model, loaded.spec, config, scales)
+        with torch.no_grad():
+            kl[fix] = float(token_kld(reference, loaded.model(ids).logits[0])[0].mean())
+    assert kl["kv"] < 0.9 * kl[""], kl
