@@ -151,11 +151,12 @@ def test_norm_correct_in_the_codec_leaves_qjl_ks_unbiasing_alone():
     qjl, both = KvCacheConfig("turboquant", 3, qjl=True), KvCacheConfig("turboquant", 3, qjl=True, norm_correct="kv")
     assert torch.equal(KvCodec(qjl, 64, 0, "k").roundtrip(x), KvCodec(both, 64, 0, "k").roundtrip(x))
     assert not torch.equal(KvCodec(qjl, 64, 0, "v").roundtrip(x), KvCodec(both, 64, 0, "v").roundtrip(x))
-    fixed = KvCodec(KvCacheConfig("turboquant", 2.5, norm_correct="kv"), 64, 0, "v")
-    y = fixed.roundtrip(x)
-    for n, part in zip((32, 32), fixed.encode(x).parts):      # each channel set keeps its own projection
-        assert part.n == n
-    assert torch.allclose((y * x).sum(-1) / x.pow(2).sum(-1), torch.ones(1, 2, 16), atol=0.1)
+    # a fractional rate: each channel set (3 and 2 bits) keeps its own projection, so the whole vector does
+    proj = lambda y: (y * x).sum(-1) / x.pow(2).sum(-1)
+    fixed = KvCodec(KvCacheConfig("turboquant", 2.5, norm_correct="kv"), 64, 0, "v").roundtrip(x)
+    plain = KvCodec(KvCacheConfig("turboquant", 2.5), 64, 0, "v").roundtrip(x)
+    assert torch.allclose(proj(fixed), torch.ones(1, 2, 16), atol=3e-3)                # float16 norms
+    assert float(proj(plain).mean()) < 0.97                                           # shrunk without it
     assert KvCacheConfig("turboquant", 3.5, norm_correct="kv", pre_rope=True).name == "turboquant3.5-ncorr-prerope"
     assert KvCacheConfig("turboquant", 3.5, norm_correct="v").name == "turboquant3.5-ncorrv"
     only_v = KvCacheConfig("turboquant", 3, norm_correct="v")

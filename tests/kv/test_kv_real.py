@@ -79,7 +79,8 @@ def test_k_before_rope_costs_turboquant_less_on_smollm2():
 def test_norm_correct_costs_turboquant_less_on_smollm2():
     """--kv-norm-correct on an evaluation window: TurboQuant 3.5 with K before RoPE, centered and scaled and a
     float first token, moves the next-token distributions less from the float cache's (mean KL) once each
-    vector's norm undoes the Lloyd–Max shrinkage (scores and outputs no longer scaled down)."""
+    vector's norm undoes the Lloyd–Max shrinkage (scores and outputs no longer scaled down). Measured 0.0195
+    against 0.0251."""
     import torch
 
     from lowbit.eval.kld import token_kld
