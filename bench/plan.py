@@ -11,14 +11,19 @@ Stages (resumable; records under --work/MODEL/):
   gptq     the KLD with each (tensor, format) rounded by GPTQ instead (`lowbit plan --loss kld-gptq`; GPTQ's
            Hessians from 16 × 512 other validation rows), for the default candidates and two more
            (int3-g128, int5-g64: finer steps between the sizes).
+  fisher   the KLD of the GPTQ roundings predicted from one gradient pass (`lowbit plan --loss fisher`:
+           ½ Σ_i g_i (E Ĥ Eᵀ)_ii on 16 × 512 validation rows, GPTQ's Hessians from 16 × 512 others), and
+           the same prediction for the roundings to nearest ranked against their measured KLDs (as the proxy).
   plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml,
            plan-<B>+outliers.yaml with the dense-and-sparse options in the knapsack too, plan-<B>+gptq-losses
-           (the GPTQ-rounded KLDs, default candidates) and plan-<B>+gptq-losses+wide (with the two more).
+           (the GPTQ-rounded KLDs, default candidates), plan-<B>+gptq-losses+wide (with the two more) and
+           plan-<B>+fisher (the Fisher losses, default candidates).
   quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
            process (calibration from WikiText-2 validation).
   eval     WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; then the JSON.
 
-    python bench/plan.py --model smollm2-135m [--targets 2.5 3.0 3.5 4.25] [--stage losses|plans|quantize|eval|all]
+    python bench/plan.py --model smollm2-135m [--targets 2.5 3.0 3.5 4.25] [--stage quantize|eval|all]
+        [--fisher-only] [--no-sparse] [--no-gptq-losses] [--outlier-shares] [--reuse bench/results/plan_M.json]
 """
 from __future__ import annotations
 
@@ -159,30 +164,114 @@ def gptq_losses(a, work: Path, found: dict) -> dict:
     return out
 
 
-def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dict | None) -> dict:
+def fisher_stage(a, work: Path, found: dict) -> dict:
+    """The Fisher-predicted KLD of every (tensor, format) GPTQ-rounded (`lowbit plan --loss fisher`), on the
+    default candidates and WIDE_FORMATS; its gradient pass on 16 × 512 validation rows (seed 1), GPTQ's
+    Hessians from 16 × 512 others (seed 2), as the CLI draws them. With the measured RTN KLDs (the losses
+    stage), the Fisher loss of the same roundings to nearest too, and its rank correlation with them — the
+    pairs the proxy is ranked on (work/losses-fisher.json)."""
+    path = work / "losses-fisher.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from lowbit.analysis.fisher import fisher_losses
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.formats import format_from_name
+    from lowbit.quantize import calibration_samples
+
+    loaded, _, h_rows = probe_model(a, hessian_rows=True)
+    f_rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(16, 512, 1))
+    formats = [*found["formats"], *WIDE_FORMATS]
+    start = time.perf_counter()
+    loss = fisher_losses(loaded.model, loaded.spec, f_rows, found["names"],
+                         [format_from_name(f) for f in formats], hessian_rows=h_rows)
+    out = {"formats": formats, "kld": loss, "seconds": time.perf_counter() - start,
+           "rows": {"samples": 16, "seq_len": 512, "seed": 1}}
+    if "kld" in found:
+        names, measured = found["names"], found["kld"]
+        rtn = fisher_losses(loaded.model, loaded.spec, f_rows, names, [format_from_name(f) for f in found["formats"]],
+                            rounding="rtn")
+        pairs = [(measured[n][f], rtn[n][f]) for n in names for f in found["formats"]]
+        out.update(rtn_kld=rtn, spearman_all=spearman([m for m, _ in pairs], [p for _, p in pairs]),
+                   spearman_by_format={f: spearman([measured[n][f] for n in names], [rtn[n][f] for n in names])
+                                       for f in found["formats"]})
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def tensors(a) -> dict:
+    """The decoder linears, their shapes and the default candidates, without measuring anything."""
+    from lowbit.models.load import load
+    from lowbit.plans.planner import PlannerConfig, decoder_linears
+
+    loaded = load(a.model)
+    names = decoder_linears(loaded.model, loaded.spec)
+    return {"names": names, "shapes": {n: list(loaded.model.get_submodule(n).weight.shape) for n in names},
+            "formats": [f.name for f in PlannerConfig(3.0).candidates()]}
+
+
+def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dict | None,
+          with_fisher: dict | None = None) -> dict:
     """plan-<B>.yaml per target (measured KLD as the loss), plan-<B>+outliers.yaml with the
     dense-and-sparse options in the knapsack too, and the plans on the GPTQ-rounded KLDs; {label: flags}."""
     from lowbit.plans.planner import PlannerConfig, plan_bits
 
     rows = {}
     formats = tuple(found["formats"])
-    kinds = [("", found["kld"], (), a.targets, formats)] + (
+    kinds = ([("", found["kld"], (), a.targets, formats)] if "kld" in found else []) + (
         [("+outliers", with_outliers["kld"], tuple(with_outliers["shares"]), a.outlier_targets, formats)]
         if with_outliers else []) + (
         [("+gptq-losses", with_gptq["kld"], (), a.targets, formats),
-         ("+gptq-losses+wide", with_gptq["kld"], (), a.targets, tuple(with_gptq["formats"]))] if with_gptq else [])
+         ("+gptq-losses+wide", with_gptq["kld"], (), a.targets, tuple(with_gptq["formats"]))] if with_gptq else []) + (
+        [("+fisher", with_fisher["kld"], (), a.targets, formats)] if with_fisher else [])
     for suffix, kld, shares, targets, candidates in kinds:
         for target in targets:
             label = f"plan-{target:g}{suffix}"
             path = work / f"{label}.yaml"
             if not path.exists():
-                config = PlannerConfig(target, candidates, "kld-gptq" if "gptq" in suffix else "kld", shares,
+                kind = "fisher" if "fisher" in suffix else "kld-gptq" if "gptq" in suffix else "kld"
+                config = PlannerConfig(target, candidates, kind, shares,
                                        OUTLIER_FORMATS if shares else None)
                 plan = plan_bits(found["names"], {n: tuple(s) for n, s in found["shapes"].items()}, kld, config)
                 plan.format_plan().save(path)
                 (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
             rows[label] = ["--plan", str(path), "--method", "gptq"]
     return rows
+
+
+EVAL_FIELDS = ("ppl", "kld", "kld_p99", "top1_changed", "eval_tokens", "eval_windows", "eval_seconds")
+
+
+def reuse_rows(a, work: Path, source: Path) -> list[str]:
+    """Records of an earlier run's rows (its JSON) put under work/, so this run does not redo them: every
+    row but float and the uniform ones (always re-measured here, so the ratios pair rows of this run and
+    show the earlier rows reproduce), only rows read on this run's windows; each keeps `reused_from`."""
+    old = json.loads(source.read_text())
+    if old.get("model") != a.model or old.get("eval", {}).get("ctx") != a.ctx:
+        raise SystemExit(f"--reuse {source}: another model or context ({old.get('model')}, ctx {old.get('eval', {}).get('ctx')})")
+    import subprocess
+
+    # the earlier run: the commit that last wrote that JSON (its rows' code and date)
+    commit = subprocess.run(["git", "log", "-1", "--format=%h %cs", "--", str(source)], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or None
+    taken = []
+    for row in old["rows"]:
+        label = row.get("row")
+        record = work / f"{label}.quantize.json"
+        if record.exists() and "reused_from" in json.loads(record.read_text()):
+            taken.append(label)                                     # taken by an earlier --reuse into this work dir
+        if (label in (None, "float") or label.startswith("uniform-")
+                or row.get("eval_windows") != a.windows or record.exists()):
+            continue
+        origin = row.get("reused_from") or {"json": str(source.relative_to(REPO) if source.is_relative_to(REPO)
+                                                          else source), "last_commit": commit}
+        quantized = {k: v for k, v in row.items() if k not in EVAL_FIELDS + ("ppl_increase", "note")}
+        record.write_text(json.dumps({**quantized, "reused_from": origin}))
+        (work / f"{label}.eval.json").write_text(json.dumps({k: row[k] for k in EVAL_FIELDS if k in row}))
+        if label in old.get("plans", {}):
+            (work / f"{label}.plan.json").write_text(json.dumps(old["plans"][label], indent=1))
+        taken.append(label)
+    return taken
 
 
 def main() -> None:
@@ -199,18 +288,39 @@ def main() -> None:
     p.add_argument("--probe-seq-len", type=int, default=256)
     p.add_argument("--no-gptq-losses", dest="gptq_losses", action="store_false",
                    help="skip the plan-<B>+gptq-losses rows")
+    p.add_argument("--no-fisher", dest="fisher", action="store_false", help="skip the plan-<B>+fisher rows")
+    p.add_argument("--fisher-only", dest="measured", action="store_false",
+                   help="no measured per-tensor KLDs (hours on a large vocabulary): the Fisher plans beside the "
+                        "uniform and dense-and-sparse rows only")
+    p.add_argument("--no-sparse", dest="sparse", action="store_false",
+                   help="without the dense-and-sparse and OWQ-column rows")
+    p.add_argument("--reuse", type=Path, default=None, metavar="JSON",
+                   help="take the rows of an earlier run's JSON (same model, ctx and windows) as measured, except "
+                        "float and the uniform rows, which are re-measured beside the new rows")
     p.set_defaults(stage="all")
     a = p.parse_args()
     work = Path(a.work) / a.model
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    found = losses(a, work)
-    print(f"proxy vs measured KLD, Spearman: {found['spearman_all']:.3f} over all pairs; by format "
-          + ", ".join(f"{k} {v:.3f}" for k, v in found["spearman_by_format"].items()), flush=True)
-    with_outliers = outlier_losses(a, work, found) if a.outlier_shares else None
-    with_gptq = gptq_losses(a, work, found) if a.gptq_losses else None
-    rows = {**plans(a, work, found, with_outliers, with_gptq), **UNIFORM, **SPARSE}
+    if a.measured:
+        found = losses(a, work)
+        print(f"proxy vs measured KLD, Spearman: {found['spearman_all']:.3f} over all pairs; by format "
+              + ", ".join(f"{k} {v:.3f}" for k, v in found["spearman_by_format"].items()), flush=True)
+    else:
+        found = tensors(a)
+    with_outliers = outlier_losses(a, work, found) if a.outlier_shares and a.measured else None
+    with_gptq = gptq_losses(a, work, found) if a.gptq_losses and a.measured else None
+    with_fisher = fisher_stage(a, work, found) if a.fisher else None
+    if with_fisher and "spearman_all" in with_fisher:
+        print(f"Fisher loss vs measured KLD (both rounded to nearest), Spearman: {with_fisher['spearman_all']:.3f} over all pairs; "
+              "by format " + ", ".join(f"{k} {v:.3f}" for k, v in with_fisher["spearman_by_format"].items()), flush=True)
+    rows = {**plans(a, work, found, with_outliers, with_gptq, with_fisher), **UNIFORM, **(SPARSE if a.sparse else {})}
     a.rows = list(rows)
+    earlier = json.loads(a.reuse.read_text()) if a.reuse else {}      # read before this run rewrites it
+    if a.reuse:
+        taken = reuse_rows(a, work, a.reuse.resolve())
+        a.rows += [r for r in taken if r not in a.rows]       # rows this run would not make (other stages skipped)
+        print(f"reused from {a.reuse}: {', '.join(taken) or 'no row'}", flush=True)
     if a.stage in ("quantize", "all"):
         quantize_rows(a, rows, work, lambda flags: {"plan": flags[1] if flags[0] == "--plan" else None})
     if a.stage in ("eval", "all"):
@@ -218,12 +328,18 @@ def main() -> None:
         path = Path(a.json or REPO / "bench" / "results" / f"plan_{a.model}.json")
         assemble(a, "plan", work, labels, [], path, start, {"bpw": lambda r: r.get("weight_bits")})
         data = json.loads(path.read_text())
-        data["proxy_rank"] = {k: found[k] for k in ("spearman_all", "spearman_by_format", "probe", "kld_seconds",
-                                                     "proxy_seconds")}
+        if a.measured:
+            data["proxy_rank"] = {k: found[k] for k in ("spearman_all", "spearman_by_format", "probe", "kld_seconds",
+                                                         "proxy_seconds")}
         if with_gptq:
             data["gptq_losses"] = {k: with_gptq[k] for k in ("formats", "kld_seconds", "hessian_rows")}
+        elif "gptq_losses" in earlier:
+            data["gptq_losses"] = earlier["gptq_losses"]             # the reused +gptq-losses rows' stage
+        if with_fisher:
+            data["fisher_rank"] = {k: with_fisher[k] for k in ("formats", "seconds", "rows", "spearman_all",
+                                                                "spearman_by_format") if k in with_fisher}
         data["plans"] = {label: json.loads((work / f"{label}.plan.json").read_text())
-                         for label in rows if label.startswith("plan-")}
+                         for label in a.rows if label.startswith("plan-") and (work / f"{label}.plan.json").exists()}
         path.write_text(json.dumps(data, indent=1))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tables_format import MODELS, fixed, header_lines, model_sections, page, ppl, sig, table
+from tables_format import MODELS, RESULTS, fixed, header_lines, load, model_sections, page, ppl, sig, table
 
 PLAN_MODELS = ("smollm2-135m", "gemma3-270m")
 
@@ -64,9 +64,29 @@ def _section(model: str, d: dict, name: str) -> str:
         text += ("\n\nThe proxy (Hessian-weighted rounding error) against the measured per-tensor KLD, Spearman's "
                  f"rank correlation: {rank['spearman_all']:.3f} over every (tensor, format); by format "
                  + ", ".join(f"{k} {v:.3f}" for k, v in rank["spearman_by_format"].items())
-                 + f". Measuring the KLDs took {rank['kld_seconds']:.0f} s, the proxy {rank['proxy_seconds']:.0f} s.")
+                 + f". Measuring the KLDs took {rank['kld_seconds']:.0f} s, the proxy {rank['proxy_seconds']:.0f} s"
+                 + (f" ({rank['timing_note']})" if rank.get("timing_note") else "") + ".")
     if g := d.get("gptq_losses"):
         text += (f" The GPTQ-rounded KLDs ({len(g['formats'])} formats) took {g['kld_seconds']:.0f} s.")
+    if fr := d.get("fisher_rank"):
+        what = ("The Fisher loss (`--loss fisher`: ½ Σ g_i (E Ĥ Eᵀ)_ii, from one gradient pass over "
+                f"{fr['rows']['samples']} × {fr['rows']['seq_len']} validation tokens)")
+        if "spearman_all" in fr:
+            text += (f"\n\n{what}, for the same roundings to nearest, against their measured KLD (the proxy's pairs), "
+                     f"Spearman: {fr['spearman_all']:.3f} over every (tensor, format); by format "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in fr["spearman_by_format"].items())
+                     + f". The Fisher losses of the GPTQ roundings ({len(fr['formats'])} formats) took "
+                       f"{fr['seconds']:.0f} s.")
+        else:
+            text += (f"\n\n{what} of the GPTQ roundings took {fr['seconds']:.0f} s; the per-tensor KLDs were not "
+                     "measured on this model.")
+    reused = [r for r in d["rows"] if r.get("reused_from")]
+    if reused:
+        origins = sorted({f"{r['reused_from']['json']} at {r['reused_from'].get('last_commit')}" for r in reused})
+        text += (f"\n\n{len(reused)} rows were measured in an earlier run of this script on the same windows and "
+                 f"taken from its JSON (`--reuse`; {'; '.join(origins)}): "
+                 + ", ".join(f"`{r['row']}`" for r in reused) + ". The float and uniform rows were re-measured in "
+                 "this run, beside the new rows.")
     text += "\n\nTargets (issue 27):\n" + "\n".join(_targets(d))
     return text + "\n\n" + "\n".join(header_lines(d))
 
@@ -76,7 +96,8 @@ def plan_page() -> str:
              "is rounded, on 2 × 256 probe tokens of WikiText-2 validation; `plan-B+outliers`: the 2- and 3-bit "
              "formats also offered with 0.5% or 1% of the tensor kept in float16; `plan-B+gptq-losses`: the same "
              "KLD with the tensor rounded by GPTQ on the Hessian of 16 × 512 other validation tokens, `lowbit plan "
-             "--loss kld-gptq`; `+wide`: int3-g128 and int5-g64 among the candidates too) "
+             "--loss kld-gptq`; `+wide`: int3-g128 and int5-g64 among the candidates too; `plan-B+fisher`: that KLD "
+             "predicted from one gradient pass instead of measured, `lowbit plan --loss fisher`, the default) "
              "quantized by GPTQ within the plan, beside uniform GPTQ rows and dense-and-sparse / "
              "OWQ-column rows quantized the same way in the same run (`python bench/plan.py --model M`): "
              "WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; calibration and probe rows "
@@ -84,4 +105,28 @@ def plan_page() -> str:
              "(outliers: 48 bits each; OWQ columns: 16 bits per weight and 32 per column). Against llama.cpp's "
              "mixes at equal file size (`lowbit plan --like MIX`, GPTQ, read by llama.cpp): the `lowbit plan` rows "
              "of [gguf.md](gguf.md).")
-    return page("Planner, dense-and-sparse (`bench/plan.py`)", intro, model_sections("plan", PLAN_MODELS, _section))
+    return page("Planner, dense-and-sparse (`bench/plan.py`)", intro,
+                model_sections("plan", PLAN_MODELS, _section) + _compare_sections())
+
+
+def _compare_sections() -> list[str]:
+    """`lowbit compare`'s default grid, timed (bench/compare_grid.py)."""
+    out = []
+    for model in PLAN_MODELS:
+        path = RESULTS / f"compare_{model}.json"
+        if not path.exists():
+            continue
+        d = load(path.name)
+        body = [[c["label"], fixed(c["bits_per_weight"], 3), ppl(c["ppl"]), sig(c["kld"], 3), fixed(c["seconds"], 0)]
+                for c in sorted(d["cells"], key=lambda c: (c["bits_per_weight"], c["label"]))]
+        s = d["settings"]
+        minutes = d["wall_seconds"] / 60
+        out.append(f"## `lowbit compare`'s default grid on {MODELS[model]} (`bench/results/{path.name}`)\n\n"
+                   f"`{d['command']}` on a fresh --out, in its own process (`python bench/compare_grid.py --model "
+                   f"{model}`): {len(d['cells'])} cells, evaluation {s['windows']} × {s['ctx']} tokens, calibration "
+                   f"{s['samples']} × {s['seq_len']}; float ppl {ppl(d['float_ppl'])}. **{minutes:.1f} minutes** in all "
+                   f"(issue 27's target: about 30 — {'met' if minutes <= 31 else 'missed'}), peak RSS "
+                   f"{d['peak_rss_mib']} MiB.\n\n"
+                   + table(["cell", "bits/weight", "ppl", "KLD", "seconds"], body, {1, 2, 3, 4})
+                   + "\n\n" + "\n".join(header_lines(d)))
+    return out

@@ -30,14 +30,18 @@ def add_parser(sub) -> None:
     p.add_argument("--formats", default=None,
                    help=f"candidate formats, comma-separated (default: {','.join(DEFAULT_FORMATS)}; with --like: "
                         f"{','.join(K_TYPES)})")
-    p.add_argument("--loss", choices=LOSSES, default="kld-gptq",
-                   help="kld-gptq (default): each tensor's KLD on the probe rows when it alone is rounded by GPTQ "
-                        "on the Hessian of --hessian-samples other rows (the loss of the plan as --method gptq "
-                        "applies it); kld: the same with the tensor rounded to nearest (for --method rtn); "
-                        "proxy: its Hessian-weighted rounding error (one pass, much faster, ranks poorly)")
+    p.add_argument("--loss", choices=LOSSES, default="fisher",
+                   help="fisher (default): each tensor's KLD when it alone is rounded by GPTQ, predicted from one "
+                        "gradient pass over --hessian-samples rows (½ Σ g_i (E H Eᵀ)_ii, g the output channels' "
+                        "Fisher information with labels drawn from the model); kld-gptq: that KLD measured on the "
+                        "probe rows (one evaluation per tensor and format: about twice as long on SmolLM2, longer "
+                        "with a large vocabulary); kld: "
+                        "measured with the tensor rounded to nearest (for --method rtn); proxy: the Hessian-weighted "
+                        "rounding error (one pass, ranks poorly)")
     p.add_argument("--hessian-samples", type=int, default=16, metavar="N",
-                   help="with --loss kld-gptq: rows of --seq-len tokens whose inputs give GPTQ its Hessians, "
-                        "drawn apart from the probe rows (default: 16)")
+                   help="with --loss kld-gptq or fisher: rows of --seq-len tokens whose inputs give GPTQ its "
+                        "Hessians, drawn apart from the probe rows; with fisher also as many other rows for the "
+                        "gradient pass (default: 16)")
     p.add_argument("--outlier-shares", default=None, metavar="SHARES",
                    help="also offer each non-GGUF format with these shares of a tensor kept in float16 "
                         "(dense-and-sparse, 48 bits per kept weight, counted in the size), e.g. 0.5%%,1%%; "
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.gguf_names import family_for
     from ..models.load import load
     from ..plans.gguf_mixes import K_TYPES, linear_budget_bpw, mix, mix_plan, with_mix_edges
+    from ..analysis.fisher import fisher_losses
     from ..analysis.tensor_losses import measured_losses, proxy_losses
     from ..plans.planner import DEFAULT_FORMATS, PlannerConfig, decoder_linears, llama_tensor_types, plan_bits
     from ..quantize import calibration_samples
@@ -118,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
         losses = measured_losses(loaded.model, loaded.spec, probe, names, fmts, config.outlier_shares,
                                  beside=config.outlier_beside(), rounding="gptq" if gptq else "rtn",
                                  hessian_rows=h_rows)
+    elif config.loss == "fisher":
+        # the gradient pass and GPTQ's Hessians on rows apart: GPTQ judged on the rows it is fitted to looks better
+        f_rows, h_rows = (calibration_samples(loaded, text, CalibConfig(args.hessian_samples, args.seq_len, args.seed + k))
+                          for k in (1, 2))
+        losses = fisher_losses(loaded.model, loaded.spec, f_rows, names, fmts, config.outlier_shares,
+                               config.outlier_beside(), hessian_rows=h_rows)
     else:
         losses = proxy_losses(loaded.model, rows, names, fmts, config.outlier_shares, config.outlier_beside())
     try:
@@ -151,6 +162,6 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({
             **summary, "model": args.model, "formats": list(config.formats), "probe": {
                 "text": text.origin, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-                "hessian_samples": args.hessian_samples if config.loss == "kld-gptq" else None},
+                "hessian_samples": args.hessian_samples if config.loss in ("kld-gptq", "fisher") else None},
             "choices": [vars(c) for c in plan.choices], "losses": plan.losses}, indent=1))
     return 0

@@ -7,7 +7,9 @@ Two steps, kept apart (a search returns a plan; applying it is `lowbit quantize 
            float model on probe rows when that tensor alone is round-to-nearest quantized (what `lowbit
            analyze`'s sensitivity measures); "kld-gptq" the same KLD with the tensor rounded by GPTQ
            (as `lowbit quantize --plan … --method gptq` stores it); "proxy" estimates it — the Hessian-weighted error
-           tr(E H Eᵀ) / n of the same rounding on the same rows (cheap: one pass, no re-evaluation).
+           tr(E H Eᵀ) / n of the same rounding on the same rows (cheap: one pass, no re-evaluation);
+           "fisher" (analysis/fisher.py) predicts the KLD of the GPTQ rounding from one gradient pass:
+           ½ Σ_i g_i (E Ĥ Eᵀ)_ii, g the output channels' Fisher information.
            Losses add across tensors (the planner's assumption; bench/plan.py measures how well).
   solve    the multiple-choice knapsack (plans/knapsack.py) over stored sizes.
 """
@@ -19,14 +21,14 @@ from ..formats import Format, format_from_name
 from .knapsack import Option, smallest, solve
 from .plan import FormatPlan
 
-LOSSES = ("kld", "kld-gptq", "proxy")
+LOSSES = ("kld", "kld-gptq", "fisher", "proxy")
 DEFAULT_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed", "int4-g128-sym-signed", "int4-g64-sym-signed",
                    "int6-g64-sym-signed", "int8-g128-sym-signed")   # the signed grid: the best uniform rows
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    """target_bpw over the quantized linears; candidate formats by name; loss "kld" or "proxy";
+    """target_bpw over the quantized linears; candidate formats by name; loss one of LOSSES;
     outlier_shares: each non-GGUF candidate (or each of outlier_formats) also with that share of the tensor
     kept in float16."""
 

@@ -12,7 +12,7 @@ FORMATS = "int2-g32-sym,int4-g32-sym,int8-g32-sym"
 PROBE = ("--samples", "2", "--seq-len", "32")
 
 
-@pytest.mark.parametrize("loss", ["kld", "kld-gptq", "proxy"])
+@pytest.mark.parametrize("loss", ["kld", "kld-gptq", "fisher", "proxy"])
 def test_plan_hits_the_target_and_quantize_applies_it(tiny_llama_dir, tmp_path, capsys, loss):
     plan, summary, out = tmp_path / "plan.yaml", tmp_path / "plan.json", tmp_path / "q"
     code, stdout, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "3.5", "--formats", FORMATS,
@@ -62,7 +62,8 @@ def test_an_existing_plan_is_not_overwritten(tiny_llama_dir, tmp_path, capsys):
     assert plan.read_text() == "keep me"
 
 
-def test_like_a_mix_writes_a_gguf_no_larger_than_the_mix(tiny_llama_dir, tmp_path, capsys):
+@pytest.mark.parametrize("loss", ["proxy", "fisher"])
+def test_like_a_mix_writes_a_gguf_no_larger_than_the_mix(tiny_llama_dir, tmp_path, capsys, loss):
     """--like Q3_K_M: the decoder linears within the bits llama.cpp's Q3_K_M gives them, the embedding
     typed as the mix types it; the exported planned file is no larger than the mix's own export."""
     from gguf import GGUFReader
@@ -71,7 +72,7 @@ def test_like_a_mix_writes_a_gguf_no_larger_than_the_mix(tiny_llama_dir, tmp_pat
 
     src = with_merges(tiny_llama_dir, tmp_path / "src")
     plan, summary = tmp_path / "plan.yaml", tmp_path / "plan.json"
-    code, stdout, err = run_cli(capsys, "plan", src, "--like", "Q3_K_M", "--loss", "proxy", *PROBE,
+    code, stdout, err = run_cli(capsys, "plan", src, "--like", "Q3_K_M", "--loss", loss, *PROBE,
                                 "--out", plan, "--json", summary)
     assert code == 0, err
     assert "Q3_K_M's" in stdout and "lowbit export" in stdout
