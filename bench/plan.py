@@ -12,12 +12,14 @@ Stages (resumable; records under --work/MODEL/):
            Hessians from 16 × 512 other validation rows), for the default candidates and two more
            (int3-g128, int5-g64: finer steps between the sizes).
   fisher   the KLD of the GPTQ roundings predicted from one gradient pass (`lowbit plan --loss fisher`:
-           ½ Σ_i g_i (E Ĥ Eᵀ)_ii on 16 × 512 validation rows, GPTQ's Hessians from 16 × 512 others), and
+           ½ Σ_i g_i (E Ĥ Eᵀ)_ii on 16 × 512 validation rows, GPTQ's Hessians from 16 × 512 others), for the
+           default candidates, WIDE_FORMATS and FINE_FORMATS (a cached file of fewer formats is extended), and
            the same prediction for the roundings to nearest ranked against their measured KLDs (as the proxy).
   plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml,
            plan-<B>+outliers.yaml with the dense-and-sparse options in the knapsack too, plan-<B>+gptq-losses
            (the GPTQ-rounded KLDs, default candidates), plan-<B>+gptq-losses+wide (with the two more) and
-           plan-<B>+fisher (the Fisher losses, default candidates).
+           plan-<B>+fisher (the Fisher losses, default candidates) and plan-<B>+fisher+fine (the Fisher losses
+           with WIDE_FORMATS and FINE_FORMATS among the candidates too).
   quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
            process (calibration from WikiText-2 validation).
   eval     WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; then the JSON.
@@ -35,8 +37,11 @@ from pathlib import Path
 from common import CALIB_TEXT, REPO
 from recipe_rows import add_args, assemble, evaluate_rows, quantize_rows
 
+# uniform GPTQ rows; int2-g32, int2-g16 and int3-g32 sit exactly at the 2.5, 3.0 and 3.5-bit targets (a float16
+# scale per group of 32 or 16), so every plan has a uniform row of its own size
 UNIFORM = {f"uniform-{f}": ["--method", "gptq", "--format", "int", "--bits", b, "--group", g]
-           for f, b, g in (("int2-g64", "2", "64"), ("int3-g64", "3", "64"), ("int3-g128", "3", "128"),
+           for f, b, g in (("int2-g64", "2", "64"), ("int2-g32", "2", "32"), ("int2-g16", "2", "16"),
+                           ("int3-g64", "3", "64"), ("int3-g32", "3", "32"), ("int3-g128", "3", "128"),
                            ("int4-g128", "4", "128"), ("int4-g64", "4", "64"))}
 # dense-and-sparse on top of W3 and W2 (single weights, 48 bits each), and OWQ's float16 columns at about the
 # same added bits (a column of 576 rows costs 16 bits per weight: 1.5% of the columns ≈ 0.5% of the weights)
@@ -46,6 +51,9 @@ SPARSE.update({f"{base}+cols{share}": UNIFORM[f"uniform-{base}"] + ["--outliers"
                for base in ("int3-g64", "int2-g64") for share in ("1.5%",)})
 # the candidates of the plan-<B>+gptq-losses+wide rows: the defaults and two more sizes between theirs
 WIDE_FORMATS = ("int3-g128-sym-signed", "int5-g64-sym-signed")
+# the candidates of the plan-<B>+fisher+fine rows: the defaults, WIDE_FORMATS and the formats whose uniform rows
+# sit at the targets (finer groups)
+FINE_FORMATS = ("int2-g32-sym-signed", "int2-g16-sym-signed", "int3-g32-sym-signed")
 # the planner's dense-and-sparse options: beside the 2- and 3-bit candidates (where outliers pay for their bits)
 OUTLIER_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed")
 
@@ -171,8 +179,10 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
     stage), the Fisher loss of the same roundings to nearest too, and its rank correlation with them — the
     pairs the proxy is ranked on (work/losses-fisher.json)."""
     path = work / "losses-fisher.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    formats = [*found["formats"], *WIDE_FORMATS, *(FINE_FORMATS if a.fine else ())]
+    earlier = json.loads(path.read_text()) if path.exists() else None
+    if earlier and set(formats) <= set(earlier["formats"]):
+        return earlier
     from lowbit.analysis.fisher import fisher_losses
     from lowbit.data.calibration import CalibConfig
     from lowbit.data.text import read_text
@@ -181,11 +191,21 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
 
     loaded, _, h_rows = probe_model(a, hessian_rows=True)
     f_rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(16, 512, 1))
-    formats = [*found["formats"], *WIDE_FORMATS]
+    # a cached file of fewer formats: only the missing ones (same rows and seeds, so the same g, Ĥ and Hessians)
+    todo = [f for f in formats if not earlier or f not in earlier["formats"]]
     start = time.perf_counter()
     loss = fisher_losses(loaded.model, loaded.spec, f_rows, found["names"],
-                         [format_from_name(f) for f in formats], hessian_rows=h_rows)
-    out = {"formats": formats, "kld": loss, "seconds": time.perf_counter() - start,
+                         [format_from_name(f) for f in todo], hessian_rows=h_rows)
+    seconds = time.perf_counter() - start
+    if earlier:
+        for n in found["names"]:
+            loss[n] = {**earlier["kld"][n], **loss[n]}
+        # the time of both runs (each its own gradient pass)
+        earlier.update(formats=[*earlier["formats"], *todo], kld=loss, seconds=earlier["seconds"] + seconds,
+                       runs=earlier.get("runs", 1) + 1)
+        path.write_text(json.dumps(earlier, indent=1))
+        return earlier
+    out = {"formats": formats, "kld": loss, "seconds": seconds,
            "rows": {"samples": 16, "seq_len": 512, "seed": 1}}
     if "kld" in found:
         names, measured = found["names"], found["kld"]
@@ -223,7 +243,9 @@ def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dic
         if with_outliers else []) + (
         [("+gptq-losses", with_gptq["kld"], (), a.targets, formats),
          ("+gptq-losses+wide", with_gptq["kld"], (), a.targets, tuple(with_gptq["formats"]))] if with_gptq else []) + (
-        [("+fisher", with_fisher["kld"], (), a.targets, formats)] if with_fisher else [])
+        [("+fisher", with_fisher["kld"], (), a.targets, formats),
+         *([("+fisher+fine", with_fisher["kld"], (), a.targets, (*formats, *WIDE_FORMATS, *FINE_FORMATS))]
+           if a.fine else [])] if with_fisher else [])
     for suffix, kld, shares, targets, candidates in kinds:
         for target in targets:
             label = f"plan-{target:g}{suffix}"
@@ -292,6 +314,10 @@ def main() -> None:
     p.add_argument("--fisher-only", dest="measured", action="store_false",
                    help="no measured per-tensor KLDs (hours on a large vocabulary): the Fisher plans beside the "
                         "uniform and dense-and-sparse rows only")
+    p.add_argument("--only", nargs="+", metavar="ROW", default=None,
+                   help="quantize, evaluate and report only these rows (the losses and plans are made as usual)")
+    p.add_argument("--no-fine", dest="fine", action="store_false",
+                   help="skip the plan-<B>+fisher+fine rows (and the Fisher losses of FINE_FORMATS)")
     p.add_argument("--no-sparse", dest="sparse", action="store_false",
                    help="without the dense-and-sparse and OWQ-column rows")
     p.add_argument("--reuse", type=Path, default=None, metavar="JSON",
@@ -315,7 +341,10 @@ def main() -> None:
         print(f"Fisher loss vs measured KLD (both rounded to nearest), Spearman: {with_fisher['spearman_all']:.3f} over all pairs; "
               "by format " + ", ".join(f"{k} {v:.3f}" for k, v in with_fisher["spearman_by_format"].items()), flush=True)
     rows = {**plans(a, work, found, with_outliers, with_gptq, with_fisher), **UNIFORM, **(SPARSE if a.sparse else {})}
-    a.rows = list(rows)
+    unknown = set(a.only or ()) - set(rows)
+    if unknown:
+        raise SystemExit(f"--only: no such row {', '.join(sorted(unknown))} (rows: {', '.join(rows)})")
+    a.rows = [r for r in rows if not a.only or r in a.only]
     earlier = json.loads(a.reuse.read_text()) if a.reuse else {}      # read before this run rewrites it
     if a.reuse:
         taken = reuse_rows(a, work, a.reuse.resolve())
@@ -330,14 +359,14 @@ def main() -> None:
         data = json.loads(path.read_text())
         if a.measured:
             data["proxy_rank"] = {k: found[k] for k in ("spearman_all", "spearman_by_format", "probe", "kld_seconds",
-                                                         "proxy_seconds")}
+                                                         "proxy_seconds", "timing_note") if k in found}
         if with_gptq:
             data["gptq_losses"] = {k: with_gptq[k] for k in ("formats", "kld_seconds", "hessian_rows")}
         elif "gptq_losses" in earlier:
             data["gptq_losses"] = earlier["gptq_losses"]             # the reused +gptq-losses rows' stage
         if with_fisher:
-            data["fisher_rank"] = {k: with_fisher[k] for k in ("formats", "seconds", "rows", "spearman_all",
-                                                                "spearman_by_format") if k in with_fisher}
+            data["fisher_rank"] = {k: with_fisher[k] for k in ("formats", "seconds", "runs", "timing_note", "rows",
+                                                                "spearman_all", "spearman_by_format") if k in with_fisher}
         data["plans"] = {label: json.loads((work / f"{label}.plan.json").read_text())
                          for label in a.rows if label.startswith("plan-") and (work / f"{label}.plan.json").exists()}
         path.write_text(json.dumps(data, indent=1))

@@ -21,24 +21,39 @@ from ..plans.planner import option_name, tensor_options
 ROUNDINGS = ("rtn", "gptq")
 
 
+class _AllSeen(Exception):
+    """Raised once every named linear has seen its input: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def input_hessians(model, rows: torch.Tensor, names: list[str], batch: int = 4) -> tuple[dict, dict]:
     """({name: H = Σ x xᵀ float64 [in, in]}, {name: rows counted}) of each named linear's inputs on
-    `rows` [N, L] (a forward of `batch` rows at a time)."""
+    `rows` [N, L] (a forward of `batch` rows at a time). Each forward stops once every named linear has
+    been called: one layer's Hessians then cost the layers up to it, not the whole model and its
+    vocabulary-sized head."""
     H, count, hooks = {}, {}, []
+    seen: set[str] = set()
+    wanted = len(set(names))
 
     def hook(name):
         def fn(module, args, out):
             x = args[0].reshape(-1, args[0].shape[-1]).double()          # [B, T, d_in] -> [B·T, d_in]
             H[name] = H.get(name, 0) + x.T @ x
             count[name] = count.get(name, 0) + x.shape[0]
+            seen.add(name)
+            if len(seen) == wanted:
+                raise _AllSeen
         return fn
 
     for name in names:
         hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
     try:
         for i in range(0, rows.shape[0], batch):
-            model(input_ids=rows[i:i + batch], use_cache=False)
+            seen.clear()
+            try:
+                model(input_ids=rows[i:i + batch], use_cache=False)
+            except _AllSeen:
+                pass
     finally:
         for h in hooks:
             h.remove()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.analysis.tensor_losses import rounded
+from lowbit.analysis.tensor_losses import input_hessians, rounded
 from lowbit.formats import format_from_name
 from lowbit.methods.gptq import gptq, gptq_outliers, proxy_loss
 from lowbit.methods.gptq_gguf import gptq_gguf
+from lowbit.models.load import load
+from lowbit.plans.planner import decoder_linears
 
 
 def _problem(out=32, n=256, seed=0):
@@ -62,3 +64,41 @@ def test_gptq_and_outliers_need_the_hessian_and_a_known_rounding():
         rounded(W, fmt, 0.01)
     with pytest.raises(ValueError, match="unknown rounding"):
         rounded(W, fmt, H=H, rounding="awq")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gemma3_dir"])
+def test_input_hessians_stop_after_the_last_named_linear_and_equal_a_full_pass(request, fixture):
+    loaded = load(str(request.getfixturevalue(fixture)))
+    model = loaded.model.double()
+    rows = torch.randint(3, 200, (6, 9), generator=torch.Generator().manual_seed(0))
+    first = [n for n in decoder_linears(model, loaded.spec) if n.startswith(f"{loaded.spec.layers}.0.")]
+    full, seen_head = {}, []
+
+    def hook(name):
+        def fn(module, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            full[name] = full.get(name, 0) + x.T @ x
+        return fn
+    hooks = [model.get_submodule(n).register_forward_hook(hook(n)) for n in first]
+    with torch.no_grad():
+        for i in range(0, 6, 4):
+            model(input_ids=rows[i:i + 4], use_cache=False)
+    for h in hooks:
+        h.remove()
+    head = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen_head.append(1))
+    try:
+        H, count = input_hessians(model, rows, first, batch=4)
+    finally:
+        head.remove()
+    assert seen_head == []                                  # the forward stopped inside layer 0
+    assert set(H) == set(first) and all(count[n] == 6 * 9 for n in first)
+    for n in first:
+        torch.testing.assert_close(H[n], full[n], rtol=1e-12, atol=1e-12)
+    # every decoder linear: the pass runs through the last layer and still stops before the head
+    head = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen_head.append(1))
+    try:
+        H_all, count_all = input_hessians(model, rows[:2], decoder_linears(model, loaded.spec))
+    finally:
+        head.remove()
+    assert seen_head == [] and set(H_all) == set(decoder_linears(model, loaded.spec))
+    assert set(count_all.values()) == {2 * 9}
