@@ -12,7 +12,7 @@ Stages (resumable; records under --work/MODEL/):
            Hessians from 16 × 512 other validation rows), for the default candidates and two more
            (int3-g128, int5-g64: finer steps between the sizes).
   fisher   the KLD of the GPTQ roundings predicted from one gradient pass (`lowbit plan --loss fisher`:
-           ½ Σ_i g_i (E Ĥ Eᵀ)_ii on 16 × 512 validation rows, GPTQ's Hessians from 16 × 512 others), for the
+           ½ Σ_i g_i (E H_g Eᵀ)_ii on 16 × 512 validation rows, GPTQ's Hessians from 16 × 512 others), for the
            default candidates, WIDE_FORMATS and FINE_FORMATS (a cached file of fewer formats is extended), and
            the same prediction for the roundings to nearest ranked against their measured KLDs (as the proxy).
   plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml,
@@ -54,6 +54,9 @@ WIDE_FORMATS = ("int3-g128-sym-signed", "int5-g64-sym-signed")
 # the candidates of the plan-<B>+fisher+fine rows: the defaults, WIDE_FORMATS and the formats whose uniform rows
 # sit at the targets (finer groups)
 FINE_FORMATS = ("int2-g32-sym-signed", "int2-g16-sym-signed", "int3-g32-sym-signed")
+# which Fisher loss a cached losses-fisher.json holds: H_g weights each token's inputs by its output gradient
+# (analysis/fisher.py); files without it hold the plain mean x xᵀ's losses (before 2026-12-07) and are redone
+FISHER_DEFINITION = "token-weighted"
 # the planner's dense-and-sparse options: beside the 2- and 3-bit candidates (where outliers pay for their bits)
 OUTLIER_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed")
 
@@ -181,6 +184,9 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
     path = work / "losses-fisher.json"
     formats = [*found["formats"], *WIDE_FORMATS, *(FINE_FORMATS if a.fine else ())]
     earlier = json.loads(path.read_text()) if path.exists() else None
+    if earlier and (earlier.get("definition") != FISHER_DEFINITION
+                    or [earlier["rows"]["samples"], earlier["rows"]["seq_len"]] != list(a.fisher_rows)):
+        earlier = None                                  # losses of an older definition or other rows: all made again
     if earlier and set(formats) <= set(earlier["formats"]):
         return earlier
     from lowbit.analysis.fisher import fisher_losses
@@ -190,7 +196,7 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
     from lowbit.quantize import calibration_samples
 
     loaded, _, h_rows = probe_model(a, hessian_rows=True)
-    f_rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(16, 512, 1))
+    f_rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(*a.fisher_rows, 1))
     # a cached file of fewer formats: only the missing ones (same rows and seeds, so the same g, Ĥ and Hessians)
     todo = [f for f in formats if not earlier or f not in earlier["formats"]]
     start = time.perf_counter()
@@ -205,8 +211,8 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
                        runs=earlier.get("runs", 1) + 1)
         path.write_text(json.dumps(earlier, indent=1))
         return earlier
-    out = {"formats": formats, "kld": loss, "seconds": seconds,
-           "rows": {"samples": 16, "seq_len": 512, "seed": 1}}
+    out = {"definition": FISHER_DEFINITION, "formats": formats, "kld": loss, "seconds": seconds,
+           "rows": {"samples": a.fisher_rows[0], "seq_len": a.fisher_rows[1], "seed": 1}}
     if "kld" in found:
         names, measured = found["names"], found["kld"]
         rtn = fisher_losses(loaded.model, loaded.spec, f_rows, names, [format_from_name(f) for f in found["formats"]],
@@ -267,7 +273,8 @@ EVAL_FIELDS = ("ppl", "kld", "kld_p99", "top1_changed", "eval_tokens", "eval_win
 def reuse_rows(a, work: Path, source: Path) -> list[str]:
     """Records of an earlier run's rows (its JSON) put under work/, so this run does not redo them: every
     row but float and the uniform ones (always re-measured here, so the ratios pair rows of this run and
-    show the earlier rows reproduce), only rows read on this run's windows; each keeps `reused_from`."""
+    show the earlier rows reproduce) and the rows named by --only (made by this run), only rows read on this
+    run's windows; each keeps `reused_from`."""
     old = json.loads(source.read_text())
     if old.get("model") != a.model or old.get("eval", {}).get("ctx") != a.ctx:
         raise SystemExit(f"--reuse {source}: another model or context ({old.get('model')}, ctx {old.get('eval', {}).get('ctx')})")
@@ -282,7 +289,7 @@ def reuse_rows(a, work: Path, source: Path) -> list[str]:
         record = work / f"{label}.quantize.json"
         if record.exists() and "reused_from" in json.loads(record.read_text()):
             taken.append(label)                                     # taken by an earlier --reuse into this work dir
-        if (label in (None, "float") or label.startswith("uniform-")
+        if (label in (None, "float") or label.startswith("uniform-") or label in (a.only or ())
                 or row.get("eval_windows") != a.windows or record.exists()):
             continue
         origin = row.get("reused_from") or {"json": str(source.relative_to(REPO) if source.is_relative_to(REPO)
@@ -316,6 +323,8 @@ def main() -> None:
                         "uniform and dense-and-sparse rows only")
     p.add_argument("--only", nargs="+", metavar="ROW", default=None,
                    help="quantize, evaluate and report only these rows (the losses and plans are made as usual)")
+    p.add_argument("--fisher-rows", type=int, nargs=2, default=[16, 512], metavar=("N", "L"),
+                   help="the Fisher gradient pass's rows: N validation rows of L tokens (default: 16 512)")
     p.add_argument("--no-fine", dest="fine", action="store_false",
                    help="skip the plan-<B>+fisher+fine rows (and the Fisher losses of FINE_FORMATS)")
     p.add_argument("--no-sparse", dest="sparse", action="store_false",
@@ -367,6 +376,7 @@ def main() -> None:
         if with_fisher:
             data["fisher_rank"] = {k: with_fisher[k] for k in ("formats", "seconds", "runs", "timing_note", "rows",
                                                                 "spearman_all", "spearman_by_format") if k in with_fisher}
+            data["fisher_rank"]["definition"] = with_fisher.get("definition", "plain")
         data["plans"] = {label: json.loads((work / f"{label}.plan.json").read_text())
                          for label in a.rows if label.startswith("plan-") and (work / f"{label}.plan.json").exists()}
         path.write_text(json.dumps(data, indent=1))

@@ -81,8 +81,11 @@ def _section(model: str, d: dict, name: str) -> str:
     if g := d.get("gptq_losses"):
         text += (f" The GPTQ-rounded KLDs ({len(g['formats'])} formats) took {g['kld_seconds']:.0f} s.")
     if fr := d.get("fisher_rank"):
-        what = ("The Fisher loss (`--loss fisher`: ½ Σ g_i (E Ĥ Eᵀ)_ii, from one gradient pass over "
-                f"{fr['rows']['samples']} × {fr['rows']['seq_len']} validation tokens)")
+        weighted = fr.get("definition") == "token-weighted"
+        what = ("The Fisher loss (`--loss fisher`: "
+                + ("½ Σ g_i (E H_g Eᵀ)_ii, H_g the inputs' second moment weighted by each token's squared output "
+                   "gradient" if weighted else "½ Σ g_i (E Ĥ Eᵀ)_ii, Ĥ the inputs' plain mean x xᵀ, as before 2026-12-07")
+                + f", from one gradient pass over {fr['rows']['samples']} × {fr['rows']['seq_len']} validation tokens)")
         if "spearman_all" in fr:
             text += (f"\n\n{what}, for the same roundings to nearest, against their measured KLD (the proxy's pairs), "
                      f"Spearman: {fr['spearman_all']:.3f} over every (tensor, format); by format "

@@ -9,7 +9,8 @@ Two steps, kept apart (a search returns a plan; applying it is `lowbit quantize 
            (as `lowbit quantize --plan … --method gptq` stores it); "proxy" estimates it — the Hessian-weighted error
            tr(E H Eᵀ) / n of the same rounding on the same rows (cheap: one pass, no re-evaluation);
            "fisher" (analysis/fisher.py) predicts the KLD of the GPTQ rounding from one gradient pass:
-           ½ Σ_i g_i (E Ĥ Eᵀ)_ii, g the output channels' Fisher information.
+           ½ Σ_i g_i (E H_g Eᵀ)_ii, g the output channels' Fisher information, H_g the inputs'
+           second moment weighted by each token's gradient.
            Losses add across tensors (the planner's assumption; bench/plan.py measures how well).
   solve    the multiple-choice knapsack (plans/knapsack.py) over stored sizes.
 """

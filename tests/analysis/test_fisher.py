@@ -1,6 +1,8 @@
 """The planner's Fisher loss (analysis.fisher): the weighted error is the sum it names; the output
 gradients' second moments give the measured KL divergence to second order where the factorisation is
-exact (one token, an error in one output channel); the pass leaves the model as it found it."""
+exact (one token, an error in one output channel); the token-weighted input moment H_g is the sum it
+names, and with it the prediction is the per-token sum wherever the gradients factor as a_t · g_i;
+the pass leaves the model as it found it."""
 from __future__ import annotations
 
 import pytest
@@ -36,8 +38,8 @@ def test_one_token_one_channel_matches_the_measured_kl(request, fixture, linear)
     module = model.get_submodule(name)
     # 4000 draws of y for one token (a batch of the same one-token row): the factorisation is exact there
     rows = torch.full((4000, 1), 65)
-    g, H, tokens = output_fisher(model, rows, [name], batch=4000, seed=3)
-    assert tokens == 4000
+    stats = output_fisher(model, rows, [name], batch=4000, seed=3)
+    assert stats.tokens == 4000
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(module.weight.shape[1], generator=gen, dtype=torch.float64)
     with torch.no_grad():
@@ -48,7 +50,7 @@ def test_one_token_one_channel_matches_the_measured_kl(request, fixture, linear)
             module.weight += E
             kl = float(_kl(ref, model(input_ids=rows[:1]).logits[0]).squeeze())
             module.weight -= E
-            predicted = fisher_weighted_error(E, H[name], g[name])
+            predicted = fisher_weighted_error(E, stats.H_g[name], stats.g[name])
             assert predicted == pytest.approx(kl, rel=0.1), (i, predicted, kl)
 
 
@@ -58,22 +60,71 @@ def test_the_pass_leaves_no_grads_hooks_or_frozen_weights(tiny_llama_dir):
     names = decoder_linears(model, loaded.spec)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     rows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    g, H, tokens = output_fisher(model, rows, names, draws=2)
-    assert tokens == 2 * 48
+    stats = output_fisher(model, rows, names, draws=2, plain=True)
+    assert stats.tokens == 2 * 48
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks for m in model.modules())
+    assert output_fisher(model, rows, names[:1]).H == {}                # the plain moments only when asked for
     for n in names:
         W = model.get_submodule(n).weight
-        assert g[n].shape == (W.shape[0],) and bool((g[n] > 0).all())
-        assert H[n].shape == (W.shape[1], W.shape[1])
+        assert stats.g[n].shape == (W.shape[0],) and bool((stats.g[n] > 0).all())
+        assert stats.H[n].shape == stats.H_g[n].shape == (W.shape[1], W.shape[1])
         X = []                                                   # Ĥ is the mean x xᵀ of the inputs, counted once per token
         h = model.get_submodule(n).register_forward_hook(lambda m, a, o: X.append(a[0].reshape(-1, a[0].shape[-1])))
         with torch.no_grad():
             model(input_ids=rows)
         h.remove()
         X = torch.cat(X).double()
-        assert torch.allclose(H[n], X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(stats.H[n], X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_token_weighted_moment_is_its_sum(tiny_gemma3_dir):
+    """H_g = Σ_t s_t x_t x_tᵀ / Σ_t s_t and g = mean_t g_ti, from the inputs and output gradients of the same
+    pass (same seed, so the same sampled labels) captured by hooks beside the function's own."""
+    loaded = load(str(tiny_gemma3_dir))
+    model = loaded.model.double()
+    names = [f"{loaded.spec.layers}.0.mlp.down_proj", f"{loaded.spec.layers}.1.self_attn.q_proj"]
+    rows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(4))
+    X, D = {n: [] for n in names}, {n: [] for n in names}
+
+    def capture(n):
+        def fn(m, a, out):
+            X[n].append(a[0].detach().reshape(-1, a[0].shape[-1]))            # [1, T, d_in] -> [T, d_in]
+            out.register_hook(lambda grad: D[n].append(grad.reshape(-1, grad.shape[-1])))   # -> [T, d_out]
+        return fn
+    hooks = [model.get_submodule(n).register_forward_hook(capture(n)) for n in names]
+    try:
+        stats = output_fisher(model, rows, names, seed=5)
+    finally:
+        for h in hooks:
+            h.remove()
+    for n in names:
+        x, d2 = torch.cat(X[n]), torch.cat(D[n]) ** 2
+        s = d2.sum(dim=1)
+        assert torch.allclose(stats.g[n], d2.mean(dim=0), rtol=1e-10)
+        assert torch.allclose(stats.H_g[n], (x * s[:, None]).T @ x / s.sum(), rtol=1e-10, atol=1e-14)
+
+
+def test_prediction_is_the_per_token_sum_when_gradients_factor():
+    """Where g_ti = a_t · b_i the rank-one factorisation is exact: ½ Σ_i g_i (E H_g Eᵀ)_ii equals the
+    per-token ½ mean_t Σ_i g_ti (e_i · x_t)², even with one token's input 100× the others' and its
+    gradient near zero — where the plain mean x xᵀ overshoots by orders of magnitude."""
+    gen = torch.Generator().manual_seed(6)
+    T, d_in, d_out = 64, 12, 5
+    x = torch.randn(T, d_in, generator=gen, dtype=torch.float64)
+    x[0] *= 100                                                  # a massive activation on the first token
+    a = torch.rand(T, generator=gen, dtype=torch.float64) + 0.5
+    a[0] = 1e-4                                                  # ... whose outputs barely move the likelihood
+    b = torch.rand(d_out, generator=gen, dtype=torch.float64)
+    g_t = a[:, None] * b[None, :]                                # [T, d_out]
+    E = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) * 1e-2
+    exact = 0.5 * float(((x @ E.T) ** 2 * g_t).sum() / T)
+    s = g_t.sum(dim=1)
+    H_g = (x * s[:, None]).T @ x / s.sum()
+    assert fisher_weighted_error(E, H_g, g_t.mean(dim=0)) == pytest.approx(exact, rel=1e-10)
+    plain = fisher_weighted_error(E, x.T @ x / T, g_t.mean(dim=0))
+    assert plain > 20 * exact
 
 
 def test_losses_fall_with_bits(tiny_llama_dir):
@@ -86,3 +137,22 @@ def test_losses_fall_with_bits(tiny_llama_dir):
     for n in names:
         two, four, eight = (losses[n][f.name] for f in fmts)
         assert two > four > eight > 0, n
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gemma3_dir"])
+def test_chunked_logits_change_nothing(request, fixture):
+    """The head applied to the decoder's output gives the model's own logits, and the gradient pass with
+    its logits made 5 positions at a time gives the statistics of one made all at once (same labels: a
+    row of 5 tokens per chunk draws them in the same order)."""
+    loaded = load(str(request.getfixturevalue(fixture)))
+    model = loaded.model.double()
+    rows = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(7))
+    from lowbit.analysis.fisher import model_logits
+    with torch.no_grad():
+        assert torch.allclose(model_logits(model, model.get_decoder()(input_ids=rows).last_hidden_state),
+                              model(input_ids=rows).logits.float(), atol=1e-5)
+    names = decoder_linears(model, loaded.spec)[:3]
+    one, chunked = (output_fisher(model, rows, names, seed=2, batch=2, chunk=c) for c in (10, 5))
+    for n in names:
+        assert torch.allclose(one.g[n], chunked.g[n], rtol=1e-9)
+        assert torch.allclose(one.H_g[n], chunked.H_g[n], rtol=1e-9)

@@ -1,13 +1,12 @@
-"""The Fisher loss on the real SmolLM2: for single tensors rounded to 3 bits, the predicted KLD is within 5×
-of the KLD measured on the same rows, and the two tensors that cost most are predicted to cost most.
-Layer 0's value projection is the one predicted low (about a quarter): the factorisation averages each
-channel's gradient over tokens, so it loses what a token with both a large gradient and a large input
-adds — likely the first token, which every later one attends to.
+"""The Fisher loss on the real SmolLM2: for single tensors rounded to 3 bits, the predicted KLD is within
+BOUND of the KLD measured on the same rows, and the two tensors that cost most are predicted to cost most.
 
-Left out on purpose: layer 11's down projection, which carries SmolLM2's super weight. There the
-second-order prediction overshoots the measured KLD about 15-fold (a rounded massive activation is a
-large perturbation, and the RMSNorm after it saturates what it can do): the planner then gives that one
-tensor more bits than it needs, which costs little."""
+Layer 11's down projection carries SmolLM2's super weight and massive activations on a few tokens whose
+outputs barely move the likelihood: the plain mean x xᵀ (inputs and gradients averaged apart) overshot
+its measured KLD about 15-fold; the token-weighted H_g predicts it at 1.4×. Layer 0's value projection
+still comes out low (0.22×, as with the plain mean): the token weighting does not explain it.
+Measured 2026-12-07: 0.49× (layer 3 q), 0.22× (layer 0 v), 1.17× (layer 15 k), 0.76× (layer 20 up),
+1.27× (layer 29 down), 1.40× (layer 11 down)."""
 from __future__ import annotations
 
 import pytest
@@ -18,7 +17,8 @@ from support import needs_smollm2
 pytestmark = [pytest.mark.real_model, needs_smollm2]
 
 TENSORS = ((3, "self_attn.q_proj"), (0, "self_attn.v_proj"), (15, "self_attn.k_proj"), (20, "mlp.up_proj"),
-           (29, "mlp.down_proj"))
+           (29, "mlp.down_proj"), (11, "mlp.down_proj"))
+BOUND = 5
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def test_predicted_kld_tracks_the_measured_one():
     loaded = load("smollm2-135m")
     rows = calibration_samples(loaded, default_text(), CalibConfig(2, 256, 0))
     names = [f"{loaded.spec.layers}.{layer}.{lin}" for layer, lin in TENSORS]
-    g, H, _ = output_fisher(loaded.model, rows, names)
+    stats = output_fisher(loaded.model, rows, names)
     probe = Probe(loaded.model, loaded.spec, rows)
     fmt = format_from_name("int3-g64-sym-signed")
     predicted, measured = {}, {}
@@ -42,13 +42,13 @@ def test_predicted_kld_tracks_the_measured_one():
         module = loaded.model.get_submodule(name)
         W = module.weight.data
         W_dq = fmt.fake_quantize(W.float())
-        predicted[name] = fisher_weighted_error(W_dq - W, H[name], g[name])
+        predicted[name] = fisher_weighted_error(W_dq - W, stats.H_g[name], stats.g[name])
         module.weight.data = W_dq
         try:
             measured[name] = probe.score(layer)["kld"]
         finally:
             module.weight.data = W
-    for name in names:                         # measured: 0.23× (layer 0's v_proj) to 2.0× (layer 15's k_proj)
-        assert 0.2 <= predicted[name] / measured[name] <= 5, (name, predicted[name], measured[name])
+    for name in names:
+        assert 1 / BOUND <= predicted[name] / measured[name] <= BOUND, (name, predicted[name], measured[name])
     top = lambda d: set(sorted(d, key=d.get)[-2:])                     # the two costliest tensors
     assert top(predicted) == top(measured)
