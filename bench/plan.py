@@ -197,7 +197,7 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
 
     loaded, _, h_rows = probe_model(a, hessian_rows=True)
     f_rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(*a.fisher_rows, 1))
-    # a cached file of fewer formats: only the missing ones (same rows and seeds, so the same g, Ĥ and Hessians)
+    # a cached file of fewer formats: only the missing ones (same rows and seeds, so the same g, H_g and Hessians)
     todo = [f for f in formats if not earlier or f not in earlier["formats"]]
     start = time.perf_counter()
     loss = fisher_losses(loaded.model, loaded.spec, f_rows, found["names"],

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..eval.perplexity import head_logits
 from ..formats import Format
 from ..plans.planner import option_name, tensor_options
 
@@ -68,14 +69,6 @@ class OutputFisher:
     tokens: int
 
 
-def model_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The causal LM's float32 logits [..., V] from its decoder's last hidden states [..., d]: the output
-    head, then the final soft cap where the config has one (Gemma 2)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def _sampled_loglik_backward(model, ids: torch.Tensor, gen: torch.Generator, chunk: int) -> None:
     """Backward of Σ_t log p(y_t) over `ids` [B, T], y_t drawn from the model's own p at t. The logits are
     made `chunk` positions at a time, each chunk's backward stopping at the decoder's output, then one
@@ -84,7 +77,7 @@ def _sampled_loglik_backward(model, ids: torch.Tensor, gen: torch.Generator, chu
     h_free = h.detach().requires_grad_()
     flat = h_free.reshape(-1, h.shape[-1])                                          # [B, T, d] -> [B·T, d]
     for c in range(0, flat.shape[0], chunk):
-        logp = F.log_softmax(model_logits(model, flat[c:c + chunk]), dim=-1)       # [c, V]
+        logp = F.log_softmax(head_logits(model, flat[c:c + chunk]).float(), dim=-1)  # [c, V]
         y = torch.multinomial(logp.detach().exp(), 1, generator=gen)               # [c, 1]
         logp.gather(1, y).sum().backward()
     h.backward(h_free.grad)

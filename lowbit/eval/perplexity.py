@@ -73,6 +73,14 @@ LOGITS_BUDGET = 4 << 30
 BLOCK = 1024
 
 
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits [..., V] from its decoder's final hidden states [..., d]: the output embedding,
+    then the config's final logit soft-capping where it has one (Gemma 2/3)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class SplitHead:
     """One window's final hidden states [ctx, d] and the model's head, applied in row blocks.
 
@@ -82,8 +90,7 @@ class SplitHead:
     """
 
     def __init__(self, model, window: torch.Tensor):
-        decoder, self.head = model.get_decoder(), model.get_output_embeddings()
-        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        decoder, self.model = model.get_decoder(), model
         captured = []
         hook = decoder.register_forward_hook(lambda module, args, out: captured.append(out[0]))
         try:   # logits_to_keep=1: the model's own head runs on the last position only
@@ -99,8 +106,7 @@ class SplitHead:
 
     def __call__(self, rows: slice) -> torch.Tensor:
         """[n, V] logits of the hidden rows `rows`."""
-        logits = self.head(self.hidden[rows])
-        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+        return head_logits(self.model, self.hidden[rows])
 
 
 def _splits(models: dict, reference, ctx: int) -> bool:
