@@ -12,7 +12,7 @@ Stages (resumable; records under --work/MODEL/):
            Hessians from 16 × 512 other validation rows), for the default candidates and two more
            (int3-g128, int5-g64: finer steps between the sizes).
   fisher   the KLD of the GPTQ roundings predicted from one gradient pass (`lowbit plan --loss fisher`:
-           ½ Σ_i g_i (E H_g Eᵀ)_ii on 16 × 512 validation rows, GPTQ's Hessians from 16 × 512 others), for the
+           ½ Σ_i g_i (E H_g Eᵀ)_ii on 4 × 2048 validation rows, GPTQ's Hessians from 16 × 512 others), for the
            default candidates, WIDE_FORMATS and FINE_FORMATS (a cached file of fewer formats is extended), and
            the same prediction for the roundings to nearest ranked against their measured KLDs (as the proxy).
   plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml,
@@ -177,8 +177,8 @@ def gptq_losses(a, work: Path, found: dict) -> dict:
 
 def fisher_stage(a, work: Path, found: dict) -> dict:
     """The Fisher-predicted KLD of every (tensor, format) GPTQ-rounded (`lowbit plan --loss fisher`), on the
-    default candidates and WIDE_FORMATS; its gradient pass on 16 × 512 validation rows (seed 1), GPTQ's
-    Hessians from 16 × 512 others (seed 2), as the CLI draws them. With the measured RTN KLDs (the losses
+    default candidates and WIDE_FORMATS; its gradient pass on --fisher-rows validation rows (seed 1; default
+    4 × 2048, the CLI's default for both models), GPTQ's Hessians from 16 × 512 others (seed 2). With the measured RTN KLDs (the losses
     stage), the Fisher loss of the same roundings to nearest too, and its rank correlation with them — the
     pairs the proxy is ranked on (work/losses-fisher.json)."""
     path = work / "losses-fisher.json"
@@ -323,8 +323,9 @@ def main() -> None:
                         "uniform and dense-and-sparse rows only")
     p.add_argument("--only", nargs="+", metavar="ROW", default=None,
                    help="quantize, evaluate and report only these rows (the losses and plans are made as usual)")
-    p.add_argument("--fisher-rows", type=int, nargs=2, default=[16, 512], metavar=("N", "L"),
-                   help="the Fisher gradient pass's rows: N validation rows of L tokens (default: 16 512)")
+    p.add_argument("--fisher-rows", type=int, nargs=2, default=[4, 2048], metavar=("N", "L"),
+                   help="the Fisher gradient pass's rows: N validation rows of L tokens (default: 4 2048, as "
+                        "`lowbit plan`; bench/results/plan_M.json's Fisher rows used 16 512)")
     p.add_argument("--no-fine", dest="fine", action="store_false",
                    help="skip the plan-<B>+fisher+fine rows (and the Fisher losses of FINE_FORMATS)")
     p.add_argument("--no-sparse", dest="sparse", action="store_false",

@@ -126,9 +126,22 @@ def plan_page() -> str:
              "from WikiText-2 validation. Bits per weight count every stored bit of the quantized linears "
              "(outliers: 48 bits each; OWQ columns: 16 bits per weight and 32 per column). Against llama.cpp's "
              "mixes at equal file size (`lowbit plan --like MIX`, GPTQ, read by llama.cpp): the `lowbit plan` rows "
-             "of [gguf.md](gguf.md).")
+             "of [gguf.md](gguf.md). The sections on 4 × 2048-token rows: the `plan-B+fisher` rows with the gradient "
+             "pass on 4 rows of 2048 tokens (`--fisher-rows 4 2048`, `lowbit plan`'s default since 2026-12-07) "
+             "instead of 16 of 512, beside their uniform rows re-measured in the same run.")
     return page("Planner, dense-and-sparse (`bench/plan.py`)", intro,
-                model_sections("plan", PLAN_MODELS, _section) + _compare_sections())
+                model_sections("plan", PLAN_MODELS, _section) + _long_rows_sections() + _compare_sections())
+
+
+def _long_rows_sections() -> list[str]:
+    """The Fisher plans with the gradient pass on long rows (plan_<model>_fisher2048.json), where measured."""
+    out = []
+    for model in PLAN_MODELS:
+        path = RESULTS / f"plan_{model}_fisher2048.json"
+        if path.exists():
+            out.append(_section(model, load(path.name), path.name).replace(
+                f"## {MODELS[model]} (", f"## {MODELS[model]}, Fisher gradient pass on 4 × 2048-token rows (", 1))
+    return out
 
 
 def _compare_sections() -> list[str]:

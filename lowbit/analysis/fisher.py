@@ -33,6 +33,25 @@ from ..formats import Format
 from ..plans.planner import option_name, tensor_options
 
 
+# the gradient pass's default rows: 8192 tokens in rows of up to 2048 (see gradient_rows)
+GRADIENT_TOKENS, GRADIENT_ROW = 8192, 2048
+
+
+def gradient_rows(context: int | None, text_tokens: int, tokens: int = GRADIENT_TOKENS,
+                  longest: int = GRADIENT_ROW) -> tuple[int, int]:
+    """(rows, tokens per row) for the gradient pass: rows as long as `longest`, the model's context and the
+    text allow, and enough of them for about `tokens` tokens.
+
+    Why long rows: what rounding a tensor costs depends on the context it is used at. Gemma 3's global
+    layers attend over the whole row and its local ones over 512 tokens; Fisher losses from 512-token rows
+    gave its early layers 2-3.5x the cost that 2048-token rows give them, and plans that lost to uniform
+    int4-g64 at ctx 2048 (docs/results/plan.md)."""
+    if text_tokens < 2:
+        raise ValueError(f"the text has {text_tokens} tokens: too few for a gradient pass")
+    row = min(longest, text_tokens - 1, context or longest)
+    return -(-tokens // row), row                 # ceil: at least `tokens` tokens in all
+
+
 def fisher_weighted_error(E: torch.Tensor, H: torch.Tensor, g: torch.Tensor) -> float:
     """½ Σ_i g_i (E H Eᵀ)_ii: E [out, in] a rounding error, H [in, in] the inputs' mean x xᵀ, g [out] the
     outputs' mean squared log-likelihood gradient — the predicted KLD per token."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..log import logger
 from .common import parse_share
 from .table import table
 
@@ -40,8 +41,11 @@ def add_parser(sub) -> None:
                         "rounding error (one pass, ranks poorly)")
     p.add_argument("--hessian-samples", type=int, default=16, metavar="N",
                    help="with --loss kld-gptq or fisher: rows of --seq-len tokens whose inputs give GPTQ its "
-                        "Hessians, drawn apart from the probe rows; with fisher also as many other rows for the "
-                        "gradient pass (default: 16)")
+                        "Hessians, drawn apart from the probe rows (default: 16)")
+    p.add_argument("--fisher-rows", type=int, nargs=2, default=None, metavar=("N", "L"),
+                   help="with --loss fisher: the gradient pass's rows, N rows of L tokens (default: about 8192 "
+                        "tokens in rows of 2048, shorter where the model's context or the text is; a tensor's cost "
+                        "depends on the context it is used at)")
     p.add_argument("--outlier-shares", default=None, metavar="SHARES",
                    help="also offer each non-GGUF format with these shares of a tensor kept in float16 "
                         "(dense-and-sparse, 48 bits per kept weight, counted in the size), e.g. 0.5%%,1%%; "
@@ -65,6 +69,22 @@ def add_parser(sub) -> None:
 def _items(text: str | None) -> tuple[str, ...]:
     """A comma-separated option's items."""
     return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
+def _fisher_rows(args: argparse.Namespace, loaded, text) -> tuple[int, int]:
+    """--fisher-rows, or the default rows for this model's context and this text (a line says which)."""
+    from ..analysis.fisher import gradient_rows
+    from ..eval.perplexity import tokenize
+
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if args.fisher_rows:
+        if context is not None and args.fisher_rows[1] > context:
+            raise LowbitError(f"--fisher-rows: rows of {args.fisher_rows[1]} tokens are longer than the model's "
+                              f"context ({context} positions)")
+        return tuple(args.fisher_rows)
+    n, length = gradient_rows(context, tokenize(loaded.tokenizer, text.text).numel())
+    logger.info("Fisher gradient pass: %d rows of %d tokens (--fisher-rows to choose)", n, length)
+    return n, length
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
         if args.hessian_samples < 1:
             raise ValueError(f"--hessian-samples must be at least 1, got {args.hessian_samples}")
+        if args.fisher_rows and min(args.fisher_rows) < 1:
+            raise ValueError(f"--fisher-rows must be two positive numbers, got {' '.join(map(str, args.fisher_rows))}")
     except ValueError as e:
         raise LowbitError(str(e)) from None
     out = Path(args.out)
@@ -114,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as e:
             raise LowbitError(f"--like {args.like}: {e}") from None
     fmts = config.candidates()
+    fisher_rows = None
     if config.loss in ("kld", "kld-gptq"):
         probe = Probe(loaded.model, loaded.spec, rows)
         gptq = config.loss == "kld-gptq"
@@ -125,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
                                  hessian_rows=h_rows)
     elif config.loss == "fisher":
         # the gradient pass and GPTQ's Hessians on rows apart: GPTQ judged on the rows it is fitted to looks better
-        f_rows, h_rows = (calibration_samples(loaded, text, CalibConfig(args.hessian_samples, args.seq_len, args.seed + k))
-                          for k in (1, 2))
+        fisher_rows = _fisher_rows(args, loaded, text)
+        f_rows = calibration_samples(loaded, text, CalibConfig(*fisher_rows, args.seed + 1))
+        h_rows = calibration_samples(loaded, text, CalibConfig(args.hessian_samples, args.seq_len, args.seed + 2))
         losses = fisher_losses(loaded.model, loaded.spec, f_rows, names, fmts, config.outlier_shares,
                                config.outlier_beside(), hessian_rows=h_rows)
     else:
@@ -162,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({
             **summary, "model": args.model, "formats": list(config.formats), "probe": {
                 "text": text.origin, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-                "hessian_samples": args.hessian_samples if config.loss in ("kld-gptq", "fisher") else None},
+                "hessian_samples": args.hessian_samples if config.loss in ("kld-gptq", "fisher") else None,
+                "fisher_rows": list(fisher_rows) if fisher_rows else None},
             "choices": [vars(c) for c in plan.choices], "losses": plan.losses}, indent=1))
     return 0

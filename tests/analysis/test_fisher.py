@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.analysis.fisher import fisher_losses, fisher_weighted_error, output_fisher
+from lowbit.analysis.fisher import fisher_losses, fisher_weighted_error, gradient_rows, output_fisher
 from lowbit.formats import format_from_name
 from lowbit.models.load import load
 from lowbit.plans.planner import decoder_linears
@@ -156,3 +156,20 @@ def test_chunked_logits_change_nothing(request, fixture):
     for n in names:
         assert torch.allclose(one.g[n], chunked.g[n], rtol=1e-9)
         assert torch.allclose(one.H_g[n], chunked.H_g[n], rtol=1e-9)
+
+
+@pytest.mark.parametrize("context,text_tokens,rows", [
+    (8192, 250_000, (4, 2048)),         # SmolLM2 on WikiText-2 validation: 4 rows of 2048
+    (None, 250_000, (4, 2048)),         # a config without a context length
+    (256, 250_000, (32, 256)),          # a short context: more, shorter rows
+    (32768, 1250, (7, 1249)),           # the built-in sample text: one row as long as it allows
+])
+def test_gradient_rows_are_long_and_cover_the_tokens(context, text_tokens, rows):
+    n, length = gradient_rows(context, text_tokens)
+    assert (n, length) == rows
+    assert length <= min(2048, context or 2048, text_tokens - 1) and n * length >= 8192 > (n - 1) * length
+
+
+def test_gradient_rows_refuse_an_empty_text():
+    with pytest.raises(ValueError, match="too few"):
+        gradient_rows(2048, 1)

@@ -20,6 +20,8 @@ def test_plan_hits_the_target_and_quantize_applies_it(tiny_llama_dir, tmp_path, 
     assert code == 0, err
     s = json.loads(summary.read_text())
     assert s["bits_per_weight"] <= 3.5
+    # the gradient pass's default rows: as long as the tiny model's 256 positions allow, 8192 tokens in all
+    assert s["probe"]["fisher_rows"] == ([32, 256] if loss == "fisher" else None)
     assert len({c["format"] for c in s["choices"]}) > 1                  # a mixed plan, not a uniform one
     # every tensor's loss is non-negative and falls (weakly) with more bits, up to float32's noise (a tiny random
     # model's q/k projections barely move its outputs: their KLDs sit near 3e-8 at any width)
@@ -46,6 +48,8 @@ def test_the_knapsack_beats_every_uniform_choice_of_the_same_size(tiny_llama_dir
     (("--target-bpw", "1.0"), ("below the smallest size", "bits per weight")),
     (("--target-bpw", "-2"), ("--target-bpw must be a positive number",)),
     (("--target-bpw", "4", "--formats", "int4-g32-sym,bogus"), ("unknown format name 'bogus'",)),
+    (("--target-bpw", "4", "--fisher-rows", "0", "32"), ("--fisher-rows must be two positive numbers",)),
+    (("--target-bpw", "4", "--fisher-rows", "2", "300"), ("--fisher-rows", "longer than the model's context (256",)),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, tmp_path, capsys, argv, needles):
     plan = tmp_path / "plan.yaml"
