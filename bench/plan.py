@@ -178,9 +178,9 @@ def gptq_losses(a, work: Path, found: dict) -> dict:
 def fisher_stage(a, work: Path, found: dict) -> dict:
     """The Fisher-predicted KLD of every (tensor, format) GPTQ-rounded (`lowbit plan --loss fisher`), on the
     default candidates and WIDE_FORMATS; its gradient pass on --fisher-rows validation rows (seed 1; default
-    4 × 2048, the CLI's default for both models), GPTQ's Hessians from 16 × 512 others (seed 2). With the measured RTN KLDs (the losses
-    stage), the Fisher loss of the same roundings to nearest too, and its rank correlation with them — the
-    pairs the proxy is ranked on (work/losses-fisher.json)."""
+    4 × 2048, the CLI's default for both models), GPTQ's Hessians from 16 × 512 others (seed 2). With the
+    measured RTN KLDs (the losses stage), the Fisher loss of the same roundings to nearest too, and its rank
+    correlation with them — the pairs the proxy is ranked on (work/losses-fisher.json)."""
     path = work / "losses-fisher.json"
     formats = [*found["formats"], *WIDE_FORMATS, *(FINE_FORMATS if a.fine else ())]
     earlier = json.loads(path.read_text()) if path.exists() else None

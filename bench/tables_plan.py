@@ -139,8 +139,11 @@ def _long_rows_sections() -> list[str]:
     for model in PLAN_MODELS:
         path = RESULTS / f"plan_{model}_fisher2048.json"
         if path.exists():
-            out.append(_section(model, load(path.name), path.name).replace(
-                f"## {MODELS[model]} (", f"## {MODELS[model]}, Fisher gradient pass on 4 × 2048-token rows (", 1))
+            d = load(path.name)
+            rows = d["fisher_rank"]["rows"]                     # the rows this JSON's gradient pass ran on
+            out.append(_section(model, d, path.name).replace(
+                f"## {MODELS[model]} (",
+                f"## {MODELS[model]}, Fisher gradient pass on {rows['samples']} × {rows['seq_len']}-token rows (", 1))
     return out
 
 

@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--outlier-formats", default=None, metavar="FORMATS",
                    help="offer the outlier shares only beside these candidates, comma-separated (default: all)")
     p.add_argument("--calib", default=None, metavar="PATH",
-                   help="text for the probe rows (default: lowbit's built-in sample text; the evaluation text is refused)")
+                   help="text for the probe, Hessian and gradient-pass rows (default: lowbit's built-in sample text, "
+                        "about 1,250 tokens; the evaluation text is refused)")
     p.add_argument("--samples", type=int, default=4, help="probe rows (default: 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per probe row (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="where the rows start in the text (default: 0)")
