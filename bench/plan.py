@@ -13,13 +13,16 @@ Stages (resumable; records under --work/MODEL/):
            (int3-g128, int5-g64: finer steps between the sizes).
   fisher   the KLD of the GPTQ roundings predicted from one gradient pass (`lowbit plan --loss fisher`:
            ½ Σ_i g_i (E H_g Eᵀ)_ii on 4 × 2048 validation rows, GPTQ's Hessians from 16 × 512 others), for the
-           default candidates, WIDE_FORMATS and FINE_FORMATS (a cached file of fewer formats is extended), and
-           the same prediction for the roundings to nearest ranked against their measured KLDs (as the proxy).
+           default candidates, WIDE_FORMATS and FINE_FORMATS, and OUTLIER_FORMATS with each --outlier-shares
+           share kept in float16 (a cached file of fewer options is extended), and the same prediction for the
+           roundings to nearest ranked against their measured KLDs (as the proxy).
   plans    the knapsack at each --targets bits per weight (measured KLD as the loss): plan-<B>.yaml,
            plan-<B>+outliers.yaml with the dense-and-sparse options in the knapsack too, plan-<B>+gptq-losses
            (the GPTQ-rounded KLDs, default candidates), plan-<B>+gptq-losses+wide (with the two more) and
            plan-<B>+fisher (the Fisher losses, default candidates) and plan-<B>+fisher+fine (the Fisher losses
-           with WIDE_FORMATS and FINE_FORMATS among the candidates too).
+           with WIDE_FORMATS and FINE_FORMATS among the candidates too); at each --outlier-targets
+           plan-<B>+fisher+outliers and plan-<B>+fisher+fine+outliers, the same with the dense-and-sparse options;
+           with --more, plan-<B>+fisher+more (the +fine candidates and MORE_FORMATS).
   quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
            process (calibration from WikiText-2 validation).
   eval     WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; then the JSON.
@@ -54,6 +57,8 @@ WIDE_FORMATS = ("int3-g128-sym-signed", "int5-g64-sym-signed")
 # the candidates of the plan-<B>+fisher+fine rows: the defaults, WIDE_FORMATS and the formats whose uniform rows
 # sit at the targets (finer groups)
 FINE_FORMATS = ("int2-g32-sym-signed", "int2-g16-sym-signed", "int3-g32-sym-signed")
+# the candidates added by the plan-<B>+fisher+more rows (--more): the steps left above 4 bits (4.5, 5.125, 6.125 bpw)
+MORE_FORMATS = ("int4-g32-sym-signed", "int5-g128-sym-signed", "int6-g128-sym-signed")
 # which Fisher loss a cached losses-fisher.json holds: H_g weights each token's inputs by its output gradient
 # (analysis/fisher.py); files without it hold the plain mean x xᵀ's losses (before 2026-12-07) and are redone
 FISHER_DEFINITION = "token-weighted"
@@ -182,12 +187,14 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
     measured RTN KLDs (the losses stage), the Fisher loss of the same roundings to nearest too, and its rank
     correlation with them — the pairs the proxy is ranked on (work/losses-fisher.json)."""
     path = work / "losses-fisher.json"
-    formats = [*found["formats"], *WIDE_FORMATS, *(FINE_FORMATS if a.fine else ())]
+    formats = [*found["formats"], *WIDE_FORMATS, *(FINE_FORMATS if a.fine else ()), *(MORE_FORMATS if a.more else ())]
+    shares = list(a.outlier_shares or ())
     earlier = json.loads(path.read_text()) if path.exists() else None
     if earlier and (earlier.get("definition") != FISHER_DEFINITION
                     or [earlier["rows"]["samples"], earlier["rows"]["seq_len"]] != list(a.fisher_rows)):
         earlier = None                                  # losses of an older definition or other rows: all made again
-    if earlier and set(formats) <= set(earlier["formats"]):
+    had_shares = earlier.get("shares", []) if earlier else []
+    if earlier and set(formats) <= set(earlier["formats"]) and set(shares) <= set(had_shares):
         return earlier
     from lowbit.analysis.fisher import fisher_losses
     from lowbit.data.calibration import CalibConfig
@@ -199,20 +206,24 @@ def fisher_stage(a, work: Path, found: dict) -> dict:
     f_rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(*a.fisher_rows, 1))
     # a cached file of fewer formats: only the missing ones (same rows and seeds, so the same g, H_g and Hessians)
     todo = [f for f in formats if not earlier or f not in earlier["formats"]]
+    # dense-and-sparse options (the plan-<B>+fisher+outliers rows): OUTLIER_FORMATS with each share not yet held
+    new_shares = tuple(s for s in shares if s not in had_shares)
+    rounded_too = [f for f in OUTLIER_FORMATS if new_shares and f not in todo]
     start = time.perf_counter()
     loss = fisher_losses(loaded.model, loaded.spec, f_rows, found["names"],
-                         [format_from_name(f) for f in todo], hessian_rows=h_rows)
+                         [format_from_name(f) for f in (*todo, *rounded_too)], new_shares,
+                         beside=OUTLIER_FORMATS if new_shares else None, hessian_rows=h_rows)
     seconds = time.perf_counter() - start
     if earlier:
         for n in found["names"]:
-            loss[n] = {**earlier["kld"][n], **loss[n]}
+            loss[n] = {**loss[n], **earlier["kld"][n]}  # the same rows and seeds: held options are the same numbers
         # the time of both runs (each its own gradient pass)
-        earlier.update(formats=[*earlier["formats"], *todo], kld=loss, seconds=earlier["seconds"] + seconds,
-                       runs=earlier.get("runs", 1) + 1)
+        earlier.update(formats=[*earlier["formats"], *todo], shares=sorted({*had_shares, *new_shares}), kld=loss,
+                       seconds=earlier["seconds"] + seconds, runs=earlier.get("runs", 1) + 1)
         path.write_text(json.dumps(earlier, indent=1))
         return earlier
-    out = {"definition": FISHER_DEFINITION, "formats": formats, "kld": loss, "seconds": seconds,
-           "rows": {"samples": a.fisher_rows[0], "seq_len": a.fisher_rows[1], "seed": 1}}
+    out = {"definition": FISHER_DEFINITION, "formats": formats, "shares": list(new_shares), "kld": loss,
+           "seconds": seconds, "rows": {"samples": a.fisher_rows[0], "seq_len": a.fisher_rows[1], "seed": 1}}
     if "kld" in found:
         names, measured = found["names"], found["kld"]
         rtn = fisher_losses(loaded.model, loaded.spec, f_rows, names, [format_from_name(f) for f in found["formats"]],
@@ -251,7 +262,15 @@ def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dic
          ("+gptq-losses+wide", with_gptq["kld"], (), a.targets, tuple(with_gptq["formats"]))] if with_gptq else []) + (
         [("+fisher", with_fisher["kld"], (), a.targets, formats),
          *([("+fisher+fine", with_fisher["kld"], (), a.targets, (*formats, *WIDE_FORMATS, *FINE_FORMATS))]
-           if a.fine else [])] if with_fisher else [])
+           if a.fine else []),
+         *([("+fisher+more", with_fisher["kld"], (), a.targets,
+             (*formats, *WIDE_FORMATS, *FINE_FORMATS, *MORE_FORMATS))] if a.fine and a.more else [])]
+        if with_fisher else [])
+    fisher_shares = tuple(a.outlier_shares or ()) if with_fisher else ()
+    if fisher_shares and set(fisher_shares) <= set(with_fisher.get("shares", [])):
+        kinds += [("+fisher+outliers", with_fisher["kld"], fisher_shares, a.outlier_targets, formats),
+                  *([("+fisher+fine+outliers", with_fisher["kld"], fisher_shares, a.outlier_targets,
+                      (*formats, *WIDE_FORMATS, *FINE_FORMATS))] if a.fine else [])]
     for suffix, kld, shares, targets, candidates in kinds:
         for target in targets:
             label = f"plan-{target:g}{suffix}"
@@ -271,10 +290,11 @@ EVAL_FIELDS = ("ppl", "kld", "kld_p99", "top1_changed", "eval_tokens", "eval_win
 
 
 def reuse_rows(a, work: Path, source: Path) -> list[str]:
-    """Records of an earlier run's rows (its JSON) put under work/, so this run does not redo them: every
-    row but float and the uniform ones (always re-measured here, so the ratios pair rows of this run and
-    show the earlier rows reproduce) and the rows named by --only (made by this run), only rows read on this
-    run's windows; each keeps `reused_from`."""
+    """The rows of an earlier run's JSON this run keeps (its labels), only rows read on this run's windows and
+    not named by --only (made by this run): those under work/ already (measured there, or taken by an earlier
+    --reuse), and the others' records put under work/ so this run does not redo them, each with `reused_from` —
+    every row but float and the uniform ones (never taken from a JSON: re-measured here, so the ratios pair
+    rows of this run and show the earlier rows reproduce)."""
     old = json.loads(source.read_text())
     if old.get("model") != a.model or old.get("eval", {}).get("ctx") != a.ctx:
         raise SystemExit(f"--reuse {source}: another model or context ({old.get('model')}, ctx {old.get('eval', {}).get('ctx')})")
@@ -287,11 +307,13 @@ def reuse_rows(a, work: Path, source: Path) -> list[str]:
     for row in old["rows"]:
         label = row.get("row")
         record = work / f"{label}.quantize.json"
-        if record.exists() and "reused_from" in json.loads(record.read_text()):
-            taken.append(label)                                     # taken by an earlier --reuse into this work dir
-        if (label in (None, "float") or label.startswith("uniform-") or label in (a.only or ())
-                or row.get("eval_windows") != a.windows or record.exists()):
+        if label in (None, "float") or label in (a.only or ()) or row.get("eval_windows") != a.windows:
             continue
+        if record.exists():
+            taken.append(label)     # under work/ already (measured there, or taken by an earlier --reuse): kept
+            continue
+        if label.startswith("uniform-"):
+            continue                                                # never taken from a JSON: re-measured
         origin = row.get("reused_from") or {"json": str(source.relative_to(REPO) if source.is_relative_to(REPO)
                                                           else source), "last_commit": commit}
         quantized = {k: v for k, v in row.items() if k not in EVAL_FIELDS + ("ppl_increase", "note")}
@@ -328,6 +350,8 @@ def main() -> None:
                         "`lowbit plan`; bench/results/plan_M.json's Fisher rows used 16 512)")
     p.add_argument("--no-fine", dest="fine", action="store_false",
                    help="skip the plan-<B>+fisher+fine rows (and the Fisher losses of FINE_FORMATS)")
+    p.add_argument("--more", action="store_true",
+                   help="the plan-<B>+fisher+more rows: the +fine candidates and MORE_FORMATS (finer steps above 4 bits)")
     p.add_argument("--no-sparse", dest="sparse", action="store_false",
                    help="without the dense-and-sparse and OWQ-column rows")
     p.add_argument("--reuse", type=Path, default=None, metavar="JSON",
@@ -359,7 +383,8 @@ def main() -> None:
     if a.reuse:
         taken = reuse_rows(a, work, a.reuse.resolve())
         a.rows += [r for r in taken if r not in a.rows]       # rows this run would not make (other stages skipped)
-        print(f"reused from {a.reuse}: {', '.join(taken) or 'no row'}", flush=True)
+        print(f"kept from {a.reuse} (measured under {work} or taken from the JSON): {', '.join(taken) or 'no row'}",
+              flush=True)
     if a.stage in ("quantize", "all"):
         quantize_rows(a, rows, work, lambda flags: {"plan": flags[1] if flags[0] == "--plan" else None})
     if a.stage in ("eval", "all"):
@@ -375,7 +400,7 @@ def main() -> None:
         elif "gptq_losses" in earlier:
             data["gptq_losses"] = earlier["gptq_losses"]             # the reused +gptq-losses rows' stage
         if with_fisher:
-            data["fisher_rank"] = {k: with_fisher[k] for k in ("formats", "seconds", "runs", "timing_note", "rows",
+            data["fisher_rank"] = {k: with_fisher[k] for k in ("formats", "shares", "seconds", "runs", "timing_note", "rows",
                                                                 "spearman_all", "spearman_by_format") if k in with_fisher}
             data["fisher_rank"]["definition"] = with_fisher.get("definition", "plain")
         data["plans"] = {label: json.loads((work / f"{label}.plan.json").read_text())

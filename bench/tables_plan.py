@@ -95,7 +95,9 @@ def _section(model: str, d: dict, name: str) -> str:
                                                      if fr.get("runs", 1) > 1 else "")
                      + (f" ({fr['timing_note']})" if fr.get("timing_note") else "") + ".")
         else:
-            text += (f"\n\n{what} of the GPTQ roundings ({len(fr['formats'])} formats) took {fr['seconds']:.0f} s"
+            shares = ("; int2-g64 and int3-g64 also with " + " or ".join(f"{100 * x:g}%" for x in fr["shares"])
+                      + " kept in float16") if fr.get("shares") else ""
+            text += (f"\n\n{what} of the GPTQ roundings ({len(fr['formats'])} formats{shares}) took {fr['seconds']:.0f} s"
                      + (f" (in {fr['runs']} runs, each with its gradient pass)" if fr.get("runs", 1) > 1 else "")
                      + (f" ({fr['timing_note']})" if fr.get("timing_note") else "")
                      + "; the per-tensor KLDs were not measured on this model.")
@@ -128,7 +130,11 @@ def plan_page() -> str:
              "mixes at equal file size (`lowbit plan --like MIX`, GPTQ, read by llama.cpp): the `lowbit plan` rows "
              "of [gguf.md](gguf.md). The sections on 4 × 2048-token rows: the `plan-B+fisher` rows with the gradient "
              "pass on 4 rows of 2048 tokens (`--fisher-rows 4 2048`, `lowbit plan`'s default since 2026-12-07) "
-             "instead of 16 of 512, beside their uniform rows re-measured in the same run.")
+             "instead of 16 of 512, beside their uniform rows re-measured in the same run; there `+outliers` on a "
+             "`plan-B+fisher` row offers the Fisher loss of int2-g64 and int3-g64 with 0.5% or 1% of the tensor kept "
+             "in float16 (GPTQ around them) to the knapsack too, `lowbit plan --outlier-shares 0.5%,1% "
+             "--outlier-formats int2-g64-sym-signed,int3-g64-sym-signed`; `+more`: the `+fine` candidates and "
+             "int4-g32, int5-g128 and int6-g128 (finer steps above 4 bits).")
     return page("Planner, dense-and-sparse (`bench/plan.py`)", intro,
                 model_sections("plan", PLAN_MODELS, _section) + _long_rows_sections() + _compare_sections())
 
