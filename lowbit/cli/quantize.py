@@ -340,7 +340,9 @@ def run(args: argparse.Namespace) -> int:
     label = config.method + ("+mse-clip" if _clip(args) == "mse" and args.format != "gguf" else "")
     counts: dict[str, int] = {}
     for r in result.linears:
-        counts[r.fmt] = counts.get(r.fmt, 0) + 1
+        share = config.plan.outlier_share(r.name) if config.plan is not None else None
+        key = f"{r.fmt}+{100 * share:g}%" if share else r.fmt      # dense-and-sparse tensors counted apart
+        counts[key] = counts.get(key, 0) + 1
     fmt_label = config.fmt.name if config.plan is None else \
         f"{config.plan.origin}: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
     losses = [(r.proxy_loss, r.rtn_proxy_loss) for r in result.linears if r.proxy_loss is not None]

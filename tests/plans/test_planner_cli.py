@@ -117,11 +117,14 @@ def test_outlier_options_are_planned_counted_and_applied_by_gptq(tiny_llama_dir,
     for by_option in s["losses"].values():                         # keeping the salient 1% lowers the loss
         assert by_option["int2-g32-sym+1%"] < by_option["int2-g32-sym"]
     assert "int2-g32-sym+1%" in s["by_format"]
-    code, _, err = run_cli(capsys, "quantize", tiny_llama_dir, "--plan", plan, "--method", "gptq", "--calib", calib,
-                           "--samples", "4", "--seq-len", "64", "--out", out, "--json", tmp_path / "q.json")
+    code, printed, err = run_cli(capsys, "quantize", tiny_llama_dir, "--plan", plan, "--method", "gptq", "--calib",
+                                 calib, "--samples", "4", "--seq-len", "64", "--out", out, "--json", tmp_path / "q.json")
     assert code == 0, err
     q = json.loads((tmp_path / "q.json").read_text())
     assert q["bits_per_weight"] == pytest.approx(s["bits_per_weight"], abs=1e-12)
+    # the printed format column counts the tensors that keep outliers apart from the plain ones
+    plain = len(s["choices"]) - len(kept)
+    assert f"int2-g32-sym+1%×{len(kept)}" in printed and f"int2-g32-sym×{plain}" in printed
 
 
 def test_outlier_shares_with_rtn_or_llama_types_are_refused(tiny_llama_dir, tmp_path, capsys):
