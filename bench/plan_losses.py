@@ -17,8 +17,12 @@ FINE_FORMATS = ("int2-g32-sym-signed", "int2-g16-sym-signed", "int3-g32-sym-sign
 # the candidates added by the plan-<B>+fisher+more rows (--more): the steps left above 4 bits (4.5, 5.125, 6.125 bpw)
 MORE_FORMATS = ("int4-g32-sym-signed", "int5-g128-sym-signed", "int6-g128-sym-signed")
 # which Fisher loss a cached losses-fisher.json holds: H_g weights each token's inputs by its output gradient
-# (analysis/fisher.py); files without it hold the plain mean x xᵀ's losses (before 2026-12-07) and are redone
-FISHER_DEFINITION = "token-weighted"
+# (analysis/fisher.py), and the GPTQ rounding is `lowbit quantize`'s own (act order, the sinks counted 100 times
+# in its Hessians); files of another definition ("token-weighted": GPTQ without act order, before 2026-12-08;
+# none: the plain mean x xᵀ, before 2026-12-07) are redone
+FISHER_DEFINITION = "token-weighted, quantize's GPTQ"
+# the rounding a cached losses-gptq.json holds (none: GPTQ without act order or sinks, before 2026-12-08)
+GPTQ_ROUNDING = "quantize's GPTQ"
 # the planner's dense-and-sparse options: beside the 2- and 3-bit candidates (where outliers pay for their bits)
 OUTLIER_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed")
 
@@ -117,8 +121,8 @@ def gptq_losses(a, work: Path, found: dict) -> dict:
     the default candidates and WIDE_FORMATS, on the same probe rows; GPTQ's Hessians from 16 × 512 other
     rows of validation (work/losses-gptq.json)."""
     path = work / "losses-gptq.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if path.exists() and (cached := json.loads(path.read_text())).get("rounding") == GPTQ_ROUNDING:
+        return cached
     import torch
 
     from lowbit.analysis.probe import Probe
@@ -131,7 +135,7 @@ def gptq_losses(a, work: Path, found: dict) -> dict:
     with torch.no_grad():
         kld = measured_losses(loaded.model, loaded.spec, Probe(loaded.model, loaded.spec, rows), found["names"],
                               [format_from_name(f) for f in formats], rounding="gptq", hessian_rows=h_rows)
-    out = {"formats": formats, "kld": kld, "kld_seconds": time.perf_counter() - start,
+    out = {"rounding": GPTQ_ROUNDING, "formats": formats, "kld": kld, "kld_seconds": time.perf_counter() - start,
            "hessian_rows": {"samples": 16, "seq_len": 512, "seed": 2}}
     path.write_text(json.dumps(out, indent=1))
     return out

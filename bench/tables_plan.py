@@ -81,10 +81,13 @@ def _section(model: str, d: dict, name: str) -> str:
     if g := d.get("gptq_losses"):
         text += (f" The GPTQ-rounded KLDs ({len(g['formats'])} formats) took {g['kld_seconds']:.0f} s.")
     if fr := d.get("fisher_rank"):
-        weighted = fr.get("definition") == "token-weighted"
+        weighted = fr.get("definition", "").startswith("token-weighted")
+        stored = fr.get("definition", "").endswith("quantize's GPTQ")
         what = ("The Fisher loss (`--loss fisher`: "
                 + ("½ Σ g_i (E H_g Eᵀ)_ii, H_g the inputs' second moment weighted by each token's squared output "
                    "gradient" if weighted else "½ Σ g_i (E Ĥ Eᵀ)_ii, Ĥ the inputs' plain mean x xᵀ, as before 2026-12-07")
+                + ("; E the GPTQ rounding `lowbit quantize` stores (act order, sinks counted 100 times)" if stored
+                   else "; E a GPTQ rounding without act order, as before 2026-12-08")
                 + f", from one gradient pass over {fr['rows']['samples']} × {fr['rows']['seq_len']} validation tokens)")
         if "spearman_all" in fr:
             text += (f"\n\n{what}, for the same roundings to nearest, against their measured KLD (the proxy's pairs), "
@@ -134,7 +137,11 @@ def plan_page() -> str:
              "`plan-B+fisher` row offers the Fisher loss of int2-g64 and int3-g64 with 0.5% or 1% of the tensor kept "
              "in float16 (GPTQ around them) to the knapsack too, `lowbit plan --outlier-shares 0.5%,1% "
              "--outlier-formats int2-g64-sym-signed,int3-g64-sym-signed`; `+more`: the `+fine` candidates and "
-             "int4-g32, int5-g128 and int6-g128 (finer steps above 4 bits).")
+             "int4-g32, int5-g128 and int6-g128 (finer steps above 4 bits). Which GPTQ the planner's losses round "
+             "with: the 4 × 2048 sections' JSON names it (`fisher_rank.definition`); \"quantize's GPTQ\" is the "
+             "rounding `lowbit quantize` stores (act order, each row's first token counted 100 times in the Hessian, "
+             "since 2026-12-08), the earlier \"token-weighted\" and the 16 × 512 sections' `+fisher` and "
+             "`+gptq-losses` rows predicted a GPTQ without act order or sink weight.")
     return page("Planner, dense-and-sparse (`bench/plan.py`)", intro,
                 model_sections("plan", PLAN_MODELS, _section) + _long_rows_sections() + _compare_sections())
 

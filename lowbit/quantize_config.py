@@ -25,6 +25,9 @@ INPUTS = ("quantized", "float")  # what each layer's calibration inputs come fro
 # error for the others' made SmolLM2 W4 g64 worse than RTN (4 windows: 42.4 vs 36.0, FP 24.2);
 # counting each sample's first token this many times gave 30.1.
 SINK_WEIGHT = 100.0
+# GPTQ as `lowbit quantize` runs it by default (act order with static groups: the best benchmarked rows,
+# docs/results/calibrated.md); the planner's GPTQ-rounded losses round the same way
+QUANTIZE_GPTQ = GptqConfig(act_order=True)
 WALKS = ("auto", "sequential", "two-pass")   # calibration/walker.py; auto: choose_walk
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..eval.perplexity import head_logits
 from ..formats import Format
 from ..plans.planner import option_name, tensor_options
+from ..quantize_config import SINK_WEIGHT
 
 
 # the gradient pass's default rows: 8192 tokens in rows of up to 2048 (see gradient_rows)
@@ -172,7 +173,8 @@ def fisher_losses(model, spec, rows: torch.Tensor, names: list[str], fmts: list[
         if hessian_rows is not None and (rounding == "gptq" or shares) and layer_of[name] != block:
             # one block's Hessians at a time: all of a large model's at once would not fit in memory
             block = layer_of[name]
-            H_fit = input_hessians(model, hessian_rows, [n for n in names if layer_of[n] == block])[0]
+            H_fit = input_hessians(model, hessian_rows, [n for n in names if layer_of[n] == block],
+                                   sink_weight=SINK_WEIGHT)[0]               # as `lowbit quantize` counts them
         W = model.get_submodule(name).weight.data.float()
         fit = H_fit.pop(name) if name in H_fit else stats.H.get(name)
         out[name] = {}

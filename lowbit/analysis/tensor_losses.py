@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..formats import Format
 from ..methods.outliers import kept_rtn
 from ..plans.planner import option_name, tensor_options
+from ..quantize_config import SINK_WEIGHT
 
 
 ROUNDINGS = ("rtn", "gptq")
@@ -26,11 +27,13 @@ class _AllSeen(Exception):
 
 
 @torch.no_grad()
-def input_hessians(model, rows: torch.Tensor, names: list[str], batch: int = 4) -> tuple[dict, dict]:
+def input_hessians(model, rows: torch.Tensor, names: list[str], batch: int = 4,
+                   sink_weight: float = 1.0) -> tuple[dict, dict]:
     """({name: H = Σ x xᵀ float64 [in, in]}, {name: rows counted}) of each named linear's inputs on
     `rows` [N, L] (a forward of `batch` rows at a time). Each forward stops once every named linear has
     been called: one layer's Hessians then cost the layers up to it, not the whole model and its
-    vocabulary-sized head."""
+    vocabulary-sized head. sink_weight: each row's first token counted that many times in H (as
+    `lowbit quantize --sink-weight` counts it; the count of rows is unchanged)."""
     H, count, hooks = {}, {}, []
     seen: set[str] = set()
     wanted = len(set(names))
@@ -39,6 +42,9 @@ def input_hessians(model, rows: torch.Tensor, names: list[str], batch: int = 4) 
         def fn(module, args, out):
             x = args[0].reshape(-1, args[0].shape[-1]).double()          # [B, T, d_in] -> [B·T, d_in]
             H[name] = H.get(name, 0) + x.T @ x
+            if sink_weight != 1.0:
+                x0 = args[0][:, 0].double()                                  # [B, T, d_in] -> [B, d_in]: the sinks
+                H[name] = H[name] + (sink_weight - 1.0) * (x0.T @ x0)
             count[name] = count.get(name, 0) + x.shape[0]
             seen.add(name)
             if len(seen) == wanted:
@@ -62,13 +68,16 @@ def input_hessians(model, rows: torch.Tensor, names: list[str], batch: int = 4) 
 
 @torch.no_grad()
 def rounded(W: torch.Tensor, fmt: Format, share: float = 0.0, H: torch.Tensor | None = None,
-            rounding: str = "rtn") -> torch.Tensor:
+            rounding: str = "rtn", gptq_config=None) -> torch.Tensor:
     """W_dq [out, in] of one option: W [out, in] rounded to nearest ("rtn") or by GPTQ on H [in, in]
-    ("gptq", lowbit's defaults); with `share` > 0 that share is kept in float16 (chosen on H)."""
+    ("gptq": with gptq_config, default `lowbit quantize`'s own options, QUANTIZE_GPTQ — the loss of another
+    rounding than the one stored misleads the plan, and act order changes most what the coarse formats
+    lose); with `share` > 0 that share is kept in float16 (chosen on H)."""
     from ..formats import GGUFFormat
     from ..formats.gguf import gguf_type
     from ..methods.gptq import gptq, gptq_outliers
     from ..methods.gptq_gguf import gptq_gguf
+    from ..quantize_config import QUANTIZE_GPTQ
 
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r} (known: {', '.join(ROUNDINGS)})")
@@ -76,15 +85,18 @@ def rounded(W: torch.Tensor, fmt: Format, share: float = 0.0, H: torch.Tensor | 
         raise ValueError("outliers and GPTQ need the tensor's input Hessian H")
     if rounding == "rtn":
         return kept_rtn(W, fmt, H, share) if share else fmt.fake_quantize(W.float())
+    g = gptq_config or QUANTIZE_GPTQ
     if isinstance(fmt, GGUFFormat):
         if gguf_type(fmt.type_name).set_codes is None:       # a lookup-table type: no grid to round on
             return fmt.dequantize(fmt.quantize(W.float(), importance=H.diagonal().float()))
-        data, _ = gptq_gguf(W, H, fmt.type_name)
+        data, _ = gptq_gguf(W, H, fmt.type_name, damp=g.damp)
         return fmt.dequantize(fmt.from_bytes(data, tuple(W.shape)))
+    options = dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order, static_groups=g.static_groups,
+                   clip=g.clip)
     if share:
-        q, _, sparse = gptq_outliers([W], H, fmt, share)[0]
+        q, _, sparse = gptq_outliers([W], H, fmt, share, **options)[0]
         return sparse.apply(fmt.dequantize(q))
-    return fmt.dequantize(gptq(W, H, fmt)[0])
+    return fmt.dequantize(gptq(W, H, fmt, **options)[0])
 
 
 @torch.no_grad()
@@ -113,7 +125,9 @@ def measured_losses(model, spec, probe, names: list[str], fmts: list[Format], sh
         layer = layer_of[name]
         if need_h and layer != H_layer:
             # one layer's Hessians at a time: all of a large model's at once would not fit in memory
-            H, H_layer = input_hessians(model, h_rows, [n for n in names if layer_of[n] == layer])[0], layer
+            # counting the sinks as `lowbit quantize` does: GPTQ and the outliers fitted as they will be stored
+            H, H_layer = input_hessians(model, h_rows, [n for n in names if layer_of[n] == layer],
+                                        sink_weight=SINK_WEIGHT)[0], layer
         module = model.get_submodule(name)
         W = module.weight.data
         out[name] = {}

@@ -11,6 +11,7 @@ from ..methods.awq import AwqConfig
 from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
 from ..quantize import CALIBRATED, INPUTS, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
+from ..quantize_config import QUANTIZE_GPTQ
 from .common import add_format_args, format_from_args, parse_share, plan_from_args, recorded_command
 from .quantize_control import check_memory, launch, resume_dir
 from .table import table
@@ -80,12 +81,12 @@ def add_parser(sub) -> None:
                    help="count each sample's first token (the attention sink) this many times in the Hessians "
                         f"(default: {SINK_WEIGHT:g}; 1 = plain sum of xᵀx)")
     g = p.add_argument_group("gptq")
-    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=QUANTIZE_GPTQ.act_order,
                    help="quantize columns by descending Hessian diagonal (groups stay static, so every export "
                         "layout holds the result; default: on). With the signed scale rule it gives the best "
                         "benchmarked rows on both models at every setting (docs/results/calibrated.md)")
-    g.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of mean(diag H) (default: 0.01)")
-    g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block (default: 128)")
+    g.add_argument("--damp", type=float, default=QUANTIZE_GPTQ.damp, help="damping, a fraction of mean(diag H) (default: 0.01)")
+    g.add_argument("--block-size", type=int, default=QUANTIZE_GPTQ.block_size, help="GPTQ lazy-update block (default: 128)")
     g.add_argument("--outliers", default=None, metavar="SHARE",
                    help="dense-and-sparse: keep this share of each weight (e.g. 0.5%% or 0.005) in float16 beside "
                         "the low-bit part, the weights of largest OBS saliency, chosen before GPTQ so it "

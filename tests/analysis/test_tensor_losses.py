@@ -1,5 +1,6 @@
 """The planner's per-tensor rounding (analysis.tensor_losses.rounded): RTN is the format's own rounding,
-GPTQ is lowbit's gptq / gptq_gguf / dense-and-sparse gptq on the given Hessian, and it beats RTN on it."""
+GPTQ is lowbit's gptq / gptq_gguf / dense-and-sparse gptq on the given Hessian with `lowbit quantize`'s own
+options, it beats RTN on it, and on a model's first layer it is the rounding `quantize` stores."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,17 @@ import torch
 
 from lowbit.analysis.tensor_losses import input_hessians, rounded
 from lowbit.formats import format_from_name
-from lowbit.methods.gptq import gptq, gptq_outliers, proxy_loss
+from lowbit.export.hf import dequantized_linears
+from lowbit.methods.gptq import GptqConfig, gptq, gptq_outliers, proxy_loss
 from lowbit.methods.gptq_gguf import gptq_gguf
 from lowbit.models.load import load
 from lowbit.plans.planner import decoder_linears
+from lowbit.quantize import QuantizeConfig, quantize
+from lowbit.quantize_config import QUANTIZE_GPTQ, SINK_WEIGHT
+
+# gptq's keyword options as `lowbit quantize` runs it (act order on)
+QUANTIZE_OPTIONS = dict(block_size=QUANTIZE_GPTQ.block_size, damp=QUANTIZE_GPTQ.damp, act_order=QUANTIZE_GPTQ.act_order,
+                        static_groups=QUANTIZE_GPTQ.static_groups, clip=QUANTIZE_GPTQ.clip)
 
 
 def _problem(out=32, n=256, seed=0):
@@ -31,7 +39,10 @@ def test_gptq_is_gptq_and_beats_rtn_on_its_hessian(name):
     W, H = _problem()
     fmt = format_from_name(name)
     W_dq = rounded(W, fmt, H=H, rounding="gptq")
-    assert torch.equal(W_dq, fmt.dequantize(gptq(W, H, fmt)[0]))
+    assert QUANTIZE_GPTQ.act_order                            # the CLI's default, so the planner's
+    assert torch.equal(W_dq, fmt.dequantize(gptq(W, H, fmt, **QUANTIZE_OPTIONS)[0]))
+    plain = rounded(W, fmt, H=H, rounding="gptq", gptq_config=GptqConfig())
+    assert torch.equal(plain, fmt.dequantize(gptq(W, H, fmt)[0])) and not torch.equal(plain, W_dq)
     assert proxy_loss(W, W_dq, H) < 0.9 * proxy_loss(W, fmt.fake_quantize(W), H)
 
 
@@ -39,7 +50,7 @@ def test_gptq_with_outliers_keeps_them_and_is_dense_and_sparse_gptq():
     W, H = _problem(seed=1)
     fmt = format_from_name("int2-g64-sym")
     W_dq = rounded(W, fmt, 0.01, H, "gptq")
-    q, _, sparse = gptq_outliers([W], H, fmt, 0.01)[0]
+    q, _, sparse = gptq_outliers([W], H, fmt, 0.01, **QUANTIZE_OPTIONS)[0]
     assert torch.equal(W_dq, sparse.apply(fmt.dequantize(q)))
     assert sparse.kept == round(0.01 * W.numel())
     flat = W_dq.reshape(-1)[sparse.index.long()]                      # the kept entries: float16 values, off the grid
@@ -102,3 +113,27 @@ def test_input_hessians_stop_after_the_last_named_linear_and_equal_a_full_pass(r
         head.remove()
     assert seen_head == [] and set(H_all) == set(decoder_linears(model, loaded.spec))
     assert set(count_all.values()) == {2 * 9}
+
+
+@pytest.mark.parametrize("name", ["int3-g32-sym-signed", "int2-g32-sym-signed"])
+def test_gptq_rounding_is_what_quantize_stores_in_the_first_layer(tiny_llama_dir, name):
+    """Layer 0's q, k and v projections see the same inputs in both (nothing is quantized before them; the
+    walker feeds o, gate, up and down the outputs of the already-quantized ones): the planner's GPTQ rounding
+    of each, on Hessians that count the sinks as quantize does, is the tensor quantize stores."""
+    loaded = load(str(tiny_llama_dir))
+    rows = torch.randint(3, 250, (8, 24), generator=torch.Generator().manual_seed(3))
+    first = [f"{loaded.spec.layers}.0.self_attn.{p}_proj" for p in "qkv"]
+    fmt = format_from_name(name)
+    H = input_hessians(loaded.model, rows, first, sink_weight=SINK_WEIGHT)[0]
+    W = {n: loaded.model.get_submodule(n).weight.detach().float().clone() for n in first}
+    planned = {n: rounded(W[n], fmt, H=H[n], rounding="gptq") for n in first}
+    without_sinks = input_hessians(loaded.model, rows, first)[0]
+    quantize(loaded, QuantizeConfig(fmt=fmt, method="gptq", gptq=QUANTIZE_GPTQ), samples=rows, progress=False)
+    dequantized_linears(loaded.model)
+    for n in first:
+        stored = loaded.model.get_submodule(n).weight.detach().float()
+        step = (stored - W[n]).abs().max()                   # about half a grid step: the scale of a flipped code
+        assert (stored - planned[n]).abs().max() < 1e-3 * step, n
+        # the property has teeth: without act order, or without the sinks counted, the rounding differs
+        assert not torch.allclose(stored, rounded(W[n], fmt, H=H[n], rounding="gptq", gptq_config=GptqConfig()))
+        assert not torch.allclose(stored, rounded(W[n], fmt, H=without_sinks[n], rounding="gptq"))
