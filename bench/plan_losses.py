@@ -18,10 +18,10 @@ FINE_FORMATS = ("int2-g32-sym-signed", "int2-g16-sym-signed", "int3-g32-sym-sign
 MORE_FORMATS = ("int4-g32-sym-signed", "int5-g128-sym-signed", "int6-g128-sym-signed")
 # which Fisher loss a cached losses-fisher.json holds: H_g weights each token's inputs by its output gradient
 # (analysis/fisher.py), and the GPTQ rounding is `lowbit quantize`'s own (act order, the sinks counted 100 times
-# in its Hessians); files of another definition ("token-weighted": GPTQ without act order, before 2026-12-08;
+# in its Hessians); files of another definition ("token-weighted": GPTQ without act order, until the act-order fix of 2026-12-07;
 # none: the plain mean x xᵀ, before 2026-12-07) are redone
 FISHER_DEFINITION = "token-weighted, quantize's GPTQ"
-# the rounding a cached losses-gptq.json holds (none: GPTQ without act order or sinks, before 2026-12-08)
+# the rounding a cached losses-gptq.json holds (none: GPTQ without act order or sinks, until the act-order fix of 2026-12-07)
 GPTQ_ROUNDING = "quantize's GPTQ"
 # the planner's dense-and-sparse options: beside the 2- and 3-bit candidates (where outliers pay for their bits)
 OUTLIER_FORMATS = ("int2-g64-sym-signed", "int3-g64-sym-signed")

@@ -87,7 +87,7 @@ def _section(model: str, d: dict, name: str) -> str:
                 + ("½ Σ g_i (E H_g Eᵀ)_ii, H_g the inputs' second moment weighted by each token's squared output "
                    "gradient" if weighted else "½ Σ g_i (E Ĥ Eᵀ)_ii, Ĥ the inputs' plain mean x xᵀ, as before 2026-12-07")
                 + ("; E the GPTQ rounding `lowbit quantize` stores (act order, sinks counted 100 times)" if stored
-                   else "; E a GPTQ rounding without act order, as before 2026-12-08")
+                   else "; E a GPTQ rounding without act order, as until the act-order fix of 2026-12-07")
                 + f", from one gradient pass over {fr['rows']['samples']} × {fr['rows']['seq_len']} validation tokens)")
         if "spearman_all" in fr:
             text += (f"\n\n{what}, for the same roundings to nearest, against their measured KLD (the proxy's pairs), "
@@ -140,7 +140,7 @@ def plan_page() -> str:
              "int4-g32, int5-g128 and int6-g128 (finer steps above 4 bits). Which GPTQ the planner's losses round "
              "with: the 4 × 2048 sections' JSON names it (`fisher_rank.definition`); \"quantize's GPTQ\" is the "
              "rounding `lowbit quantize` stores (act order, each row's first token counted 100 times in the Hessian, "
-             "since 2026-12-08), the earlier \"token-weighted\" and the 16 × 512 sections' `+fisher` and "
+             "since the act-order fix of 2026-12-07), the earlier \"token-weighted\" and the 16 × 512 sections' `+fisher` and "
              "`+gptq-losses` rows predicted a GPTQ without act order or sink weight.")
     return page("Planner, dense-and-sparse (`bench/plan.py`)", intro,
                 model_sections("plan", PLAN_MODELS, _section) + _long_rows_sections() + _compare_sections())
