@@ -168,8 +168,7 @@ def _gptq_by_input(index: int, layer: torch.nn.Module, names: list[str], H: dict
     for (_, fmt, share), group in by_input.items():
         try:
             # with the process's intra-op threads: nothing else runs while a group is solved
-            options = dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order,
-                           static_groups=g.static_groups, clip=g.clip)
+            options = g.options()
             Ws = [layer.get_submodule(n).weight for n in group]
             results = gptq_outliers(Ws, H[group[0]], fmt, share, layout=config.outlier_layout, **options) if share \
                 else gptq_shared(Ws, H[group[0]], fmt, **options)

@@ -91,8 +91,7 @@ def rounded(W: torch.Tensor, fmt: Format, share: float = 0.0, H: torch.Tensor | 
             return fmt.dequantize(fmt.quantize(W.float(), importance=H.diagonal().float()))
         data, _ = gptq_gguf(W, H, fmt.type_name, damp=g.damp)
         return fmt.dequantize(fmt.from_bytes(data, tuple(W.shape)))
-    options = dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order, static_groups=g.static_groups,
-                   clip=g.clip)
+    options = g.options()
     if share:
         q, _, sparse = gptq_outliers([W], H, fmt, share, **options)[0]
         return sparse.apply(fmt.dequantize(q))

@@ -11,6 +11,7 @@ from ..methods.awq import AwqConfig
 from ..methods.gptq import GptqConfig
 from ..methods.rtn import RtnConfig
 from ..quantize import CALIBRATED, INPUTS, METHODS, SINK_WEIGHT, WALKS, QuantizeConfig, quantize
+from ..plans.planner import option_name
 from ..quantize_config import QUANTIZE_GPTQ
 from .common import add_format_args, format_from_args, parse_share, plan_from_args, recorded_command
 from .quantize_control import check_memory, launch, resume_dir
@@ -342,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for r in result.linears:
         share = config.plan.outlier_share(r.name) if config.plan is not None else None
-        key = f"{r.fmt}+{100 * share:g}%" if share else r.fmt      # dense-and-sparse tensors counted apart
+        key = option_name(r.fmt, share or 0.0)                     # dense-and-sparse tensors counted apart
         counts[key] = counts.get(key, 0) + 1
     fmt_label = config.fmt.name if config.plan is None else \
         f"{config.plan.origin}: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))

@@ -68,6 +68,11 @@ class GptqConfig:
         if self.clip not in CLIP_MODES:
             raise ValueError(f"GptqConfig.clip must be one of {CLIP_MODES}, got {self.clip!r}")
 
+    def options(self) -> dict:
+        """The keyword options of gptq / gptq_shared / gptq_outliers."""
+        return dict(block_size=self.block_size, damp=self.damp, act_order=self.act_order,
+                    static_groups=self.static_groups, clip=self.clip)
+
 
 @dataclass(frozen=True)
 class GptqStats:

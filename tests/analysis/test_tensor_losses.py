@@ -17,8 +17,7 @@ from lowbit.quantize import QuantizeConfig, quantize
 from lowbit.quantize_config import QUANTIZE_GPTQ, SINK_WEIGHT
 
 # gptq's keyword options as `lowbit quantize` runs it (act order on)
-QUANTIZE_OPTIONS = dict(block_size=QUANTIZE_GPTQ.block_size, damp=QUANTIZE_GPTQ.damp, act_order=QUANTIZE_GPTQ.act_order,
-                        static_groups=QUANTIZE_GPTQ.static_groups, clip=QUANTIZE_GPTQ.clip)
+QUANTIZE_OPTIONS = QUANTIZE_GPTQ.options()
 
 
 def _problem(out=32, n=256, seed=0):
