@@ -22,7 +22,8 @@ Stages (resumable; records under --work/MODEL/; the loss stages in bench/plan_lo
            plan-<B>+fisher (the Fisher losses, default candidates) and plan-<B>+fisher+fine (the Fisher losses
            with WIDE_FORMATS and FINE_FORMATS among the candidates too); at each --outlier-targets
            plan-<B>+fisher+outliers and plan-<B>+fisher+fine+outliers, the same with the dense-and-sparse options;
-           with --more, plan-<B>+fisher+more (the +fine candidates and MORE_FORMATS).
+           with --more, plan-<B>+fisher+more (the +fine candidates and MORE_FORMATS); at each --refine-targets
+           plan-<B>+fisher+refine, the +fisher plan refined by the measured search (bench/plan_refine.py).
   quantize `lowbit quantize MODEL --plan plan-<B>.yaml --method gptq` and the uniform rows, each in its own
            process (calibration from WikiText-2 validation).
   eval     WikiText-2 raw test, ctx 2048, 20 windows, KLD against the float model; then the JSON.
@@ -40,6 +41,7 @@ from pathlib import Path
 from common import REPO
 from plan_losses import (FINE_FORMATS, MORE_FORMATS, OUTLIER_FORMATS, WIDE_FORMATS, fisher_stage, gptq_losses,
                          losses, outlier_losses, tensors)
+from plan_refine import refined_plan
 from recipe_rows import add_args, assemble, evaluate_rows, quantize_rows
 
 # uniform GPTQ rows; int2-g32, int2-g16 and int3-g32 sit exactly at the 2.5, 3.0 and 3.5-bit targets (a float16
@@ -80,6 +82,10 @@ def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dic
         kinds += [("+fisher+outliers", with_fisher["kld"], fisher_shares, a.outlier_targets, formats),
                   *([("+fisher+fine+outliers", with_fisher["kld"], fisher_shares, a.outlier_targets,
                       (*formats, *WIDE_FORMATS, *FINE_FORMATS))] if a.fine else [])]
+    if with_fisher:
+        # the search's length in the label unless the default (48): rows of several lengths side by side
+        kinds += [(f"+fisher+refine{evals if evals != 48 else ''}", with_fisher["kld"], (), a.refine_targets, formats)
+                  for evals in a.refine_evals]
     for suffix, kld, shares, targets, candidates in kinds:
         for target in targets:
             label = f"plan-{target:g}{suffix}"
@@ -89,8 +95,12 @@ def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dic
                 config = PlannerConfig(target, candidates, kind, shares,
                                        OUTLIER_FORMATS if shares else None)
                 plan = plan_bits(found["names"], {n: tuple(s) for n, s in found["shapes"].items()}, kld, config)
-                plan.format_plan().save(path)
-                (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
+                if "+refine" in suffix:
+                    evals = int(suffix.split("+refine")[1] or 48)
+                    refined_plan(a, work, label, plan, config, evals)   # the knapsack's plan, then the search
+                else:
+                    plan.format_plan().save(path)
+                    (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
             rows[label] = ["--plan", str(path), "--method", "gptq"]
     return rows
 
@@ -161,6 +171,14 @@ def main() -> None:
                    help="skip the plan-<B>+fisher+fine rows (and the Fisher losses of FINE_FORMATS)")
     p.add_argument("--more", action="store_true",
                    help="the plan-<B>+fisher+more rows: the +fine candidates and MORE_FORMATS (finer steps above 4 bits)")
+    p.add_argument("--refine-targets", type=float, nargs="*", default=[],
+                   help="targets of the plan-<B>+fisher+refine rows: the +fisher plan refined by the measured search "
+                        "(`lowbit plan --refine`)")
+    p.add_argument("--refine-evals", type=int, nargs="+", default=[48],
+                   help="the search's evaluations per refined plan, one row per length (a length other than 48 is "
+                        "labelled +refine<EVALS>)")
+    p.add_argument("--refine-rows", type=int, nargs=2, default=[2, 2048], metavar=("N", "L"),
+                   help="validation rows (seed 3) the search judges assembled models on")
     p.add_argument("--no-sparse", dest="sparse", action="store_false",
                    help="without the dense-and-sparse and OWQ-column rows")
     p.add_argument("--reuse", type=Path, default=None, metavar="JSON",

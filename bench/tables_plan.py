@@ -24,6 +24,15 @@ def _targets(d: dict) -> list[str]:
         land = summary["bits_per_weight"]
         lines.append(f"- {label} lands at {land:.4f} bits per weight — "
                      f"{'within 0.01, not over' if t - 0.01 <= land <= t else 'missed'}")
+        if search := summary.get("search"):
+            rows_ = search["rows"]
+            lines.append(f"  (the measured search from the knapsack's plan at {search['start_bits_per_weight']:.4f}: "
+                         f"assembled-model KLD {sig(search['start_kld'], 4)} → {sig(search['kld'], 4)} on its "
+                         f"{rows_['samples']} × {rows_['seq_len']} validation rows ({rows_['positions']} positions "
+                         f"each), {search['evals']} evaluations, {search['accepted']} accepted, "
+                         f"{search['seconds']:.0f} s" + (f", the library {search['library_seconds']:.0f} s"
+                                                        if search.get("library_seconds") else "")
+                         + (f"; {search['timing_note']}" if search.get("timing_note") else "") + ")")
         # the uniform row of the same size, or the nearest larger one (a row far larger is not "equal size")
         bigger = [r for r in uniform if r["weight_bits"] >= planned["weight_bits"] - 1e-9] if planned else []
         smaller = [r for r in uniform if r["weight_bits"] < planned["weight_bits"] - 1e-9] if planned else []
@@ -32,7 +41,7 @@ def _targets(d: dict) -> list[str]:
             ratio = planned["kld"] / near["kld"]
             lines.append(f"- {label} KLD {sig(planned['kld'], 3)} vs the uniform row of the same or the next larger "
                          f"size (`{near['row']}`, {near['weight_bits']:.3f} bpw, KLD {sig(near['kld'], 3)}): "
-                         f"{ratio:.2f}× — {'met' if ratio <= 0.8 else 'missed'} (target 0.8×)")
+                         f"{ratio:.3f}× — {'met' if ratio <= 0.8 else 'missed'} (target 0.8×)")
             # a uniform row a little larger can still beat the plan: say so beside the equal-size verdict
             close = [r for r in bigger if r is not near and r["weight_bits"] <= planned["weight_bits"] + 0.25
                      and r["kld"] < near["kld"]]
@@ -137,7 +146,10 @@ def plan_page() -> str:
              "`plan-B+fisher` row offers the Fisher loss of int2-g64 and int3-g64 with 0.5% or 1% of the tensor kept "
              "in float16 (GPTQ around them) to the knapsack too, `lowbit plan --outlier-shares 0.5%,1% "
              "--outlier-formats int2-g64-sym-signed,int3-g64-sym-signed`; `+more`: the `+fine` candidates and "
-             "int4-g32, int5-g128 and int6-g128 (finer steps above 4 bits). Which GPTQ the planner's losses round "
+             "int4-g32, int5-g128 and int6-g128 (finer steps above 4 bits); `+refine`: the `plan-B+fisher` plan refined by "
+             "the measured search, `lowbit plan --refine EVALS` (trades of bits between tensors kept when the KLD of "
+             "the assembled model falls on 2 × 2048 validation rows; every option GPTQ-rounded on the Hessians of "
+             "quantize's own walk of the knapsack's plan, so the search starts from the stored model). Which GPTQ the planner's losses round "
              "with: the 4 × 2048 sections' JSON names it (`fisher_rank.definition`); \"quantize's GPTQ\" is the "
              "rounding `lowbit quantize` stores (act order, each row's first token counted 100 times in the Hessian, "
              "since the act-order fix of 2026-12-07), the earlier \"token-weighted\" and the 16 × 512 sections' `+fisher` and "

@@ -110,7 +110,7 @@ def _write(root: torch.nn.Module, name: str, full_name: str, q, bias, W_f: torch
 @torch.no_grad()
 def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | None = None,
              offload: Path | None = None, progress: bool = True, checkpoint: Path | None = None,
-             resume: bool = False, workers=None, on_layer_done=None) -> QuantizeResult:
+             resume: bool = False, workers=None, on_layer_done=None, on_hessian=None) -> QuantizeResult:
     """Quantize `loaded.model` in place by `config`; returns per-linear reports and the time.
 
     samples: calibration token ids [N, L] (calibration_samples), required by calibrated methods.
@@ -119,6 +119,7 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
     resume: continue from the layers it holds (LowbitError if they belong to another run).
     workers: a calibration.distributed.Workers: this process walks its share of `samples`, and each
     solve sees the statistics summed over all the processes (every rank ends with the same model).
+    on_hessian(full name, H): called with each calibrated linear's input Hessian as the walker sums it.
     """
     start = time.perf_counter()
     if config.calibrated and samples is None:
@@ -151,7 +152,7 @@ def quantize(loaded: Loaded, config: QuantizeConfig, samples: torch.Tensor | Non
         plan = AwqPlan(meta={"method": config.method, "config": vars(config.awq).copy(),
                              "plan": config.format_plan.to_dict(), "family": spec.family}) \
             if "awq" in config.steps else None
-        solve = calibrated_solve(spec, loaded.dims.head_dim, config, formats, write, plan, acts, smoothing)
+        solve = calibrated_solve(spec, loaded.dims.head_dim, config, formats, write, plan, acts, smoothing, on_hessian)
         wanted = {"hessian", "mean_abs"} if plan is not None else {"hessian"}
         if not ({"gptq", "awq", "imatrix"} & set(config.steps)):
             wanted.discard("hessian")     # RTN after smoothing / static scales: no solve needs H

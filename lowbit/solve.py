@@ -32,12 +32,14 @@ def quantize_linear(W_f: torch.Tensor, fmt: Format, config, importance: torch.Te
 
 
 def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Format], write: Callable,
-                     plan, acts: dict | None = None, smoothing: SmoothRecord | None = None) -> Callable:
+                     plan, acts: dict | None = None, smoothing: SmoothRecord | None = None,
+                     on_hessian: Callable | None = None) -> Callable:
     """The walker's solve for config.steps. formats: {full linear name: Format} of the linears to
     quantize; acts: {full linear name: ActFormat} of those whose inputs are quantized too;
     write(layer, name, full_name, q, W_f, fmt, (loss, rtn_loss), (act, input_scale)) stores one
     result; plan: an AwqPlan to record the AWQ scales in (None without AWQ); smoothing: where
-    the SmoothQuant step records its α per group."""
+    the SmoothQuant step records its α per group; on_hessian(full name, H) sees each linear's input
+    Hessian as the walker summed it (the planner's measured search rounds its options on them)."""
     acts = acts or {}
     use_gptq = "gptq" in config.steps
 
@@ -47,6 +49,9 @@ def calibrated_solve(spec, head_dim: int | None, config, formats: dict[str, Form
         imp = {name: st.sq_mean.double() if "sq_mean" in st.wanted else None for name, st in stats.items()}
         H = {name: st.hessian for name, st in stats.items()}                # sink-weighted by the walker
         H_orig, imp_orig, s_of, clips = dict(H), dict(imp), {}, {}
+        if on_hessian is not None:
+            for name in stats:
+                on_hessian(full[name], H[name])
         act_of = {name: acts.get(full[name]) for name in stats}
         if plan is not None:
             try:

@@ -52,6 +52,16 @@ def add_parser(sub) -> None:
                         "apply the plan with --method gptq")
     p.add_argument("--outlier-formats", default=None, metavar="FORMATS",
                    help="offer the outlier shares only beside these candidates, comma-separated (default: all)")
+    p.add_argument("--refine", type=int, default=0, metavar="EVALS",
+                   help="then refine the plan by a measured search (EvoPress-like): trade bits between tensors, "
+                        "keeping a trade when the KLD of the whole model, assembled from every tensor's GPTQ "
+                        "rounding (on the Hessians quantize's walk of the plan sums on --hessian-samples rows), "
+                        "falls on --refine-rows rows; EVALS evaluations (each a forward of those rows: about 13 s "
+                        "on SmolLM2 at 2 x 2048 on 2 cores); summed per-tensor losses miss how errors compound "
+                        "(default: 0, no search)")
+    p.add_argument("--refine-rows", type=int, nargs=2, default=None, metavar=("N", "L"),
+                   help="with --refine: the rows the search judges on (default: 2 rows of 2048 tokens, shorter "
+                        "where the model's context or the text is)")
     p.add_argument("--calib", default=None, metavar="PATH",
                    help="text for the probe, Hessian and gradient-pass rows (default: lowbit's built-in sample text, "
                         "about 1,250 tokens; the evaluation text is refused)")
@@ -88,6 +98,25 @@ def _fisher_rows(args: argparse.Namespace, loaded, text) -> tuple[int, int]:
     return n, length
 
 
+def _refine(args: argparse.Namespace, loaded, text, plan, config):
+    """(the refined plan, the search's result, its rows (N, L)): every option GPTQ-rounded once, then the search."""
+    from ..data.calibration import CalibConfig
+    from ..eval.perplexity import tokenize
+    from ..analysis.refine import AssembledKLD, refine, round_all, walked_hessians
+    from ..plans.search import SearchConfig
+    from ..quantize import calibration_samples
+
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
+    n, length = args.refine_rows or (2, min(2048, context, tokenize(loaded.tokenizer, text.text).numel() // 2))
+    # the options rounded on the Hessians quantize's walk of the knapsack's plan sums (analysis/refine.py says why)
+    h_rows = calibration_samples(loaded, text, CalibConfig(args.hessian_samples, args.seq_len, args.seed + 2))
+    library = round_all(loaded.model, [c.name for c in plan.choices], config.candidates(), config.outlier_shares,
+                        config.outlier_beside(), walked_hessians(loaded, plan, h_rows))
+    scorer = AssembledKLD(loaded.model, calibration_samples(loaded, text, CalibConfig(n, length, args.seed + 3)))
+    new, result = refine(plan, loaded.model, library, scorer, config, SearchConfig(evals=args.refine))
+    return new, result, (n, length)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..analysis.default_text import default_text
     from ..analysis.probe import Probe
@@ -112,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
         calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
         if args.hessian_samples < 1:
             raise ValueError(f"--hessian-samples must be at least 1, got {args.hessian_samples}")
+        if args.refine and args.loss not in ("fisher", "kld-gptq"):
+            raise ValueError(f"--refine judges models of GPTQ-rounded tensors: use --loss fisher or kld-gptq "
+                             f"(not {args.loss})")
+        if args.refine < 0 or (args.refine_rows and min(args.refine_rows) < 1):
+            raise ValueError("--refine takes a number of evaluations (0: none) and --refine-rows two positive numbers")
         if args.fisher_rows and min(args.fisher_rows) < 1:
             raise ValueError(f"--fisher-rows must be two positive numbers, got {' '.join(map(str, args.fisher_rows))}")
     except ValueError as e:
@@ -158,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         losses = proxy_losses(loaded.model, rows, names, fmts, config.outlier_shares, config.outlier_beside())
     try:
         plan = plan_bits(names, shapes, losses, config)
+        search = _refine(args, loaded, text, plan, config) if args.refine else None
+        plan = search[0] if search else plan
         if args.llama_types and any(c.outliers for c in plan.choices):
             raise ValueError("the plan keeps outliers in float16: llama.cpp cannot store them (drop --outlier-shares)")
         llama = llama_tensor_types(plan, family_for(loaded.model.config.model_type)) if args.llama_types else None
@@ -181,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
           f"{plan.predicted_loss:.4g} ({config.loss}); wrote {out}")
     print(f"apply it: lowbit quantize {args.model} --plan {out} --method gptq --calib PATH --out DIR"
           + ("; then lowbit export DIR --format gguf --out FILE.gguf" if like else ""))
+    if search:
+        print(f"measured search: KLD {search[1].start_loss:.4g} -> {search[1].loss:.4g} on its rows "
+              f"({search[1].evals} evaluations, {search[1].accepted} accepted)")
     if llama is not None:
         print(f"or with llama.cpp: llama-quantize --tensor-type-file {args.llama_types} MODEL-F32.gguf OUT.gguf Q8_0")
     if args.json:
@@ -189,5 +228,7 @@ def run(args: argparse.Namespace) -> int:
                 "text": text.origin, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
                 "hessian_samples": args.hessian_samples if config.loss in ("kld-gptq", "fisher") else None,
                 "fisher_rows": list(fisher_rows) if fisher_rows else None},
+            "search": {"start_kld": search[1].start_loss, "kld": search[1].loss, "evals": search[1].evals,
+                       "accepted": search[1].accepted, "rows": list(search[2])} if search else None,
             "choices": [vars(c) for c in plan.choices], "losses": plan.losses}, indent=1))
     return 0

@@ -191,10 +191,11 @@ def decoder_linears(model, spec) -> list[str]:
     return [f"{spec.layers}.{i}.{lin}" for i in range(n) for lin in spec.linears]
 
 
-def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict[str, dict[str, float]],
-              config: PlannerConfig) -> BitPlan:
-    """Solve the knapsack: the least summed loss with Σ stored bits ≤ target_bpw × Σ params.
-    ValueError when the target is below the smallest reachable size (named in bits per weight)."""
+def plan_items(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict[str, dict[str, float]],
+               config: PlannerConfig) -> tuple[dict, list[list[Option]], int]:
+    """The knapsack's instance: ({tensor: its (stored format, share) options}, per tensor its Options (stored
+    bits, predicted loss) in that order, the budget in bits). ValueError when the target is below the smallest
+    reachable size (named in bits per weight)."""
     fmts = config.candidates()
     params = sum(shapes[n][0] * shapes[n][1] for n in names)
     # per tensor the formats it can take as they will be stored (a GGUF type on a ragged row: llama.cpp's fallback)
@@ -208,7 +209,20 @@ def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict
     if least > budget:
         raise ValueError(f"--target-bpw {config.target_bpw:g} is below the smallest size these formats reach: "
                          f"{least / params:.4f} bits per weight")
-    sol = solve(items, budget)
-    choices = tuple(TensorChoice(n, shapes[n][0] * shapes[n][1], allowed[n][j][0].name, items[i][j].size,
-                                 items[i][j].loss, allowed[n][j][1]) for i, (n, j) in enumerate(zip(names, sol.choice)))
-    return BitPlan(config.target_bpw, config.loss, choices, losses)
+    return allowed, items, budget
+
+
+def plan_of(names: list[str], shapes: dict, allowed: dict, items: list[list[Option]], choice: tuple[int, ...],
+            config: PlannerConfig, losses: dict) -> BitPlan:
+    """The BitPlan of one option index per tensor (in `plan_items`' order)."""
+    return BitPlan(config.target_bpw, config.loss, tuple(
+        TensorChoice(n, shapes[n][0] * shapes[n][1], allowed[n][j][0].name, items[i][j].size, items[i][j].loss,
+                     allowed[n][j][1]) for i, (n, j) in enumerate(zip(names, choice))), losses)
+
+
+def plan_bits(names: list[str], shapes: dict[str, tuple[int, int]], losses: dict[str, dict[str, float]],
+              config: PlannerConfig) -> BitPlan:
+    """Solve the knapsack: the least summed loss with Σ stored bits ≤ target_bpw × Σ params.
+    ValueError when the target is below the smallest reachable size (named in bits per weight)."""
+    allowed, items, budget = plan_items(names, shapes, losses, config)
+    return plan_of(names, shapes, allowed, items, solve(items, budget).choice, config, losses)

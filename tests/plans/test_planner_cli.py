@@ -50,6 +50,8 @@ def test_the_knapsack_beats_every_uniform_choice_of_the_same_size(tiny_llama_dir
     (("--target-bpw", "4", "--formats", "int4-g32-sym,bogus"), ("unknown format name 'bogus'",)),
     (("--target-bpw", "4", "--fisher-rows", "0", "32"), ("--fisher-rows must be two positive numbers",)),
     (("--target-bpw", "4", "--fisher-rows", "2", "300"), ("--fisher-rows", "longer than the model's context (256",)),
+    (("--target-bpw", "4", "--refine", "4", "--loss", "proxy"), ("--refine judges", "not proxy")),
+    (("--target-bpw", "4", "--refine", "-1"), ("--refine takes a number of evaluations",)),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, tmp_path, capsys, argv, needles):
     plan = tmp_path / "plan.yaml"
@@ -156,3 +158,14 @@ def test_outlier_formats_limit_where_outlier_options_are_offered(tiny_llama_dir,
                            "--outlier-shares", "1%", "--outlier-formats", "int3-g32-sym", *PROBE,
                            "--out", tmp_path / "q.yaml")
     assert_one_line_error(code, err, "int3-g32-sym", "not a candidate format")
+
+
+def test_refine_searches_from_the_knapsack_plan_and_stays_within_the_target(tiny_llama_dir, tmp_path, capsys):
+    plan, summary = tmp_path / "plan.yaml", tmp_path / "plan.json"
+    code, stdout, err = run_cli(capsys, "plan", tiny_llama_dir, "--target-bpw", "3.5", "--formats", FORMATS, *PROBE,
+                                "--refine", "12", "--refine-rows", "2", "64", "--out", plan, "--json", summary)
+    assert code == 0, err
+    s = json.loads(summary.read_text())
+    assert s["bits_per_weight"] <= 3.5 and "measured search: KLD" in stdout
+    assert s["search"]["kld"] <= s["search"]["start_kld"] and 0 < s["search"]["evals"] <= 12
+    assert s["search"]["rows"] == [2, 64]
