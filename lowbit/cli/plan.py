@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
                         "rounding (on the Hessians quantize's walk of the plan sums on --hessian-samples rows), "
                         "falls on --refine-rows rows; EVALS evaluations (each a forward of those rows: about 13 s "
                         "on SmolLM2 at 2 x 2048 on 2 cores); summed per-tensor losses miss how errors compound "
-                        "(default: 0, no search)")
+                        "(default: 0, no search); the search's plan is kept only if it is also better on held-out "
+                        "rows (a long search fits its own rows)")
     p.add_argument("--refine-rows", type=int, nargs=2, default=None, metavar=("N", "L"),
                    help="with --refine: the rows the search judges on (default: 2 rows of 2048 tokens, shorter "
                         "where the model's context or the text is)")
@@ -113,8 +114,11 @@ def _refine(args: argparse.Namespace, loaded, text, plan, config):
     library = round_all(loaded.model, [c.name for c in plan.choices], config.candidates(), config.outlier_shares,
                         config.outlier_beside(), walked_hessians(loaded, plan, h_rows))
     scorer = AssembledKLD(loaded.model, calibration_samples(loaded, text, CalibConfig(n, length, args.seed + 3)))
-    new, result = refine(plan, loaded.model, library, scorer, config, SearchConfig(evals=args.refine))
-    return new, result, (n, length)
+    # held-out rows: the search's plan is kept only if it is better there too (a long search fits its own rows)
+    holdout = AssembledKLD(loaded.model, calibration_samples(loaded, text, CalibConfig(n, length, args.seed + 4)))
+    new, result, check = refine(plan, loaded.model, library, scorer, config, SearchConfig(evals=args.refine),
+                                holdout=holdout)
+    return new, result, (n, length), check
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,8 +222,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"apply it: lowbit quantize {args.model} --plan {out} --method gptq --calib PATH --out DIR"
           + ("; then lowbit export DIR --format gguf --out FILE.gguf" if like else ""))
     if search:
+        check = search[3]
         print(f"measured search: KLD {search[1].start_loss:.4g} -> {search[1].loss:.4g} on its rows "
-              f"({search[1].evals} evaluations, {search[1].accepted} accepted)")
+              f"({search[1].evals} evaluations, {search[1].accepted} accepted); on held-out rows "
+              f"{check.start_kld:.4g} -> {check.kld:.4g}: "
+              + ("kept the search's plan" if check.kept == "search" else "no better there, kept the knapsack's plan"))
     if llama is not None:
         print(f"or with llama.cpp: llama-quantize --tensor-type-file {args.llama_types} MODEL-F32.gguf OUT.gguf Q8_0")
     if args.json:
@@ -229,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
                 "hessian_samples": args.hessian_samples if config.loss in ("kld-gptq", "fisher") else None,
                 "fisher_rows": list(fisher_rows) if fisher_rows else None},
             "search": {"start_kld": search[1].start_loss, "kld": search[1].loss, "evals": search[1].evals,
-                       "accepted": search[1].accepted, "rows": list(search[2])} if search else None,
+                       "accepted": search[1].accepted, "rows": list(search[2]),
+                       "holdout": vars(search[3])} if search else None,
             "choices": [vars(c) for c in plan.choices], "losses": plan.losses}, indent=1))
     return 0

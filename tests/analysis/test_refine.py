@@ -81,7 +81,9 @@ def test_refine_stays_within_the_budget_and_puts_the_float_weights_back(tiny):
     loaded, names, _, config, library, rows, plan = tiny
     before = {n: loaded.model.get_submodule(n).weight.data.clone() for n in names}
     scorer = AssembledKLD(loaded.model, rows, positions=30)
-    new, result = refine(plan, loaded.model, library, scorer, config, SearchConfig(evals=64, seed=0), progress=False)
+    new, result, check = refine(plan, loaded.model, library, scorer, config, SearchConfig(evals=64, seed=0),
+                                progress=False)
+    assert check is None
     assert all(torch.equal(loaded.model.get_submodule(n).weight.data, before[n]) for n in names)
     assert new.bits_per_weight <= config.target_bpw and sum(c.bits for c in new.choices) == result.size
     assert result.loss < result.start_loss and result.accepted >= 1
@@ -91,3 +93,21 @@ def test_refine_stays_within_the_budget_and_puts_the_float_weights_back(tiny):
         assert scorer() == pytest.approx(result.loss, rel=1e-6)      # the plan returned is the one measured
     finally:
         assembly.restore()
+
+
+def test_a_search_no_better_on_held_out_rows_gives_the_start_back(tiny):
+    loaded, names, _, config, library, rows, plan = tiny
+    scorer = AssembledKLD(loaded.model, rows, positions=30)
+    new, result, check = refine(plan, loaded.model, library, scorer, config, SearchConfig(evals=64, seed=0),
+                                progress=False, holdout=scorer)
+    # the same rows held out: the search's plan is better there, so kept
+    assert check.kept == "search" and check.kld == pytest.approx(result.loss) and check.start_kld == pytest.approx(result.start_loss)
+    assert [c.option for c in new.choices] != [c.option for c in plan.choices]
+
+    class Reversed:                                  # held-out rows that rank every plan the other way round
+        def __call__(self):
+            return -scorer()
+    new, result, check = refine(plan, loaded.model, library, scorer, config, SearchConfig(evals=64, seed=0),
+                                progress=False, holdout=Reversed())
+    assert check.kept == "start" and result.loss < result.start_loss
+    assert [c.option for c in new.choices] == [c.option for c in plan.choices]

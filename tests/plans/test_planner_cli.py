@@ -169,3 +169,7 @@ def test_refine_searches_from_the_knapsack_plan_and_stays_within_the_target(tiny
     assert s["bits_per_weight"] <= 3.5 and "measured search: KLD" in stdout
     assert s["search"]["kld"] <= s["search"]["start_kld"] and 0 < s["search"]["evals"] <= 12
     assert s["search"]["rows"] == [2, 64]
+    # the held-out check: the search's plan kept only if better on other rows, and the printout says which
+    held = s["search"]["holdout"]
+    assert held["kept"] == ("search" if held["kld"] < held["start_kld"] else "start")
+    assert ("kept the search's plan" if held["kept"] == "search" else "kept the knapsack's plan") in stdout
