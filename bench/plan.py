@@ -41,7 +41,7 @@ from pathlib import Path
 from common import REPO
 from plan_losses import (FINE_FORMATS, MORE_FORMATS, OUTLIER_FORMATS, WIDE_FORMATS, fisher_stage, gptq_losses,
                          losses, outlier_losses, tensors)
-from plan_refine import refined_plan
+from plan_refine import holdout_record, refined_plan
 from recipe_rows import add_args, assemble, evaluate_rows, quantize_rows
 
 # uniform GPTQ rows; int2-g32, int2-g16 and int3-g32 sit exactly at the 2.5, 3.0 and 3.5-bit targets (a float16
@@ -101,6 +101,8 @@ def plans(a, work: Path, found: dict, with_outliers: dict | None, with_gptq: dic
                 else:
                     plan.format_plan().save(path)
                     (work / f"{label}.plan.json").write_text(json.dumps(plan.summary(), indent=1))
+            if "+refine" in suffix:
+                holdout_record(a, work, label)                          # what the CLI's held-out check would see
             rows[label] = ["--plan", str(path), "--method", "gptq"]
     return rows
 

@@ -64,3 +64,44 @@ def refined_plan(a, work: Path, label: str, plan, config, evals: int) -> None:
         "rows": {"samples": a.refine_rows[0], "seq_len": a.refine_rows[1], "seed": 3, "positions": REFINE_POSITIONS},
         "start_bits_per_weight": plan.bits_per_weight}}
     (work / f"{label}.plan.json").write_text(json.dumps(summary, indent=1))
+
+
+HOLDOUT_SEED = 4                # held-out rows: the CLI's check (`lowbit plan --refine` keeps the search's plan only if
+                                # it is better on them too), here recorded beside the row, never choosing it
+
+
+def holdout_record(a, work: Path, label: str) -> None:
+    """Add to work/<label>.plan.json the KLD of the knapsack's plan and of the refined one, both assembled from the
+    cached library, on --refine-rows validation rows of HOLDOUT_SEED (rows the search never read): what the
+    CLI's held-out check would have seen. Done once per row."""
+    path = work / f"{label}.plan.json"
+    summary = json.loads(path.read_text())
+    if "holdout" in summary["search"]:
+        return
+    import torch
+
+    from lowbit.analysis.refine import AssembledKLD, Assembly
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.data.text import read_text
+    from lowbit.models.load import load
+    from lowbit.plans.plan import FormatPlan
+    from lowbit.plans.planner import option_name
+    from lowbit.quantize import calibration_samples
+
+    loaded = load(a.model)
+    library = torch.load(work / summary["search"]["library"])
+    start = time.perf_counter()
+    with torch.no_grad():
+        rows = calibration_samples(loaded, read_text(str(CALIB_TEXT)), CalibConfig(*a.refine_rows, HOLDOUT_SEED))
+        scorer, assembly = AssembledKLD(loaded.model, rows, REFINE_POSITIONS), Assembly(loaded.model, library)
+        kld = {}
+        try:
+            for which, yaml in (("start_kld", label.split("+refine")[0]), ("kld", label)):
+                fp = FormatPlan.load(work / f"{yaml}.yaml")
+                assembly.set({n: option_name(fp.format_for(n).name, fp.outlier_share(n) or 0.0) for n in library})
+                kld[which] = scorer()
+        finally:
+            assembly.restore()
+    summary["search"]["holdout"] = {**kld, "seed": HOLDOUT_SEED, "seconds": time.perf_counter() - start,
+                                    "kept": "search" if kld["kld"] < kld["start_kld"] else "start"}
+    path.write_text(json.dumps(summary, indent=1))

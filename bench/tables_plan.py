@@ -33,6 +33,10 @@ def _targets(d: dict) -> list[str]:
                          f"{search['seconds']:.0f} s" + (f", the library {search['library_seconds']:.0f} s"
                                                         if search.get("library_seconds") else "")
                          + (f"; {search['timing_note']}" if search.get("timing_note") else "") + ")")
+            if held := search.get("holdout"):
+                lines.append(f"  (on held-out validation rows, seed {held['seed']}, the knapsack's plan "
+                             f"{sig(held['start_kld'], 4)}, the refined one {sig(held['kld'], 4)}: `lowbit plan --refine` "
+                             f"would keep {'the search' if held['kept'] == 'search' else 'the knapsack'}'s plan)")
         # the uniform row of the same size, or the nearest larger one (a row far larger is not "equal size")
         bigger = [r for r in uniform if r["weight_bits"] >= planned["weight_bits"] - 1e-9] if planned else []
         smaller = [r for r in uniform if r["weight_bits"] < planned["weight_bits"] - 1e-9] if planned else []

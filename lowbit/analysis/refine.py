@@ -4,10 +4,10 @@ evolution minimises, starting from the knapsack's plan.
 
 What the roundings are fitted on decides whether the search's gains survive `lowbit quantize --plan …
 --method gptq`. Its walker fits each linear on the inputs the already-quantized layers before it give,
-and that compensation is large at 2 bits: on SmolLM2 at 2.5 bits, a model assembled from tensors each
-GPTQ-rounded alone on float inputs lost 1.40 nats on the search's rows, the stored model of the same plan
-1.05 — and a search on the former found a plan 5% better there that stored no better (measured; the
-docs' planner page). So the library is walked: `lowbit quantize`'s own walk of the starting plan, each
+and that compensation is large at 2 bits: on SmolLM2 at 2.5 bits a model assembled from tensors each
+GPTQ-rounded alone on float inputs lost about a third more than the stored model of the same plan, and a
+search on it found plans better there that stored no better (a one-off check of 2026-12-07, outside
+bench/). So the library is walked: `lowbit quantize`'s own walk of the starting plan, each
 linear's options rounded on the Hessian that walk summed for it (with the sinks, as it counts them). The
 starting plan assembled from it is the stored model; a trade away from it changes the inputs of the layers
 after it, which the library keeps from the start — the approximation the search makes.
@@ -126,8 +126,8 @@ def refine(plan: BitPlan, model, library: dict, scorer: AssembledKLD, config: Pl
     assembled from `library`; the model's float weights are put back. With `holdout` (other rows), the
     search's plan is kept only if it is also better there, else `plan` comes back: a long search fits the
     rows it reads (SmolLM2 at 2.5 bits: 96 evaluations took 6% off the search's rows and added 2% on the
-    evaluation text, docs/results/plan.md). A guard, not a cure: two held-out rows of that run still read
-    0.1% better."""
+    evaluation text). A guard, not a cure: on two held-out rows it agreed with the evaluation text on 2 of
+    the 4 refined rows of docs/results/plan.md."""
     names = [c.name for c in plan.choices]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     allowed, items, budget = plan_items(names, shapes, plan.losses, config)
